@@ -1,0 +1,1 @@
+"""Built-in kernel backends of kvsieve (registered through entry points)."""

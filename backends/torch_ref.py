@@ -1,0 +1,99 @@
+"""The ``torch`` backend: the reference semantics of every :class:`~kvsieve.backend.KVBackend` primitive.
+
+Written for clarity, not speed: masks are materialised and softmax runs in fp32. Other backends are tested
+against this one. Runs wherever torch runs (CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kvsieve
+from kvsieve.backend import BackendCapabilities, KVBackend
+from kvsieve.indexing import compaction_moves
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(KVBackend):
+    name = "torch"
+    capabilities = BackendCapabilities(devices=("cpu", "cuda"))
+
+    def prefill_attention(self, queries, keys, values, attention_mask, scale):
+        B, H, Q, d = queries.shape
+        Hkv, K = keys.shape[1], keys.shape[2]
+        if attention_mask is None:
+            causal = torch.ones(Q, K, dtype=torch.bool, device=queries.device).tril(K - Q)
+            attention_mask = causal[None, None]
+        mask = attention_mask.expand(B, 1, Q, K)
+        G = H // Hkv
+        q = queries.reshape(B, Hkv, G, Q, d)
+        logits = torch.einsum("bjgqd,bjkd->bjgqk", q.float(), keys.float()) * scale
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros
+        out = torch.einsum("bjgqk,bjkd->bjgqd", probs, values.float())
+        return out.reshape(B, H, Q, d).to(queries.dtype)
+
+    def decode_attention(self, queries, keys, values, starts, ends, scale):
+        B, H, Q, d = queries.shape
+        Hkv, C = keys.shape[1], keys.shape[2]
+        G = H // Hkv
+        slots = torch.arange(C, device=keys.device)
+        # query i sees [starts, ends - Q + i]
+        last = ends[..., None] - Q + torch.arange(Q, device=keys.device)  # [B, Hkv, Q]
+        visible = (slots >= starts[..., None, None]) & (slots <= last[..., None])  # [B, Hkv, Q, C]
+        q = queries.reshape(B, Hkv, G, Q, d)
+        logits = torch.einsum("bjgqd,bjkd->bjgqk", q.float(), keys.float()) * scale
+        logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = torch.einsum("bjgqk,bjkd->bjgqd", probs, values.float().masked_fill(~visible.any(2)[..., None], 0))
+        return out.reshape(B, H, Q, d).to(queries.dtype)
+
+    def window_lse(self, queries, keys, starts, ends, scale):
+        B, H, W, d = queries.shape
+        Hkv, C = keys.shape[1], keys.shape[2]
+        G = H // Hkv
+        slots = torch.arange(C, device=keys.device)
+        last = ends[..., None] - W + torch.arange(W, device=keys.device)  # [B, Hkv, W]
+        visible = (slots >= starts[..., None, None]) & (slots <= last[..., None])  # [B, Hkv, W, C]
+        q = queries.reshape(B, Hkv, G, W, d)
+        logits = torch.einsum("bjgwd,bjkd->bjgwk", q.float(), keys.float()) * scale
+        logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
+        return torch.logsumexp(logits, dim=-1).reshape(B, H, W)
+
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+        B, H, W, d = queries.shape
+        Hkv = keys.shape[1]
+        G = H // Hkv
+        counts = (cand_ends - cand_starts).clamp(min=0)
+        N = int(counts.max()) if counts.numel() else 0
+        if N == 0:
+            return keys.new_zeros(B, Hkv, 0, dtype=torch.float32)
+        offsets = torch.arange(N, device=keys.device)
+        slots = (cand_starts[..., None] + offsets).clamp(max=keys.shape[2] - 1)  # [B, Hkv, N]
+        valid = offsets < counts[..., None]
+        cand = keys.gather(2, slots[..., None].expand(B, Hkv, N, d)).float()
+        q = queries.reshape(B, Hkv, G, W, d).float()
+        logits = torch.einsum("bjgwd,bjnd->bjgwn", q, cand) * scale
+        logits = logits.masked_fill(~valid[:, :, None, None], float("-inf"))
+        if lse is None:
+            lse_ = torch.logsumexp(logits, dim=-1, keepdim=True)
+        else:
+            lse_ = lse.reshape(B, Hkv, G, W, 1).float()
+        probs = torch.exp(logits - lse_).nan_to_num(0.0)
+        return probs.sum(dim=(2, 3)).masked_fill(~valid, 0.0)
+
+    def compact(self, keys, values, keep, counts, dest_starts):
+        B, Hkv, K = keep.shape
+        if K == 0:
+            return
+        d = keys.shape[-1]
+        src, dst = compaction_moves(keep, counts, dest_starts)
+        for buf in (keys, values):
+            moved = buf.gather(2, src[..., None].expand(B, Hkv, K, d))
+            buf.scatter_(2, dst[..., None].expand(B, Hkv, K, d), moved)
+
+@kvsieve.hookimpl
+def kvsieve_backends():
+    return {"torch": TorchBackend}

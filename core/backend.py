@@ -1,0 +1,201 @@
+"""The kernel backend interface.
+
+A :class:`KVBackend` supplies the heavy primitives that caches, scoring policies and the HF attention function
+need. The ``torch`` backend (``kvsieve.backends.torch_ref``) is the reference: it defines the semantics below,
+and every other backend must match it within the tolerance of the dtype.
+
+Layout conventions (shared by every primitive):
+
+* ``B`` batch rows, ``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv`` the GQA group, ``d`` head dim.
+* The cache of one layer is ``keys``/``values`` of shape ``[B, Hkv, C, d]`` (``C`` the capacity, in slots).
+  Query head ``h`` reads KV head ``h // G``. K/V are never repeated to ``H`` heads.
+* The live slots of row ``b``, KV head ``j`` are ``[starts[b, j], ends[b, j])`` (``int64`` tensors ``[B, Hkv]``).
+  Slots before ``starts`` hold left padding; slots from ``ends`` on are unused capacity. A backend must never
+  read outside the live range as if it were data (poisoned memory there must not change any output).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import attrs
+import torch
+
+__all__ = ["BackendCapabilities", "KVBackend"]
+
+
+@attrs.frozen
+class BackendCapabilities:
+    """What a backend can run on.
+
+    Attributes:
+        devices: device types it supports, e.g. ``("cpu", "cuda")``.
+        dtypes: floating dtypes it supports for queries/keys/values.
+    """
+
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KVBackend(abc.ABC):
+    """Kernels for attention, window scoring and compaction over a compacted KV cache.
+
+    Subclasses set :attr:`name` and :attr:`capabilities` and implement the abstract methods. All methods are
+    pure functions of their arguments except :meth:`compact`, which writes in place.
+    """
+
+    name: ClassVar[str] = ""
+    #: ``backend="auto"`` picks the available backend with the highest priority that supports the device/dtype.
+    auto_priority: ClassVar[int] = 0
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(devices=("cpu", "cuda"))
+
+    # ------------------------------------------------------------------ availability
+    def available(self) -> tuple[bool, str]:
+        """Whether this backend can run on this machine, and if not, why (a sentence for the user)."""
+        return True, ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        """Whether this backend can run tensors of ``dtype`` on ``device``; if not, why."""
+        ok, why = self.available()
+        if not ok:
+            return False, why
+        if device.type not in self.capabilities.devices:
+            return False, f"backend {self.name!r} runs on {self.capabilities.devices}, not on {device.type!r}"
+        if dtype not in self.capabilities.dtypes:
+            return False, f"backend {self.name!r} supports dtypes {self.capabilities.dtypes}, not {dtype}"
+        return True, ""
+
+    # ------------------------------------------------------------------ attention
+    @abc.abstractmethod
+    def prefill_attention(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of a block of new queries over keys that end with those queries' own keys.
+
+        Args:
+            queries: ``[B, H, Q, d]``.
+            keys, values: ``[B, Hkv, K, d]`` with ``K >= Q``; the last ``Q`` keys belong to the queries.
+            attention_mask: ``None`` (plain causal, no padding: query ``i`` sees keys ``[0, K - Q + i]``) or a
+                boolean ``[B, 1, Q, K]`` mask, True = may attend. A query row with no True entry outputs zeros.
+            scale: softmax scale (usually ``d ** -0.5``).
+
+        Returns:
+            ``[B, H, Q, d]`` in the dtype of ``queries``.
+        """
+
+    @abc.abstractmethod
+    def decode_attention(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of ``Q`` new queries over a compacted cache whose last ``Q`` live slots are their own keys.
+
+        Query ``i`` (0-based among the ``Q``) of row ``b``, head ``h`` (KV head ``j = h // G``) attends to slots
+        ``[starts[b, j], ends[b, j] - Q + i]`` inclusive (causal among the new tokens). ``Q`` is 1 in plain
+        decoding; larger when several tokens are fed at once into a compressed cache.
+
+        Args:
+            queries: ``[B, H, Q, d]``.
+            keys, values: ``[B, Hkv, C, d]``.
+            starts, ends: ``int64 [B, Hkv]``.
+            scale: softmax scale.
+
+        Returns:
+            ``[B, H, Q, d]`` in the dtype of ``queries``; cost follows ``ends - starts``, not ``C``.
+        """
+
+    # ------------------------------------------------------------------ scoring
+    @abc.abstractmethod
+    def window_lse(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Log-sum-exp of the window queries over every live key they may causally see.
+
+        The ``W`` window queries are the queries of the last ``W`` live slots: query ``w`` sits at slot
+        ``ends - W + w`` and sees slots ``[starts, ends - W + w]``.
+
+        Args:
+            queries: ``[B, H, W, d]``.
+            keys: ``[B, Hkv, C, d]``.
+            starts, ends: ``int64 [B, Hkv]``.
+            scale: softmax scale.
+
+        Returns:
+            ``float32 [B, H, W]``: ``logsumexp_k(scale * q_w . k)`` over the visible slots.
+        """
+
+    @abc.abstractmethod
+    def window_scores(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        cand_starts: torch.Tensor,
+        cand_ends: torch.Tensor,
+        scale: float,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention mass the window queries put on each candidate slot, summed over the window and the GQA group.
+
+        For candidate ``n`` of row ``b``, KV head ``j`` (slot ``cand_starts[b, j] + n``)::
+
+            out[b, j, n] = sum_{g < G} sum_{w < W} exp(scale * q[b, j*G + g, w] . k[b, j, slot] - lse[b, j*G + g, w])
+
+        With ``lse=None`` the softmax is over the candidates only (``lse`` = log-sum-exp over
+        ``[cand_starts, cand_ends)``, every window query seeing every candidate). A given ``lse`` (e.g. from
+        :meth:`window_lse`) normalises over a wider range instead; candidates are then assumed to lie before the
+        window, so no causal mask applies to them.
+
+        Args:
+            queries: ``[B, H, W, d]``.
+            keys: ``[B, Hkv, C, d]``.
+            cand_starts, cand_ends: ``int64 [B, Hkv]`` candidate slot range.
+            scale: softmax scale.
+            lse: optional ``float32 [B, H, W]``.
+
+        Returns:
+            ``float32 [B, Hkv, N]`` with ``N = max(cand_ends - cand_starts)`` (0 when empty); entries past a row's
+            own candidate count are exactly 0.
+        """
+
+    # ------------------------------------------------------------------ compaction
+    @abc.abstractmethod
+    def compact(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        counts: torch.Tensor,
+        dest_starts: torch.Tensor,
+    ) -> None:
+        """Gather kept slots to the front of a region, in place.
+
+        For every row ``b``, KV head ``j`` and ``i < counts[b, j]``::
+
+            keys[b, j, dest_starts[b, j] + i] = keys_before[b, j, keep[b, j, i]]   (same for values)
+
+        ``keep`` is sorted ascending per ``(b, j)`` and ``keep[b, j, i] >= dest_starts[b, j] + i`` (a slot only
+        moves towards the front), which makes an in-place ascending sweep safe. Slots outside the written range
+        are left untouched. Entries of ``keep`` past ``counts`` are ignored (may hold any value, e.g. -1).
+
+        Args:
+            keys, values: ``[B, Hkv, C, d]`` (modified in place).
+            keep: ``int64 [B, Hkv, K]``.
+            counts: ``int64 [B, Hkv]``, ``counts <= K``.
+            dest_starts: ``int64 [B, Hkv]``.
+        """

@@ -1,0 +1,263 @@
+"""SieveCache: a ``transformers.Cache`` whose layers hold compacted K/V at KV-head size.
+
+Per layer (:class:`SieveLayer`):
+
+* ``keys``, ``values``: ``[B, Hkv, C, d]`` buffers with ``C`` slots of capacity (never repeated to ``H`` heads).
+* ``starts``, ``ends``: ``int64 [B, Hkv]`` the live slot range. Slots ``[0, starts)`` hold left padding (until a
+  compaction drops it); slots ``[ends, C)`` are free capacity that appends write into.
+* ``positions``: ``int64 [B, Hkv, C]`` absolute position of the token in each slot (-1 for padding or free).
+* a ring buffer of the most recent ``query_window`` post-RoPE queries ``[B, H, R, d]`` (the selector window).
+* ``seen``: the *logical* length: tokens ever appended, padding included. HF derives positions and masks from it,
+  so new tokens always get their true absolute positions however much was evicted.
+
+Compaction (:meth:`SieveLayer.compact`) gathers kept slots to the front of a region in place through the backend,
+then, if the live set fell far below the capacity, moves it into a smaller buffer so the memory is really freed
+(``reserve`` slots of headroom are kept for what the compressor will append before its next compaction).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvsieve.backend import KVBackend
+from kvsieve.indexing import compaction_moves
+
+__all__ = ["SieveCache", "SieveLayer"]
+
+_ALIGN = 64  # capacity granularity in slots
+
+
+def _round_up(n: int, multiple: int = _ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _ActiveLayer(threading.local):
+    """The layer whose ``update`` ran last on this thread: the attention function picks it up from here, since HF
+    passes the cache to ``Cache.update`` but not to the attention function."""
+
+    cache: SieveCache | None = None
+    layer_idx: int = -1
+
+
+active = _ActiveLayer()
+
+
+class SieveLayer(CacheLayerMixin):
+    """One decoder layer's compacted KV cache (see the module docstring for the layout)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, query_window: int = 0):
+        super().__init__()
+        self.query_window = query_window
+        self.starts: torch.Tensor | None = None
+        self.ends: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None  # [B, H, R, d] ring buffer
+        self.num_queries = 0  # queries pushed so far (ring index = num_queries % R)
+        self.seen = 0
+        self.prompt_len = 0
+        self.compactions = 0
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def max_live(self) -> int:
+        """Largest live length over rows and KV heads (``max(ends - starts)``): the physical cache length."""
+        if self.ends is None:
+            return 0
+        return int((self.ends - self.starts).max())
+
+    @property
+    def max_end(self) -> int:
+        return 0 if self.ends is None else int(self.ends.max())
+
+    def nbytes(self) -> int:
+        """Bytes of storage allocated for keys and values (what the cache really occupies)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    # ------------------------------------------------------------------ CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, Hkv, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(B, Hkv, 0, d)
+        self.values = value_states.new_empty(B, Hkv, 0, value_states.shape[-1])
+        self.positions = torch.full((B, Hkv, 0), -1, dtype=torch.long, device=self.device)
+        self.starts = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
+        self.ends = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, Q, d]`` new keys/values after each row's live range; return the buffers.
+
+        The returned tensors are the whole buffers ``[B, Hkv, C, d]``: only the kvsieve attention function
+        (which knows ``starts``/``ends``) may read them.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, Hkv, Q, d = key_states.shape
+        self._reserve(self.max_end + Q)
+        slots = self.ends[..., None] + torch.arange(Q, device=self.device)  # [B, Hkv, Q]
+        self.keys.scatter_(2, slots[..., None].expand(B, Hkv, Q, d), key_states)
+        self.values.scatter_(2, slots[..., None].expand(B, Hkv, Q, value_states.shape[-1]), value_states)
+        new_positions = self.seen + torch.arange(Q, device=self.device)
+        self.positions.scatter_(2, slots, new_positions.expand(B, Hkv, Q))
+        self.ends = self.ends + Q
+        self.seen += Q
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.query_window)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.batch_select_indices(
+                torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats)
+            )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = indices.to(self.device)
+        for name in ("keys", "values", "positions", "starts", "ends", "queries"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, indices))
+
+    # ------------------------------------------------------------------ storage
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers so that ``needed`` slots fit (amortised: by at least a quarter of the capacity)."""
+        if needed <= self.capacity:
+            return
+        self._reallocate(_round_up(max(needed, self.capacity + self.capacity // 4)))
+
+    def _reallocate(self, capacity: int) -> None:
+        """Move the slots ``[0, max_end)`` into fresh buffers of ``capacity`` slots; the old storage is freed."""
+        used = self.max_end
+        B, Hkv, _, d = self.keys.shape
+        for name, fill in (("keys", 0.0), ("values", 0.0), ("positions", -1)):
+            old = getattr(self, name)
+            new = old.new_full((B, Hkv, capacity, *old.shape[3:]), fill)
+            new[:, :, :used] = old[:, :, :used]
+            setattr(self, name, new)
+
+    def shrink_to_fit(self, reserve: int = 0) -> None:
+        """Free capacity well beyond ``max_end + reserve`` slots (a quarter of slack is tolerated)."""
+        target = _round_up(self.max_end + reserve)
+        if self.capacity > target + target // 4:
+            self._reallocate(target)
+
+    # ------------------------------------------------------------------ selector window
+    def push_queries(self, queries: torch.Tensor) -> None:
+        """Remember the last ``query_window`` of ``[B, H, Q, d]`` post-RoPE queries (ring buffer)."""
+        R = self.query_window
+        if R == 0:
+            return
+        B, H, Q, d = queries.shape
+        if self.queries is None:
+            self.queries = queries.new_zeros(B, H, R, d)
+        take = min(Q, R)
+        ring = (self.num_queries + Q - take + torch.arange(take, device=queries.device)) % R
+        self.queries[:, :, ring] = queries[:, :, Q - take :]
+        self.num_queries += Q
+
+    def window_queries(self) -> torch.Tensor:
+        """``[B, H, W, d]`` the most recent ``W = min(num_queries, query_window)`` queries (ring order)."""
+        if self.queries is None:
+            raise RuntimeError("no queries were recorded for this layer (query_window is 0)")
+        return self.queries[:, :, : min(self.num_queries, self.query_window)]
+
+    # ------------------------------------------------------------------ compaction
+    def compact(
+        self,
+        backend: KVBackend,
+        keep_slots: torch.Tensor,
+        counts: torch.Tensor,
+        dest_starts: torch.Tensor,
+        reserve: int = 0,
+    ) -> None:
+        """Keep only ``keep_slots`` of the region ``[dest_starts, ends)``, packed from ``dest_starts`` on.
+
+        Slots before ``dest_starts`` (e.g. the protected prompt) are untouched; everything in the region that is
+        not kept is dropped, padding included.
+
+        Args:
+            backend: moves the K/V data (``KVBackend.compact``).
+            keep_slots: ``int64 [B, Hkv, K]`` absolute slots inside the region, sorted; first ``counts`` real.
+            counts: ``int64 [B, Hkv]``.
+            dest_starts: ``int64 [B, Hkv]`` first slot of the region.
+            reserve: slots of headroom to keep allocated for appends before the next compaction.
+        """
+        backend.compact(self.keys, self.values, keep_slots, counts, dest_starts)
+        src, dst = compaction_moves(keep_slots, counts, dest_starts)
+        self.positions.scatter_(2, dst, self.positions.gather(2, src))
+        self.ends = dest_starts + counts
+        self.starts = torch.minimum(self.starts, dest_starts)  # padding inside the region is gone
+        free = torch.arange(self.capacity, device=self.device) >= self.ends[..., None]
+        self.positions.masked_fill_(free, -1)
+        self.compactions += 1
+        self.shrink_to_fit(reserve)
+
+
+class SieveCache(Cache):
+    """A ``transformers.Cache`` of :class:`SieveLayer` (created lazily, one per decoder layer)."""
+
+    def __init__(self, query_window: int = 0, reserve: int = 0, num_layers: int | None = None):
+        self.query_window = query_window
+        self.reserve = reserve
+        self.peak_nbytes = 0
+        self.compressor = None  # set by kvsieve.apply: the Compressor driving this cache
+        self.backend = None  # the KVBackend its attention and compaction run on
+        if num_layers is None:
+            super().__init__(layer_class_to_replicate=lambda: SieveLayer(query_window))
+        else:
+            super().__init__(layers=[SieveLayer(query_window) for _ in range(num_layers)])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
+        active.cache, active.layer_idx = self, layer_idx
+        return keys, values
+
+    # ------------------------------------------------------------------ reporting
+    def kv_lengths(self) -> list[int]:
+        """Physical cached tokens per layer (max over rows and KV heads)."""
+        return [layer.max_live for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage allocated by all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def live_nbytes(self) -> int:
+        """Bytes of K/V in live slots (the sum over rows and heads of live lengths)."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                per_slot = layer.keys.shape[-1] * layer.keys.element_size() * 2
+                total += int((layer.ends - layer.starts).sum()) * per_slot
+        return total

@@ -1,0 +1,39 @@
+"""attrs validators and budget arithmetic shared by compressors, with messages that name argument, value and range."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["budget_from", "nonnegative_int", "optional", "positive_int", "unit_ratio"]
+
+
+def positive_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+def nonnegative_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def unit_ratio(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"{attribute.name} must be a ratio in (0, 1], got {value!r}")
+
+
+def optional(validator):
+    """Run ``validator`` unless the value is None."""
+
+    def check(instance, attribute, value) -> None:
+        if value is not None:
+            validator(instance, attribute, value)
+
+    return check
+
+
+def budget_from(ratio: float | None, budget: int | None, length: int) -> int:
+    """Tokens to keep out of ``length``: the explicit ``budget``, else ``ceil(ratio * length)``."""
+    if budget is not None:
+        return budget
+    return math.ceil(ratio * length)

@@ -1,0 +1,1 @@
+"""Built-in compression policies of kvsieve (registered through entry points)."""
