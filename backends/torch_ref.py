@@ -16,39 +16,36 @@ from kvsieve.indexing import compaction_moves
 __all__ = ["TorchBackend"]
 
 
+def _sdpa(queries, keys, values, mask, scale):
+    """Masked GQA attention (no K/V repeat); a query that may see no key outputs zeros.
+
+    ``mask``: bool, broadcastable to ``[B, H, Q, K]``; computed in fp32 for the reference's accuracy.
+    """
+    out = F.scaled_dot_product_attention(
+        queries.float(), keys.float(), values.float(), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return out.nan_to_num(0.0).to(queries.dtype)
+
+
 class TorchBackend(KVBackend):
     name = "torch"
     capabilities = BackendCapabilities(devices=("cpu", "cuda"))
 
     def prefill_attention(self, queries, keys, values, attention_mask, scale):
-        B, H, Q, d = queries.shape
-        Hkv, K = keys.shape[1], keys.shape[2]
+        Q, K = queries.shape[2], keys.shape[2]
         if attention_mask is None:
-            causal = torch.ones(Q, K, dtype=torch.bool, device=queries.device).tril(K - Q)
-            attention_mask = causal[None, None]
-        mask = attention_mask.expand(B, 1, Q, K)
-        G = H // Hkv
-        q = queries.reshape(B, Hkv, G, Q, d)
-        logits = torch.einsum("bjgqd,bjkd->bjgqk", q.float(), keys.float()) * scale
-        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros
-        out = torch.einsum("bjgqk,bjkd->bjgqd", probs, values.float())
-        return out.reshape(B, H, Q, d).to(queries.dtype)
+            attention_mask = torch.ones(Q, K, dtype=torch.bool, device=queries.device).tril(K - Q)[None, None]
+        return _sdpa(queries, keys, values, attention_mask, scale)
 
     def decode_attention(self, queries, keys, values, starts, ends, scale):
-        B, H, Q, d = queries.shape
-        Hkv, C = keys.shape[1], keys.shape[2]
-        G = H // Hkv
+        Q, C = queries.shape[2], keys.shape[2]
         slots = torch.arange(C, device=keys.device)
-        # query i sees [starts, ends - Q + i]
+        # query i sees [starts, ends - Q + i]; KV head j serves query heads [j*G, (j+1)*G)
         last = ends[..., None] - Q + torch.arange(Q, device=keys.device)  # [B, Hkv, Q]
         visible = (slots >= starts[..., None, None]) & (slots <= last[..., None])  # [B, Hkv, Q, C]
-        q = queries.reshape(B, Hkv, G, Q, d)
-        logits = torch.einsum("bjgqd,bjkd->bjgqk", q.float(), keys.float()) * scale
-        logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out = torch.einsum("bjgqk,bjkd->bjgqd", probs, values.float().masked_fill(~visible.any(2)[..., None], 0))
-        return out.reshape(B, H, Q, d).to(queries.dtype)
+        G = queries.shape[1] // keys.shape[1]
+        return _sdpa(queries, keys, values, visible.repeat_interleave(G, dim=1), scale)
 
     def window_lse(self, queries, keys, starts, ends, scale):
         B, H, W, d = queries.shape

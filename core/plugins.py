@@ -157,8 +157,23 @@ class Registry:
         return table[name]
 
     def create(self, kind: str, name: str, **params: Any) -> Any:
-        """Instantiate the class or factory registered as ``name``."""
-        return self.get(kind, name).obj(**params)
+        """Instantiate the class or factory registered as ``name`` with ``params``.
+
+        Raises:
+            UnknownNameError: no such name.
+            ValueError: a parameter the class does not take (with "did you mean"), or one it rejects.
+        """
+        factory = self.get(kind, name).obj
+        if attrs.has(factory):
+            allowed = [field.name for field in attrs.fields(factory) if field.init]
+            for key in params:
+                if key not in allowed:
+                    close = difflib.get_close_matches(key, allowed, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"{kind} {name!r} has no parameter {key!r}.{hint} Its parameters: {', '.join(allowed)}."
+                    )
+        return factory(**params)
 
     def backend(self, name: str) -> KVBackend:
         return self.create("backend", name)

@@ -1,0 +1,300 @@
+"""The ``kvsieve`` command line: ``plugins``, ``generate``, ``demo``, ``eval``.
+
+Every subcommand validates its arguments before loading a model, and reports bad input as one line on stderr
+with exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "parse_params"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["ratio=0.2", "window=8"]`` -> ``{"ratio": 0.2, "window": 8}`` (ints, floats, bools, None, strings)."""
+    params: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        params[key.strip()] = _parse_value(value.strip())
+    return params
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", default=default_model, help=f"built-in name or local HF directory ({default_model})")
+    parser.add_argument("--backend", default="auto", help="kernel backend name or 'auto' (see `kvsieve plugins`)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (float32)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (cpu)")
+
+
+def _add_compressor_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--compressor", default=default, help=f"compressor name ({default})")
+    parser.add_argument(
+        "--set", dest="params", action="append", metavar="KEY=VALUE", help="compressor parameter (repeatable)"
+    )
+
+
+def _check_choices(args: argparse.Namespace) -> None:
+    """Resolve names early: unknown compressor/backend or bad parameters fail before a model is loaded."""
+    from kvsieve.integration import resolve_compressor
+    from kvsieve.plugins import registry
+
+    resolve_compressor(args.compressor, parse_params(args.params))
+    if args.backend != "auto":
+        registry().get("backend", args.backend)
+    _dtype(args.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- plugins
+def _plugins_table() -> dict[str, list[dict[str, Any]]]:
+    from kvsieve.plugins import KINDS, registry
+
+    reg = registry()
+    table: dict[str, list[dict[str, Any]]] = {}
+    for kind in KINDS:
+        rows = []
+        for entry in reg.entries(kind):
+            row: dict[str, Any] = {
+                "name": entry.name,
+                "distribution": entry.source.distribution,
+                "entry_point": entry.source.entry_point,
+            }
+            if kind == "backend":
+                ok, why = entry.obj().available()
+                row["available"], row["reason"] = ok, why
+            if kind == "compressor":
+                row["phases"] = sorted(getattr(entry.obj, "phases", ()))
+            rows.append(row)
+        table[kind] = rows
+    return table
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    table = _plugins_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    titles = {"scoring": "Scoring policies", "selection": "Selection policies", "backend": "Backends",
+              "compressor": "Compressors"}
+    for kind, rows in table.items():
+        print(f"{titles[kind]}:")
+        for row in rows:
+            extra = ""
+            if kind == "backend":
+                extra = "  [available]" if row["available"] else f"  [unavailable: {row['reason']}]"
+            if kind == "compressor" and row["phases"]:
+                extra = f"  [{', '.join(row['phases'])}]"
+            print(f"  {row['name']:<18} {row['distribution']:<22} {row['entry_point']}{extra}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _prompt_ids(tokenizer, text: str, chat: bool):
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def _run_generate(model, tokenizer, ids, args, compressor: str, params: dict[str, Any]):
+    import torch
+
+    from kvsieve.integration import generate
+
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if getattr(args, "min_new_tokens", None):
+        kwargs["min_new_tokens"] = args.min_new_tokens
+    if getattr(args, "sample", False):
+        torch.manual_seed(args.seed)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    ids = ids.to(args.device)
+    return generate(model, ids, torch.ones_like(ids), compressor=compressor, backend=args.backend, params=params,
+                    **kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_choices(args)
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ValueError("give exactly one of --prompt or --prompt-file")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    from kvsieve.models import load
+
+    model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    ids = _prompt_ids(tokenizer, text, args.chat)
+    result = _run_generate(model, tokenizer, ids, args, args.compressor, parse_params(args.params))
+    new_ids = result.sequences[0, result.prompt_tokens :]
+    out_text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    record = {
+        "text": out_text,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": result.generated_tokens,
+        "kv_lengths": result.kv_lengths,
+        "kv_bytes": result.kv_bytes,
+        "kv_bytes_peak": result.kv_bytes_peak,
+        "tokens_per_s": round(result.tokens_per_s, 3),
+        "seconds": round(result.seconds, 3),
+        "backend": result.backend,
+        "compressor": result.compressor,
+        "model": args.model,
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(out_text)
+        print(
+            f"\n[{result.compressor['name']} on {result.backend}] prompt {result.prompt_tokens} tokens, "
+            f"generated {result.generated_tokens}, KV {result.kv_bytes / 2**20:.2f} MiB "
+            f"(peak {result.kv_bytes_peak / 2**20:.2f} MiB), {result.tokens_per_s:.1f} tokens/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+DEMO_QUESTION = "What is the secret number mentioned in the text? Answer with the number only."
+
+
+def demo_prompt(tokens: int, seed: int = 0) -> tuple[str, str]:
+    """A long document hiding one secret number (about ``tokens`` tokens), and that number."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["The river", "A small village", "The old library", "Every winter", "The market square",
+                "A quiet garden", "The mountain road", "The harbour"]
+    verbs = ["was known for", "slowly changed with", "attracted visitors because of", "was often described by"]
+    objects = ["its long history", "the morning fog", "a row of tall trees", "the sound of bells",
+               "its narrow streets", "the colours of autumn", "a famous bakery", "stone bridges"]
+    sentences = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(tokens // 9)]
+    secret = rng.randint(10000, 99999)
+    sentences.insert(len(sentences) * 2 // 5, f"The secret number is {secret}. Remember it.")
+    return " ".join(sentences) + f"\n\n{DEMO_QUESTION}", str(secret)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _check_choices(args)
+    from kvsieve.models import load
+
+    print(f"Loading {args.model} (offline) ...", file=sys.stderr)
+    model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    text, secret = demo_prompt(args.prompt_tokens, args.seed)
+    ids = _prompt_ids(tokenizer, text, chat=True)
+    params = parse_params(args.params)
+    runs = {}
+    for name, comp, comp_params in (("full cache", "none", {}), (args.compressor, args.compressor, params)):
+        print(f"Generating with {name} ...", file=sys.stderr)
+        runs[name] = _run_generate(model, tokenizer, ids, args, comp, comp_params)
+    full, comp = runs["full cache"], runs[args.compressor]
+    n = min(full.sequences.shape[1], comp.sequences.shape[1])
+    p = full.prompt_tokens
+    same = (full.sequences[0, p:n] == comp.sequences[0, p:n]).float()
+    agreement = float(same.mean()) if n > p else 1.0
+    texts = {k: tokenizer.decode(r.sequences[0, p:], skip_special_tokens=True).strip() for k, r in runs.items()}
+
+    def mib(x: int) -> str:
+        return f"{x / 2**20:.2f} MiB"
+
+    rows = [
+        ("", "full cache", args.compressor),
+        ("KV cache at end", mib(full.kv_bytes), mib(comp.kv_bytes)),
+        ("KV cache peak", mib(full.kv_bytes_peak), mib(comp.kv_bytes_peak)),
+        ("cached tokens/layer", str(max(full.kv_lengths)), str(max(comp.kv_lengths))),
+        ("tokens/s", f"{full.tokens_per_s:.1f}", f"{comp.tokens_per_s:.1f}"),
+        (f"answer has {secret}", str(secret in texts["full cache"]), str(secret in texts[args.compressor])),
+    ]
+    print(f"\nkvsieve demo: {args.model}, prompt {p} tokens, {args.compressor} {params or ''} "
+          f"on backend {comp.backend}\n")
+    for a, b, c in rows:
+        print(f"  {a:<22} {b:>14} {c:>18}")
+    print(f"  {'output agreement':<22} {'':>14} {agreement:>17.0%}")
+    print(f"\n--- full cache ---\n{texts['full cache']}\n\n--- {args.compressor} ---\n{texts[args.compressor]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvsieve", description="KV-cache compression for HuggingFace models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list discovered policies, backends and compressors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("generate", help="generate text with a compressed KV cache")
+    _add_model_args(p, "smollm2")
+    _add_compressor_args(p, "none")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-file", help="file holding the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="offline demo on SmolLM2: full cache vs a compressor, side by side")
+    _add_model_args(p, "smollm2")
+    _add_compressor_args(p, "snapkv")
+    p.add_argument("--prompt-tokens", type=int, default=1500, help="approximate prompt length (1500)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from kvsieve.evaluation.cli import register as register_eval
+    except ImportError:  # evaluation extras missing
+        register_eval = None
+    if register_eval is not None:
+        register_eval(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kvsieve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

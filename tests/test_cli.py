@@ -1,0 +1,104 @@
+"""The command line: plugins listing, generate --json, demo, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvsieve.cli import main, parse_params
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plugins_json_lists_builtins_with_their_distribution(capsys):
+    code, out, _ = run(capsys, "plugins", "--json")
+    assert code == 0
+    table = json.loads(out)
+    names = {kind: {row["name"]: row for row in rows} for kind, rows in table.items()}
+    assert {"none", "snapkv", "streamingllm"} <= set(names["compressor"])
+    assert "window_attention" in names["scoring"] and "topk" in names["selection"]
+    torch_row = names["backend"]["torch"]
+    assert torch_row["available"] is True
+    assert torch_row["distribution"].startswith("kvsieve ")
+    assert torch_row["entry_point"] == "torch = kvsieve.backends.torch_ref"
+    assert names["compressor"]["snapkv"]["phases"] == ["prefill"]
+
+
+def test_plugins_text_output(capsys):
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    assert "Compressors:" in out and "snapkv" in out and "[available]" in out
+
+
+def test_generate_json_reports_the_cache(capsys):
+    code, out, _ = run(
+        capsys, "generate", "--model", "tiny-random-llama", "--compressor", "snapkv", "--set", "budget=12",
+        "--set", "window=4", "--prompt", "hello world, this is a prompt long enough to be compressed " * 2,
+        "--max-new-tokens", "6", "--min-new-tokens", "6", "--backend", "torch", "--json",
+    )
+    assert code == 0
+    record = json.loads(out)
+    assert record["generated_tokens"] == 6
+    assert record["prompt_tokens"] > 12
+    assert record["kv_lengths"] == [12 + 6 - 1] * 3  # budget + generated - 1 (the last token is not cached)
+    assert record["compressor"]["name"] == "snapkv" and record["compressor"]["budget"] == 12
+    assert record["compressor"]["scoring"] == "window_attention"
+    assert record["backend"] == "torch"
+    assert 0 < record["kv_bytes"] <= record["kv_bytes_peak"]
+    assert record["tokens_per_s"] > 0 and isinstance(record["text"], str)
+
+
+def test_generate_full_vs_compressed_memory(capsys):
+    prompt = "some words to fill the context " * 8
+    common = ("generate", "--model", "tiny-random-qwen2", "--prompt", prompt, "--max-new-tokens", "4",
+              "--min-new-tokens", "4", "--json")
+    full = json.loads(run(capsys, *common, "--compressor", "none")[1])
+    small = json.loads(run(capsys, *common, "--compressor", "streamingllm", "--set", "budget=32")[1])
+    assert max(small["kv_lengths"]) == 32
+    assert small["kv_bytes"] < full["kv_bytes"] / 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--compressor", "snapk"), "Did you mean 'snapkv'"),
+        (("--backend", "troch"), "Did you mean 'torch'"),
+        (("--compressor", "snapkv", "--set", "ratio=1.5"), "ratio must be a ratio in (0, 1], got 1.5"),
+        (("--compressor", "snapkv", "--set", "budget=4", "--set", "window=8"), "budget=4 must exceed window=8"),
+        (("--compressor", "snapkv", "--set", "window=-3"), "window must be a positive integer, got -3"),
+        (("--compressor", "snapkv", "--set", "nonsense"), "--set expects key=value"),
+        (("--compressor", "snapkv", "--set", "colour=red"), "colour"),
+        (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_generate_bad_input_is_one_clear_line(capsys, argv, message):
+    code, _, err = run(capsys, "generate", "--model", "tiny-random-llama", "--prompt", "hi", *argv)
+    assert code == 2
+    assert err.startswith("kvsieve: error:")
+    assert message in err
+
+
+def test_prompt_longer_than_context_is_refused(capsys, tmp_path):
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text("x" * 5000)  # byte-level tokenizer: > 4096 positions of the tiny model
+    code, _, err = run(capsys, "generate", "--model", "tiny-random-llama", "--prompt-file", str(long_prompt),
+                       "--max-new-tokens", "2")
+    assert code == 2
+    assert "longer than the model's context" in err
+
+
+def test_parse_params_types():
+    assert parse_params(["a=1", "b=0.5", "c=true", "d=none", "e=max"]) == dict(a=1, b=0.5, c=True, d=None, e="max")
+
+
+def test_demo_runs_side_by_side_on_a_tiny_model(capsys):
+    code, out, _ = run(capsys, "demo", "--model", "tiny-random-llama", "--compressor", "streamingllm",
+                       "--set", "budget=64", "--prompt-tokens", "120", "--max-new-tokens", "5", "--backend", "torch")
+    assert code == 0
+    assert "full cache" in out and "streamingllm" in out and "output agreement" in out
+    assert "cached tokens/layer" in out
