@@ -19,10 +19,19 @@ __all__ = ["TorchBackend"]
 def _sdpa(queries, keys, values, mask, scale):
     """Masked GQA attention (no K/V repeat); a query that may see no key outputs zeros.
 
-    ``mask``: bool, broadcastable to ``[B, H, Q, K]``; computed in fp32 for the reference's accuracy.
+    ``mask``: bool ``[B, 1 or Hkv, Q, K]`` (per KV head when not shared), broadcast over each GQA group.
+    Computed in fp32 for the reference's accuracy. Keys and values no query may see are zeroed first, so whatever
+    those slots hold (NaN, inf) cannot reach an output.
     """
+    B, H = queries.shape[:2]
+    Hkv = keys.shape[1]
+    hidden = ~mask.any(dim=-2)[..., None]  # [B, 1 or Hkv, K, 1]
+    keys = keys.float().masked_fill(hidden, 0.0)
+    values = values.float().masked_fill(hidden, 0.0)
+    if mask.shape[1] != 1:
+        mask = mask.repeat_interleave(H // Hkv, dim=1)
     out = F.scaled_dot_product_attention(
-        queries.float(), keys.float(), values.float(), attn_mask=mask, scale=scale, enable_gqa=True
+        queries.float(), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
     )
     out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return out.nan_to_num(0.0).to(queries.dtype)
@@ -44,8 +53,7 @@ class TorchBackend(KVBackend):
         # query i sees [starts, ends - Q + i]; KV head j serves query heads [j*G, (j+1)*G)
         last = ends[..., None] - Q + torch.arange(Q, device=keys.device)  # [B, Hkv, Q]
         visible = (slots >= starts[..., None, None]) & (slots <= last[..., None])  # [B, Hkv, Q, C]
-        G = queries.shape[1] // keys.shape[1]
-        return _sdpa(queries, keys, values, visible.repeat_interleave(G, dim=1), scale)
+        return _sdpa(queries, keys, values, visible, scale)
 
     def window_lse(self, queries, keys, starts, ends, scale):
         B, H, W, d = queries.shape

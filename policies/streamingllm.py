@@ -47,6 +47,10 @@ class StreamingLLM(Compressor):
             raise ValueError(f"budget={self.budget} must exceed sinks={self.sinks}")
         object.__setattr__(self, "selection", resolve_policy(self.selection, "selection"))
 
+    @property
+    def reserve(self) -> int:
+        return 1  # one decode token is appended before the next compaction: no grow/shrink churn per step
+
     def cache_budget(self, prompt_len: int) -> int:
         return max(budget_from(self.ratio, self.budget, prompt_len), self.sinks + 1)
 

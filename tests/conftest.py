@@ -1,7 +1,8 @@
 """Shared fixtures: the tiny random models of every supported family, loaded once per session, and prompts.
 
-Tests must not leave a shared model changed: run kvsieve on it only inside ``kvsieve.integration.apply`` (which
-restores it) and load a private copy (``kvsieve.models.load``) for anything that edits the model or its config.
+Tests must not leave a shared model changed: run kvsieve on it only inside ``kvsieve.integration.apply``
+(which restores it) and load a private copy (``kvsieve.models.load``) for anything that edits the model or
+its config.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def llama(tiny_models):
 
 
 def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """``int64 [batch, length]`` random ordinary byte tokens (no special token), reproducible from ``seed``."""
+    """``int64 [batch, length]`` random byte tokens (no special token), reproducible from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 250, (batch, length), generator=generator)
 
 
 def left_padded(tokenizer, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """A left-padded batch of random prompts of ``lengths``: ``(input_ids, attention_mask, unpadded rows)``."""
+    """A left-padded batch of random prompts of ``lengths``: ``(input_ids, attention_mask, rows)``."""
     rows = [random_prompt(n, seed=seed + i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark of kvsieve in one command (an H200 takes a few minutes per stage).
+#
+#   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
+#
+# Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), kernels (Triton kernel benchmark),
+# flash (prefill TTFT per backend), e2e (backend agreement end to end), fastkv (TTFT smoke at 32K),
+# rpc (decode smoke: 4096 tokens at batch 16 — about 8 minutes on its own, so not in the default set).
+# Installs kvsieve from this tree without dependencies (the GPU image has torch, transformers, triton, ...).
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [STAGE ...]}
+shift
+stages=${*:-tests kernels flash e2e fastkv}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  date -u; } | tee "$out/env.txt"
+status=0
+for stage in $stages; do
+  echo "=== $stage ==="
+  start=$(date +%s)
+  case $stage in
+    tests)   python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee "$out/gpu_tests.txt" ;;
+    kernels) python benchmarks/kernels.py "$out" 2>&1 | tail -n 80 ;;
+    flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
+    e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;
+    fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;
+    rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  echo "=== $stage took $(( $(date +%s) - start )) s ==="
+done
+exit $status
