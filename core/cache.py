@@ -5,7 +5,9 @@ Per layer (:class:`SieveLayer`):
 * ``keys``, ``values``: ``[B, Hkv, C, d]`` buffers with ``C`` slots of capacity (never repeated to ``H`` heads).
 * ``starts``, ``ends``: ``int64 [B, Hkv]`` the live slot range. Slots ``[0, starts)`` hold left padding (until a
   compaction drops it); slots ``[ends, C)`` are free capacity that appends write into.
-* ``positions``: ``int64 [B, Hkv, C]`` absolute position of the token in each slot (-1 for padding or free).
+* ``positions``: ``int64 [B, Hkv, C]`` the logical index of the token in each slot, i.e. its column in the
+  (left-padded) batch, which is what ``seen`` counts; -1 for free slots. Padding slots hold their own indices
+  until a compaction drops them. (For a padded row the RoPE position is this index minus the row's padding.)
 * a ring buffer of the most recent ``query_window`` post-RoPE queries ``[B, H, R, d]`` (the selector window).
 * ``seen``: the *logical* length: tokens ever appended, padding included. HF derives positions and masks from it,
   so new tokens always get their true absolute positions however much was evicted.
@@ -23,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsieve.backend import KVBackend
-from kvsieve.indexing import compaction_moves
+from kvsieve.indexing import compaction_moves, range_mask
 
 __all__ = ["SieveCache", "SieveLayer"]
 
@@ -63,6 +65,9 @@ class SieveLayer(CacheLayerMixin):
         self.seen = 0
         self.prompt_len = 0
         self.compactions = 0
+        # set by token propagation (see propagated_append) for the next update only
+        self.next_offsets: torch.Tensor | None = None
+        self.next_span = 0
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -79,6 +84,13 @@ class SieveLayer(CacheLayerMixin):
     @property
     def max_end(self) -> int:
         return 0 if self.ends is None else int(self.ends.max())
+
+    def prompt_ends(self) -> torch.Tensor:
+        """``int64 [B, Hkv]``: end of the prompt region. Prompt tokens (position < ``prompt_len``) sit at the front
+        of the live range, however a prefill compressor thinned them; decode-time compressors start after them."""
+        live = range_mask(self.starts, self.ends, self.capacity)
+        in_prompt = live & (self.positions >= 0) & (self.positions < self.prompt_len)
+        return self.starts + in_prompt.sum(dim=-1)
 
     def nbytes(self) -> int:
         """Bytes of storage allocated for keys and values (what the cache really occupies)."""
@@ -110,11 +122,27 @@ class SieveLayer(CacheLayerMixin):
         slots = self.ends[..., None] + torch.arange(Q, device=self.device)  # [B, Hkv, Q]
         self.keys.scatter_(2, slots[..., None].expand(B, Hkv, Q, d), key_states)
         self.values.scatter_(2, slots[..., None].expand(B, Hkv, Q, value_states.shape[-1]), value_states)
-        new_positions = self.seen + torch.arange(Q, device=self.device)
-        self.positions.scatter_(2, slots, new_positions.expand(B, Hkv, Q))
+        if self.next_offsets is None:
+            offsets, span = torch.arange(Q, device=self.device), Q
+        else:  # token propagation: only some of the forward's tokens reach this layer (see propagated_append)
+            offsets, span = self.next_offsets.to(self.device), self.next_span
+            self.next_offsets = None
+        new_positions = self.seen + offsets  # [Q] or [B, Q]
+        self.positions.scatter_(2, slots, new_positions[..., None, :].expand(B, Hkv, Q))
         self.ends = self.ends + Q
-        self.seen += Q
+        self.seen += span
         return self.keys, self.values
+
+    def propagated_append(self, offsets: torch.Tensor, span: int) -> None:
+        """Announce that the next :meth:`update` appends only some tokens of a forward of ``span`` tokens.
+
+        Used by token propagation (:mod:`kvsieve.propagation`): after a propagation layer only the kept tokens
+        reach later layers. ``offsets`` (``int64 [B, Q]``, sorted) are their indices among the forward's
+        ``span`` tokens; they are stored at their original positions ``seen + offsets``, and ``seen`` (the
+        logical length) advances by ``span``, so positions and masks of later tokens are those of the full
+        sequence.
+        """
+        self.next_offsets, self.next_span = offsets, span
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -183,10 +211,18 @@ class SieveLayer(CacheLayerMixin):
         self.num_queries += Q
 
     def window_queries(self) -> torch.Tensor:
-        """``[B, H, W, d]`` the most recent ``W = min(num_queries, query_window)`` queries (ring order)."""
+        """``[B, H, W, d]`` the most recent ``W = min(num_queries, query_window)`` queries, oldest first.
+
+        Chronological order matters to scoring with ``queries_are_last`` (query ``w`` is the token at slot
+        ``ends - W + w``, which sets its causal range), so the ring is rotated when it has wrapped.
+        """
         if self.queries is None:
             raise RuntimeError("no queries were recorded for this layer (query_window is 0)")
-        return self.queries[:, :, : min(self.num_queries, self.query_window)]
+        R, n = self.query_window, self.num_queries
+        if n <= R or n % R == 0:
+            return self.queries[:, :, : min(n, R)]
+        oldest_first = (n + torch.arange(R, device=self.queries.device)) % R  # the oldest sits at slot n % R
+        return self.queries[:, :, oldest_first]
 
     # ------------------------------------------------------------------ compaction
     def compact(
@@ -214,7 +250,7 @@ class SieveLayer(CacheLayerMixin):
         self.positions.scatter_(2, dst, self.positions.gather(2, src))
         self.ends = dest_starts + counts
         self.starts = torch.minimum(self.starts, dest_starts)  # padding inside the region is gone
-        free = torch.arange(self.capacity, device=self.device) >= self.ends[..., None]
+        free = ~range_mask(torch.zeros_like(self.ends), self.ends, self.capacity)
         self.positions.masked_fill_(free, -1)
         self.compactions += 1
         self.shrink_to_fit(reserve)
@@ -229,6 +265,7 @@ class SieveCache(Cache):
         self.peak_nbytes = 0
         self.compressor = None  # set by kvsieve.apply: the Compressor driving this cache
         self.backend = None  # the KVBackend its attention and compaction run on
+        self.propagation = None  # the current forward's token-propagation state (kvsieve.propagation)
         if num_layers is None:
             super().__init__(layer_class_to_replicate=lambda: SieveLayer(query_window))
         else:

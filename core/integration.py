@@ -35,6 +35,7 @@ __all__ = [
     "Session",
     "UnsupportedModelError",
     "apply",
+    "cache_kwarg",
     "generate",
     "resolve_backend",
     "resolve_compressor",
@@ -84,11 +85,13 @@ def kvsieve_attention(
     backend: KVBackend = cache.backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     Q = query.shape[2]
-    prefill = layer.seen == Q and layer.compactions == 0
+    # prefill = the first forward into this layer (its Q tokens are all it holds). With token propagation a
+    # later layer receives fewer tokens than the prompt has, so ``seen`` (the logical length) may exceed Q.
+    prefill = layer.max_end == Q and layer.compactions == 0
     if prefill:
         B, Hkv = layer.ends.shape
         layer.starts = _padding_starts(attention_mask, B, Hkv, query.device)
-        layer.prompt_len = Q
+        layer.prompt_len = layer.seen  # the logical prompt length (Q unless token propagation thinned it)
         end = layer.max_end
         out = backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
     else:
@@ -207,7 +210,7 @@ class Session:
         return cache
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """The name the model's forward uses for the cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -253,7 +256,7 @@ def apply(
     session = Session(
         compressor, backend, config.num_hidden_layers, getattr(config, "max_position_embeddings", None)
     )
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
 
     def inject_cache(module, args, kwargs):
         cache = kwargs.get(cache_kw)
@@ -279,10 +282,11 @@ def apply(
         return args, kwargs
 
     previous_impl = config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    handles = [model.register_forward_pre_hook(inject_cache, with_kwargs=True)]
-    handles += compressor.install(model)
+    handles = []
     try:
+        model.set_attn_implementation(ATTENTION_NAME)
+        handles.append(model.register_forward_pre_hook(inject_cache, with_kwargs=True))
+        handles += compressor.install(model)
         yield session
     finally:
         for handle in handles:

@@ -31,7 +31,7 @@ class ScoringContext:
         keys, values: ``[B, Hkv, C, d]`` the layer's cache buffers (post-RoPE keys).
         starts, ends: ``int64 [B, Hkv]`` the live slot range (slots before ``starts`` are left padding).
         cand_starts, cand_ends: ``int64 [B, Hkv]`` the candidate slot range, inside ``[starts, ends)``.
-        positions: ``int64 [B, Hkv, C]`` absolute position of the token held by each slot (-1 where none).
+        positions: ``int64 [B, Hkv, C]`` logical index of the token held by each slot (see ``SieveLayer``; -1 free).
         layer_idx: index of the decoder layer.
         scale: the attention softmax scale of the model.
         backend: the kernel backend to ask for heavy primitives.

@@ -17,7 +17,7 @@ from conftest import FAMILIES, left_padded, random_prompt
 import kvsieve
 from kvsieve import plugins
 from kvsieve.cache import SieveCache
-from kvsieve.integration import apply
+from kvsieve.integration import cache_kwarg, apply
 
 WINDOW, BUDGET = 8, 20
 
@@ -74,7 +74,7 @@ def full_prompt_cache(model, input_ids, attention_mask=None) -> SieveCache:
     """The uncompressed cache of one forward over the prompt, every query of the prompt recorded in order."""
     cache = SieveCache(query_window=input_ids.shape[1], num_layers=model.config.num_hidden_layers)
     with apply(model, "none", backend="torch"), torch.no_grad():
-        model(input_ids, attention_mask=attention_mask, cache=cache)
+        model(input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache})
     return cache
 
 

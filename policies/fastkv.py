@@ -1,0 +1,269 @@
+"""FastKV (Jo et al., 2025): Token-Selective Propagation plus per-layer SnapKV-style KV selection.
+
+ALGORITHMS.md, "FastKV". During prefill:
+
+* every layer keeps its own salient KV: the window attention of the last ``window`` prompt tokens (softmax
+  over every key they causally see, fp32), summed over the window, pooled along the tokens per query head,
+  summed over the GQA group; the top ``budget - window`` earlier tokens per KV head are kept, then the window;
+* at the TSP layer ``T`` those scores are also summed over the KV heads (one score per token); the top
+  ``tsp_len - window`` tokens plus the last ``window`` are chosen, sorted, and only they propagate: layers
+  after ``T`` (and the final norm and LM head) compute on them, at their ORIGINAL positions
+  (:mod:`kvsieve.propagation`); their KV is a subset of the propagated tokens.
+
+Decoding appends without eviction; new tokens' positions continue from the original prompt length.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+import kvsieve
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
+from kvsieve.policies.window_attention import _odd_positive, pool_scores
+from kvsieve.policy import ScoringContext, ScoringPolicy
+from kvsieve.propagation import TokenPropagation, propagate
+from kvsieve.validators import nonnegative_int, optional, positive_int, unit_ratio
+
+__all__ = ["FastKV", "HeadPooledWindowScoring"]
+
+POOLINGS = ("max", "avg")
+
+
+@attrs.frozen
+class HeadPooledWindowScoring(ScoringPolicy):
+    """Window attention over every visible key, pooled per QUERY head, then summed over the GQA group.
+
+    The order of FastKV's reference (and of ALGORITHMS.md's scoring steps): softmax over all keys each window
+    query causally sees (prefill only), summed over the window, pooled per query head (kernel ``k``, stride 1,
+    zero padding), then summed over the ``G`` query heads of each KV head. With ``avg`` pooling (linear) this
+    equals pooling the group sum; with ``max`` pooling it does not, so the backend is asked once per group
+    member (``G`` calls of ``window_scores``).
+
+    Args:
+        pooling: ``"max"`` or ``"avg"``. Default ``"max"``.
+        kernel: odd pooling kernel. Default 7.
+    """
+
+    name: ClassVar[str] = "head_pooled_window_attention"
+
+    pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
+    kernel: int = attrs.field(default=7, validator=_odd_positive)
+
+    def score(self, ctx: ScoringContext) -> torch.Tensor:
+        if not ctx.queries_are_last:
+            raise ValueError(
+                f"{self.name} normalises over every visible key: it needs prefill window queries"
+            )
+        backend, queries = ctx.backend, ctx.queries
+        lse = backend.window_lse(queries, ctx.keys, ctx.starts, ctx.ends, ctx.scale)  # [B, H, W]
+        B, H, W, d = queries.shape
+        Hkv = ctx.keys.shape[1]
+        G = H // Hkv
+        if self.pooling == "avg" or G == 1:
+            scores = backend.window_scores(queries, ctx.keys, ctx.cand_starts, ctx.cand_ends, ctx.scale, lse)
+            return pool_scores(scores, self.pooling, self.kernel)
+        grouped_q, grouped_lse = queries.reshape(B, Hkv, G, W, d), lse.reshape(B, Hkv, G, W)
+        total = None
+        for g in range(G):  # one query head per KV head at a time
+            part = backend.window_scores(
+                grouped_q[:, :, g].contiguous(),
+                ctx.keys,
+                ctx.cand_starts,
+                ctx.cand_ends,
+                ctx.scale,
+                grouped_lse[:, :, g].contiguous(),
+            )
+            part = pool_scores(part, self.pooling, self.kernel)
+            total = part if total is None else total + part
+        return total
+
+
+@attrs.frozen
+class FastKV(Compressor):
+    """FastKV: token-selective propagation at layer ``tsp_layer``, SnapKV-style KV selection in every layer.
+
+    Two modes, as in the reference:
+
+    * proportional (default): ``tsp_len = floor(tsp_rate * Lp)``; layers up to ``tsp_layer`` keep
+      ``floor(retain_rate * Lp)`` KV entries, later layers ``floor(retain_rate / tsp_rate * propagated)``
+      (about ``retain_rate * Lp``; no further compression when ``retain_rate >= tsp_rate``);
+    * constant: fixed ``tsp_len`` and KV ``budget`` per layer; a layer holding fewer tokens than ``budget`` is
+      left alone, so a prompt shorter than the budget is not compressed and TSP does not fire.
+
+    TSP fires when the prompt is longer than ``tsp_len``. Lengths never go below ``window``.
+
+    Args:
+        tsp_layer: 0-based index of the TSP layer. Default ``num_layers // 2 - 1`` of the model.
+        tsp_rate: fraction of the prompt propagated past ``tsp_layer``, in (0, 1]. Default 0.2.
+        tsp_len: a constant number of propagated tokens (constant mode, with ``budget``). Must exceed
+            ``window``.
+        retain_rate: fraction of the prompt each layer keeps in its KV cache, in (0, 1]. Default 0.1.
+        budget: a constant number of KV entries per layer (constant mode, with ``tsp_len``). Must exceed
+            ``window``.
+        window: last prompt tokens: the observation window, always kept and always propagated. Default 8.
+        kernel: odd pooling kernel. Default 7.
+        pooling: ``"max"`` or ``"avg"``. Default ``"max"``.
+        scoring: a scoring policy (name or instance) instead of :class:`HeadPooledWindowScoring`.
+        selection: a selection policy (name or instance) for both the KV and the propagated tokens. Default
+            ``"topk"``.
+    """
+
+    name: ClassVar[str] = "fastkv"
+    phases: ClassVar[frozenset[str]] = frozenset({"prefill"})
+    propagates: ClassVar[bool] = True
+
+    tsp_layer: int | None = attrs.field(default=None, validator=optional(nonnegative_int))
+    tsp_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
+    tsp_len: int | None = attrs.field(default=None, validator=optional(positive_int))
+    retain_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
+    budget: int | None = attrs.field(default=None, validator=optional(positive_int))
+    window: int = attrs.field(default=8, validator=positive_int)
+    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
+    scoring: object = None
+    selection: object = "topk"
+
+    def __attrs_post_init__(self):
+        given = {k: getattr(self, k) for k in ("tsp_rate", "retain_rate", "tsp_len", "budget")}
+        proportional = {k: v for k, v in given.items() if k in ("tsp_rate", "retain_rate") and v is not None}
+        constant = {k: v for k, v in given.items() if k in ("tsp_len", "budget") and v is not None}
+        if proportional and constant:
+            raise ValueError(
+                "fastkv takes either the proportional parameters (tsp_rate, retain_rate) or the constant "
+                f"ones (tsp_len, budget), not a mix: got {proportional | constant}"
+            )
+        if constant:
+            if len(constant) != 2:
+                raise ValueError(f"fastkv's constant mode needs both tsp_len and budget, got only {constant}")
+            for key, value in constant.items():
+                if value <= self.window:
+                    raise ValueError(
+                        f"{key}={value} must exceed window={self.window} (the window is always kept)"
+                    )
+        else:
+            object.__setattr__(self, "tsp_rate", 0.2 if self.tsp_rate is None else self.tsp_rate)
+            object.__setattr__(self, "retain_rate", 0.1 if self.retain_rate is None else self.retain_rate)
+        scoring = self.scoring or HeadPooledWindowScoring(self.pooling, self.kernel)
+        object.__setattr__(self, "scoring", resolve_policy(scoring, "scoring"))
+        object.__setattr__(self, "selection", resolve_policy(self.selection, "selection"))
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def constant(self) -> bool:
+        """Constant mode (``tsp_len``, ``budget``), not proportional (``tsp_rate``, ``retain_rate``)."""
+        return self.budget is not None
+
+    @property
+    def query_window(self) -> int:
+        return self.window
+
+    def resolve_tsp_layer(self, num_layers: int) -> int:
+        """The TSP layer of a model with ``num_layers`` decoder layers (``tsp_layer`` or its default)."""
+        return num_layers // 2 - 1 if self.tsp_layer is None else self.tsp_layer
+
+    def check_model(self, config) -> None:
+        num_layers = config.num_hidden_layers
+        tsp_layer = self.resolve_tsp_layer(num_layers)
+        if self.tsp_layer is None and tsp_layer < 0:
+            raise ValueError(f"fastkv needs a model with at least 2 layers (num_hidden_layers={num_layers})")
+        if tsp_layer >= num_layers:
+            raise ValueError(
+                f"tsp_layer={tsp_layer} is out of range for a model with num_hidden_layers={num_layers} "
+                f"(allowed 0..{num_layers - 1})"
+            )
+
+    def install(self, model: torch.nn.Module) -> list:
+        return TokenPropagation.install(model)
+
+    def propagated_length(self, length: int) -> int:
+        """Tokens propagated past the TSP layer from a layer of ``length`` tokens (``length``: no TSP)."""
+        tsp_len = self.tsp_len if self.constant else int(length * self.tsp_rate)  # floor, as the reference
+        tsp_len = max(tsp_len, self.window)
+        return tsp_len if length > tsp_len else length
+
+    def kv_budget(self, length: int, after_tsp: bool) -> int | None:
+        """KV entries kept by a layer holding ``length`` tokens; ``None``: the layer is left alone."""
+        if self.constant:
+            return None if length < self.budget else self.budget
+        rate = self.retain_rate / self.tsp_rate if after_tsp else self.retain_rate
+        return max(int(length * rate), self.window)  # floor, as the reference
+
+    # ------------------------------------------------------------------ the schedule
+    def after_attention(self, event: LayerEvent) -> None:
+        if event.phase != "prefill":
+            return
+        layer = event.layer
+        length = layer.max_end  # tokens this layer computed on (padding included)
+        tsp_layer = self.resolve_tsp_layer(event.num_layers)
+        budget = self.kv_budget(length, after_tsp=event.layer_idx > tsp_layer)
+        if budget is None:
+            return
+        if event.layer_idx == tsp_layer:
+            propagated = self.propagated_length(length)
+            if propagated < length:
+                propagate(event.cache, self.select_propagated(event, propagated))
+        compress_layer(
+            event,
+            scoring=self.scoring,
+            selection=self.selection,
+            cand_starts=layer.starts,
+            region_starts=layer.starts.new_zeros(layer.starts.shape),
+            budget=budget,
+            protect_tail=self.window,
+            queries_are_last=True,
+        )
+
+    def token_scores(self, event: LayerEvent) -> torch.Tensor:
+        """``float32 [B, L]``: each of the layer's ``L`` tokens' score summed over KV heads (TSP's ranking).
+
+        The last ``window`` tokens (always kept) score 0; padding scores the lowest float, so it is chosen
+        only when a row has fewer real tokens than the propagated length.
+        """
+        layer = event.layer
+        length = layer.max_end
+        cand_ends = torch.maximum(layer.ends - self.window, layer.starts)
+        ctx = ScoringContext(
+            queries=layer.window_queries(),
+            keys=layer.keys,
+            values=layer.values,
+            starts=layer.starts,
+            ends=layer.ends,
+            cand_starts=layer.starts,
+            cand_ends=cand_ends,
+            positions=layer.positions,
+            layer_idx=event.layer_idx,
+            scale=event.scale,
+            backend=event.backend,
+            queries_are_last=True,
+        )
+        per_token = self.scoring.score(ctx).sum(dim=1)  # [B, N]: candidate n is token starts + n
+        B, N = per_token.shape
+        starts, counts = layer.starts[:, 0], ctx.cand_counts[:, 0]  # prefill: the same for every KV head
+        offsets = torch.arange(N, device=per_token.device)
+        tokens = (starts[:, None] + offsets).clamp(max=length - 1)
+        scores = torch.zeros(B, length, device=per_token.device)
+        scores.scatter_(1, tokens, torch.where(offsets < counts[:, None], per_token, 0.0))
+        padding = torch.arange(length, device=scores.device) < starts[:, None]
+        return scores.masked_fill(padding, torch.finfo(torch.float32).min)
+
+    def select_propagated(self, event: LayerEvent, propagated: int) -> torch.Tensor:
+        """``int64 [B, propagated]``: sorted indices of the tokens that go on past the TSP layer (per row, the
+        top ``propagated - window`` by :meth:`token_scores`, then the last ``window``)."""
+        scores = self.token_scores(event)
+        B, length = scores.shape
+        counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
+        chosen = self.selection.select(scores[:, None], counts, propagated, protect_tail=self.window)
+        return chosen.keep[:, 0]
+
+
+@kvsieve.hookimpl
+def kvsieve_compressors():
+    return {FastKV.name: FastKV}
+
+
+@kvsieve.hookimpl
+def kvsieve_scoring_policies():
+    return {HeadPooledWindowScoring.name: HeadPooledWindowScoring}

@@ -1,0 +1,524 @@
+"""FastKV: token-selective propagation + per-layer KV selection (ALGORITHMS.md, "FastKV").
+
+* driver tests run the compressor on a bare SieveCache layer fed with random K/V and queries and compare its
+  choices (the layer's kept KV per head, the propagated tokens) with a straightforward re-implementation;
+* model tests run tiny random models (4-layer Llama built here, so the TSP layer sits in the middle, and the
+  3-layer tiny models of every family) through forward and ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, left_padded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvsieve.backends.torch_ref import TorchBackend
+from kvsieve.cache import SieveCache
+from kvsieve.compressor import LayerEvent
+from kvsieve.integration import apply, generate
+from kvsieve.plugins import registry
+from kvsieve.policies.fastkv import FastKV, HeadPooledWindowScoring
+from kvsieve.policies.window_attention import WindowAttentionScoring
+from kvsieve.policy import ScoringContext
+from kvsieve.propagation import PropagationState, decoder_layers
+
+PAD0 = SimpleNamespace(pad_token_id=0)  # the tokenizer facts left_padded needs (model4's pad id)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model4():
+    """A tiny random Llama with 4 layers: the default TSP layer is 4 / 2 - 1 = 1."""
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(n: int) -> dict:
+    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+class TokenCounter:
+    """Forward pre-hooks recording how many tokens each decoder layer computes on, per forward."""
+
+    def __init__(self, model):
+        self.counts: list[list[int]] = []
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(decoder_layers(model))
+        ]
+
+    def _hook(self, i):
+        def hook(module, args):
+            if i == 0:
+                self.counts.append([])
+            self.counts[-1].append(args[0].shape[1])
+
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def live_positions(layer, b: int, j: int = 0) -> torch.Tensor:
+    return layer.positions[b, j, int(layer.starts[b, j]) : int(layer.ends[b, j])]
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def test_defaults_and_registration():
+    assert registry().get("compressor", "fastkv").obj is FastKV
+    assert registry().get("scoring", HeadPooledWindowScoring.name).obj is HeadPooledWindowScoring
+    fkv = FastKV()
+    assert (fkv.tsp_rate, fkv.retain_rate, fkv.window, fkv.kernel, fkv.pooling) == (0.2, 0.1, 8, 7, "max")
+    assert fkv.tsp_layer is None and not fkv.constant and fkv.propagates and fkv.query_window == 8
+    assert (
+        fkv.resolve_tsp_layer(32) == 15
+        and fkv.resolve_tsp_layer(36) == 17
+        and fkv.resolve_tsp_layer(40) == 19
+    )
+    config = fkv.config()
+    assert config["name"] == "fastkv" and config["scoring"] == HeadPooledWindowScoring.name
+    assert config["selection"] == "topk"
+    assert FastKV(tsp_len=2048, budget=512).constant
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(tsp_rate=0.2, budget=512), "not a mix"),
+        (dict(tsp_len=2048, retain_rate=0.1), "not a mix"),
+        (dict(tsp_len=2048), "needs both tsp_len and budget"),
+        (dict(budget=512), "needs both tsp_len and budget"),
+        (dict(tsp_len=8, budget=512), "tsp_len=8 must exceed window=8"),
+        (dict(tsp_len=2048, budget=4), "budget=4 must exceed window=8"),
+        (dict(tsp_rate=0), "tsp_rate must be a ratio in \\(0, 1\\]"),
+        (dict(tsp_rate=1.5), "tsp_rate must be a ratio"),
+        (dict(retain_rate=-0.1), "retain_rate must be a ratio"),
+        (dict(tsp_len=0, budget=512), "tsp_len must be a positive integer"),
+        (dict(window=0), "window must be a positive integer"),
+        (dict(kernel=4), "kernel must be a positive odd integer"),
+        (dict(pooling="min"), "pooling"),
+        (dict(tsp_layer=-1), "tsp_layer must be an integer >= 0"),
+        (dict(tsp_layer=True), "tsp_layer must be an integer >= 0"),
+        (dict(selection="nope"), "unknown selection 'nope'"),
+    ],
+)
+def test_bad_parameters_are_refused_clearly(params, match):
+    with pytest.raises(ValueError, match=match):
+        FastKV(**params)
+
+
+def test_tsp_layer_is_checked_against_the_model(model4):
+    with pytest.raises(ValueError, match="tsp_layer=4 is out of range .* num_hidden_layers=4"):
+        with apply(model4, "fastkv", "torch", params=dict(tsp_layer=4)):
+            pass
+    one_layer = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        with apply(one_layer, "fastkv", "torch"):
+            pass
+    assert not decoder_layers(model4)[0]._forward_pre_hooks, "a refused apply leaves no hooks behind"
+
+
+def test_length_rules():
+    fkv = FastKV()  # proportional 0.2 / 0.1
+    assert fkv.propagated_length(1000) == 200 and fkv.kv_budget(1000, after_tsp=False) == 100
+    assert fkv.kv_budget(200, after_tsp=True) == 100  # retain_rate / tsp_rate of the propagated length
+    assert FastKV(tsp_rate=0.2, retain_rate=0.2).kv_budget(200, after_tsp=True) == 200  # no further eviction
+    assert FastKV(tsp_rate=0.2, retain_rate=0.4).kv_budget(200, after_tsp=True) >= 200
+    assert fkv.propagated_length(1003) == 200 and fkv.kv_budget(1009, after_tsp=False) == 100  # floor
+    assert (
+        fkv.propagated_length(20) == 8 and fkv.kv_budget(20, after_tsp=False) == 8
+    )  # never below the window
+    assert fkv.propagated_length(8) == 8  # nothing to drop: TSP does not fire
+    assert FastKV(tsp_rate=1.0, retain_rate=1.0).propagated_length(77) == 77
+    const = FastKV(tsp_len=40, budget=20)
+    assert const.kv_budget(19, after_tsp=False) is None  # shorter than the budget: left alone
+    assert const.kv_budget(20, after_tsp=False) == const.kv_budget(500, after_tsp=True) == 20
+    assert const.propagated_length(40) == 40 and const.propagated_length(41) == 40
+
+
+# ------------------------------------------------------------------------------------------ selection parity
+def stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, ties to the earlier index (the reference's topk leaves tie order
+    unspecified; max pooling makes exact ties common), sorted ascending."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+
+
+def straightforward_fastkv(queries, keys, pad, window, kernel, pooling, budget, tsp_len):
+    """FastKV's layer step for one row, written from ALGORITHMS.md with dense tensors.
+
+    Args:
+        queries: ``[H, W, d]`` the last ``window`` tokens' queries; keys ``[Hkv, L, d]`` (the first ``pad``
+            slots are left padding).
+    Returns:
+        ``(kv_keep [Hkv, k], tsp_real)``: kept slots per KV head; the REAL tokens chosen to propagate (None
+        when ``tsp_len`` is None).
+    """
+    H, W, d = queries.shape
+    Hkv, L, _ = keys.shape
+    G = H // Hkv
+    real = keys[:, pad:]  # padding plays no part
+    n = L - pad
+    logits = torch.einsum("hwd,hnd->hwn", queries, real.repeat_interleave(G, dim=0)) / math.sqrt(d)
+    visible = torch.arange(n)[None, :] <= (n - W + torch.arange(W))[:, None]  # causal inside the window
+    attn = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    summed = attn[:, :, : n - W].sum(dim=1)  # [H, n - W]: the window's own columns are not scored
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(summed[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    per_kv = pooled.view(Hkv, G, n - W).sum(dim=1)  # GQA-aware sum, per KV head
+    tail = torch.arange(n - W, n)
+    if n <= budget:
+        kv = torch.arange(n).expand(Hkv, n)
+    else:
+        kv = torch.stack([torch.cat([stable_top(per_kv[j], budget - W), tail]) for j in range(Hkv)])
+    tsp = None
+    if tsp_len is not None:
+        tsp = (
+            torch.cat([stable_top(per_kv.sum(dim=0), tsp_len - W), tail]) if n > tsp_len else torch.arange(n)
+        )
+        tsp = tsp + pad
+    return kv + pad, tsp
+
+
+def run_layer(fkv, layer_idx, pads, heads, kv_heads, L, d, seed, num_layers=4):
+    """Feed one layer of a fresh SieveCache a prefill of random K/V and queries (as the attention function
+    would) and run the compressor on it. Returns ``(keys, queries, cache)``."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(pads)
+    keys = torch.randn(B, kv_heads, L, d, generator=gen) * 2
+    queries = torch.randn(B, heads, L, d, generator=gen)
+    cache = SieveCache(query_window=fkv.query_window, num_layers=num_layers)
+    cache.propagation = PropagationState(num_tokens=L)
+    layer = cache.layers[layer_idx]
+    layer.update(keys, torch.randn(B, kv_heads, L, d, generator=gen))
+    layer.starts = torch.tensor(pads)[:, None].expand(B, kv_heads).contiguous()
+    layer.prompt_len = L
+    layer.push_queries(queries)
+    fkv.after_attention(
+        LayerEvent("prefill", layer, layer_idx, num_layers, cache, TorchBackend(), d**-0.5, 0)
+    )
+    return keys, queries, cache
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    L=st.integers(2, 70),
+    pad_fracs=st.lists(st.floats(0, 0.95), min_size=1, max_size=3),
+    window=st.integers(1, 6),
+    tsp_rate=st.floats(0.05, 1.0),
+    retain_rate=st.floats(0.05, 1.0),
+    layer_idx=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_invariants(L, pad_fracs, window, tsp_rate, retain_rate, layer_idx, seed):
+    """Whatever the lengths: a common propagated size, sorted, the window in, padding only where real tokens
+    run out; each layer's KV per head is min(budget, real) of its real tokens, window included."""
+    pads = [int(f * L) for f in pad_fracs]
+    fkv = FastKV(tsp_rate=tsp_rate, retain_rate=retain_rate, window=window, kernel=3, tsp_layer=1)
+    _, _, cache = run_layer(fkv, layer_idx, pads, 4, 2, L, 4, seed)
+    layer, propagated = cache.layers[layer_idx], cache.propagation.pending
+    tsp_len = fkv.propagated_length(L)
+    if layer_idx != 1 or tsp_len == L:
+        assert propagated is None
+    else:
+        assert propagated.shape == (len(pads), tsp_len)
+        assert bool((propagated[:, 1:] > propagated[:, :-1]).all())
+        assert torch.equal(propagated[:, -window:], torch.arange(L - window, L).expand(len(pads), window))
+        for b, pad in enumerate(pads):
+            assert int((propagated[b] < pad).sum()) == max(tsp_len - (L - pad), 0)
+    budget = fkv.kv_budget(L, after_tsp=layer_idx > 1)
+    for b, pad in enumerate(pads):
+        real = L - pad
+        for j in range(2):
+            kept = live_positions(layer, b, j)
+            assert len(kept) == min(budget, real)
+            assert bool((kept >= pad).all()) and bool((kept[1:] > kept[:-1]).all())
+            tail = min(window, real)
+            assert torch.equal(kept[len(kept) - tail :], torch.arange(L - tail, L))
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 2), (2, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_matches_a_straightforward_implementation(pooling, heads, kv_heads, seed):
+    L, W, d, T = 61, 5, 8, 2
+    pads = [0, 7, 40]  # the last row has 21 real tokens: fewer than tsp_len, padding fills its propagated set
+    fkv = FastKV(tsp_rate=0.4, retain_rate=0.25, window=W, kernel=5, pooling=pooling, tsp_layer=T)
+    tsp_len, budget = fkv.propagated_length(L), fkv.kv_budget(L, after_tsp=False)
+    assert (tsp_len, budget) == (24, 15)
+    B = len(pads)
+    keys, queries, cache = run_layer(fkv, T, pads, heads, kv_heads, L, d, seed)
+    layer, propagated = cache.layers[T], cache.propagation.pending
+    assert propagated.shape == (B, tsp_len)
+    for b, pad in enumerate(pads):
+        want_kv, want_tsp = straightforward_fastkv(
+            queries[b, :, -W:], keys[b], pad, W, fkv.kernel, pooling, budget, tsp_len
+        )
+        for j in range(kv_heads):
+            assert torch.equal(live_positions(layer, b, j), want_kv[j]), (b, j)
+        got = propagated[b]
+        real = got[got >= pad]
+        assert torch.equal(real, want_tsp), b
+        assert len(got) - len(real) == max(tsp_len - (L - pad), 0), (
+            "padding only fills what real tokens cannot"
+        )
+    assert layer.starts.tolist() == [[0] * kv_heads] * B, "padding is dropped from the KV"
+
+
+def test_head_pooled_scoring_equals_window_attention_with_avg_pooling():
+    """Average pooling is linear: pooling per query head or after the GQA sum is the same."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, W, d = 2, 6, 2, 40, 6, 8
+    keys, queries = torch.randn(B, Hkv, L, d, generator=gen), torch.randn(B, H, W, d, generator=gen)
+    starts = torch.tensor([[0, 0], [9, 9]])
+    ends = torch.full((B, Hkv), L)
+    ctx = ScoringContext(
+        queries,
+        keys,
+        keys,
+        starts,
+        ends,
+        starts,
+        ends - W,
+        torch.zeros(B, Hkv, L).long(),
+        0,
+        d**-0.5,
+        TorchBackend(),
+        queries_are_last=True,
+    )
+    torch.testing.assert_close(
+        HeadPooledWindowScoring("avg", 5).score(ctx),
+        WindowAttentionScoring("avg", 5, "group", "visible").score(ctx),
+    )
+    assert not torch.allclose(
+        HeadPooledWindowScoring("max", 5).score(ctx),
+        WindowAttentionScoring("max", 5, "group", "visible").score(ctx),
+    )
+
+
+# ------------------------------------------------------------------------------------------ model: prefill
+def test_prefill_compute_is_reduced(model4):
+    counter = TokenCounter(model4)
+    try:
+        with torch.inference_mode():
+            with apply(model4, "fastkv", "torch"):
+                model4(prompt(120))
+                model4(prompt(120), use_cache=False)  # no SieveCache: nothing compresses or propagates
+            with apply(model4, "fastkv", "torch", params=dict(tsp_len=40, budget=20)):
+                model4(prompt(120))
+                model4(prompt(30))  # between budget and tsp_len: KV compressed, TSP does not fire
+                model4(prompt(15))  # shorter than the budget: left alone
+            with apply(model4, "fastkv", "torch", params=dict(tsp_layer=0)):
+                model4(prompt(120))
+    finally:
+        counter.remove()
+    assert counter.counts == [
+        [120, 120, 24, 24],  # all Lp up to and including the TSP layer (1), tsp_len = 0.2 * 120 after it
+        [120] * 4,
+        [120, 120, 40, 40],
+        [30] * 4,
+        [15] * 4,
+        [120, 24, 24, 24],
+    ]
+
+
+def test_kv_lengths_subset_and_original_positions(model4):
+    Lp, T = 120, 1
+    ids = prompt(Lp, batch=2, seed=5)
+    seen = {}
+
+    def record(i):
+        def hook(module, args, kwargs):
+            seen[i] = (kwargs["position_embeddings"], kwargs["position_ids"])
+
+        return hook
+
+    with torch.inference_mode(), apply(model4, "fastkv", "torch") as session:
+        handles = [
+            layer.register_forward_pre_hook(record(i), with_kwargs=True)
+            for i, layer in enumerate(decoder_layers(model4))
+        ]
+        try:
+            logits = model4(ids).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        cache = session.last_cache
+        full_cos, full_sin = model4.model.rotary_emb(logits, torch.arange(Lp)[None])
+    index = cache.propagation.index
+    assert index.shape == (2, 24) and logits.shape[1] == 24, "logits exist for the propagated tokens only"
+    assert bool((index[:, 1:] > index[:, :-1]).all()), "the propagated set is sorted"
+    assert torch.equal(index[:, -8:], torch.arange(Lp - 8, Lp).expand(2, 8)), "the window always propagates"
+    assert cache.kv_lengths() == [12, 12, 12, 12]  # 0.1 * 120 before and at T; 0.5 * 24 after
+    for i, layer in enumerate(cache.layers):
+        assert layer.seen == layer.prompt_len == Lp
+        (cos, sin), position_ids = seen[i]
+        if i <= T:
+            assert cos.shape[1] == Lp
+            continue
+        # RoPE of later layers: the ORIGINAL positions of the propagated tokens
+        assert torch.equal(position_ids, index)
+        assert torch.equal(cos, full_cos[0][index]) and torch.equal(sin, full_sin[0][index])
+        for b in range(2):
+            for j in range(2):
+                kept = live_positions(layer, b, j)
+                assert bool(torch.isin(kept, index[b]).all()), "later layers keep a subset of the propagated"
+                assert torch.equal(kept[-8:], torch.arange(Lp - 8, Lp))
+
+
+def test_keeping_everything_matches_the_full_cache(model4):
+    ids, mask, _ = left_padded(PAD0, [40, 29, 33], seed=2)
+    full = generate(model4, ids, mask, compressor="none", backend="torch", **greedy(12))
+    same = generate(
+        model4,
+        ids,
+        mask,
+        compressor="fastkv",
+        backend="torch",
+        params=dict(tsp_rate=1.0, retain_rate=1.0),
+        **greedy(12),
+    )
+    assert torch.equal(same.sequences, full.sequences)
+    counter = TokenCounter(model4)
+    try:
+        with (
+            torch.inference_mode(),
+            apply(model4, "fastkv", "torch", params=dict(tsp_rate=1.0, retain_rate=1.0)),
+        ):
+            model4(ids, attention_mask=mask)
+    finally:
+        counter.remove()
+    assert counter.counts == [[40] * 4]
+
+
+# ------------------------------------------------------------------------------------------ model: decoding
+def test_decode_positions_continue_from_the_original_prompt_length(model4):
+    Lp, n = 100, 9
+    with torch.inference_mode(), apply(model4, "fastkv", "torch") as session:
+        out = model4.generate(input_ids=prompt(Lp, seed=3), **greedy(n))
+        cache = session.last_cache
+    assert out.shape == (1, Lp + n)
+    for layer in cache.layers:
+        assert layer.seen == Lp + n - 1 and layer.prompt_len == Lp
+        for j in range(2):
+            pos = live_positions(layer, 0, j)
+            assert len(pos) == 10 + n - 1  # 0.1 * 100 prompt entries (0.5 * 20 after TSP), then no eviction
+            assert torch.equal(pos[-(n - 1) :], torch.arange(Lp, Lp + n - 1))
+            assert bool((pos[: -(n - 1)] < Lp).all())
+
+
+def test_left_padded_batch(model4):
+    """Rows of different real lengths: a common propagated size; padding only where real tokens run out."""
+    lengths = [60, 41, 9]
+    ids, mask, rows = left_padded(PAD0, lengths, seed=7)
+    params = dict(tsp_rate=0.4, retain_rate=0.2)  # tsp_len 24, KV 12 per layer (0.5 * 24 after TSP)
+    with torch.inference_mode(), apply(model4, "fastkv", "torch", params=params) as session:
+        model4(ids, attention_mask=mask)
+        index = session.last_cache.propagation.index
+        batch = model4.generate(input_ids=ids, attention_mask=mask, **greedy(10))
+        cache = session.last_cache
+    pads = [60 - n for n in lengths]
+    assert index.shape == (3, 24)
+    assert bool((index[0] >= 0).all()) and bool((index[1] >= pads[1]).all()), (
+        "no padding while real tokens remain"
+    )
+    assert torch.equal(index[2, -9:], torch.arange(51, 60)), "a short row propagates all its real tokens"
+    assert bool((index[2, :-9] < pads[2]).all())
+    for layer in cache.layers:
+        assert layer.starts.tolist() == [[0, 0]] * 3, "padding never stays in the KV"
+        live = (layer.ends - layer.starts)[:, 0].tolist()
+        assert live == [12 + 9, 12 + 9, 9 + 9]
+    # a row without padding is unaffected by its neighbours' padding ...
+    alone = generate(model4, rows[0][None], compressor="fastkv", backend="torch", params=params, **greedy(10))
+    assert torch.equal(batch[0], alone.sequences[0])
+    # ... and the short row fits every budget: it keeps all its tokens, as with the full cache
+    full = generate(model4, ids, mask, compressor="none", backend="torch", **greedy(10))
+    assert torch.equal(batch[2], full.sequences[2])
+
+
+def test_sampling_with_several_return_sequences(model4):
+    ids = prompt(50, batch=2, seed=11)
+    mask = torch.ones_like(ids)
+    sample = dict(max_new_tokens=8, min_new_tokens=8, do_sample=True, num_return_sequences=3)
+    runs = {}
+    for name, compressor, params in [
+        ("full", "none", None),
+        ("keep_all", "fastkv", dict(tsp_rate=1.0, retain_rate=1.0)),
+        ("fastkv", "fastkv", None),
+    ]:
+        torch.manual_seed(0)
+        runs[name] = generate(
+            model4, ids, mask, compressor=compressor, params=params, backend="torch", **sample
+        )
+    assert torch.equal(runs["keep_all"].sequences, runs["full"].sequences)
+    result = runs["fastkv"]
+    assert result.sequences.shape == (6, 58)
+    assert result.kv_lengths == [8 + 7] * 4  # 0.1 * 50 = 5 and 0.5 * 10 = 5, raised to the window (8)
+    assert result.compressor["name"] == "fastkv" and result.compressor["tsp_rate"] == 0.2
+
+
+# ------------------------------------------------------------------------------------------ families
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family(family, tiny_models):
+    model, tok = tiny_models[family]
+    assert model.config.num_hidden_layers == 3  # default TSP layer: 3 // 2 - 1 = 0
+    ids, mask, _ = left_padded(tok, [80, 66], seed=1)
+    counter = TokenCounter(model)
+    try:
+        result = generate(model, ids, mask, compressor="fastkv", backend="torch", **greedy(6))
+    finally:
+        counter.remove()
+    assert counter.counts[0] == [80, 16, 16] and all(c == [1, 1, 1] for c in counter.counts[1:])
+    assert result.kv_lengths == [8 + 5, 8 + 5, 8 + 5]  # 0.1 * 80 = 8; after TSP 0.5 * 16 = 8
+    full = generate(model, ids, mask, compressor="none", backend="torch", **greedy(6))
+    same = generate(
+        model,
+        ids,
+        mask,
+        compressor="fastkv",
+        backend="torch",
+        params=dict(tsp_rate=1.0, retain_rate=1.0),
+        **greedy(6),
+    )
+    assert torch.equal(same.sequences, full.sequences)

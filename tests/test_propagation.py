@@ -1,0 +1,236 @@
+"""kvsieve.propagation: the general token-propagation mechanism, driven by a toy compressor.
+
+The toy compressor propagates a fixed subset of tokens at chosen layers. The model's forward with it must
+equal a straightforward re-implementation that runs the decoder layers by hand (all tokens up to the
+propagation layer, then the gathered hidden states, position embeddings and mask), and the cache must hold the
+kept tokens at their original positions.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import ClassVar
+
+import attrs
+import pytest
+import torch
+from conftest import left_padded
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvsieve.cache import SieveCache
+from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.integration import apply, generate
+from kvsieve.propagation import (
+    PropagationState,
+    TokenPropagation,
+    _gather_mask,
+    _gather_tokens,
+    decoder_layers,
+    propagate,
+)
+
+PAD0 = SimpleNamespace(pad_token_id=0)  # the tokenizer facts left_padded needs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model4():
+    """A tiny random Llama with 4 layers (so propagation can happen in the middle)."""
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def keep_every_other(n: int, batch: int) -> torch.Tensor:
+    """Tokens 0, 2, 4, ... plus the last: ``int64 [batch, K]``."""
+    keep = torch.arange(0, n, 2)
+    if keep[-1] != n - 1:
+        keep = torch.cat([keep, torch.tensor([n - 1])])
+    return keep.expand(batch, -1).contiguous()
+
+
+@attrs.frozen
+class Thinning(Compressor):
+    """Toy propagating compressor: at each layer of ``layers`` keep every other token (plus the last)."""
+
+    name: ClassVar[str] = "test-thinning"
+    phases: ClassVar[frozenset[str]] = frozenset({"prefill"})
+    propagates: ClassVar[bool] = True
+    layers: tuple = (1,)
+
+    def install(self, model):
+        return TokenPropagation.install(model)
+
+    def after_attention(self, event: LayerEvent) -> None:
+        if event.phase == "prefill" and event.layer_idx in self.layers:
+            n = event.layer.max_end
+            propagate(event.cache, keep_every_other(n, event.layer.ends.shape[0]))
+
+
+def by_hand(model, ids, mask, layers):
+    """Logits of the kept tokens, computing every decoder layer by hand on plain SDPA (no cache), with plain
+    indexing: layers up to a propagation layer see every token, later ones the kept rows of everything."""
+    base = model.model
+    B, L = ids.shape
+    hidden = base.embed_tokens(ids)
+    full_cos, full_sin = base.rotary_emb(hidden, torch.arange(L)[None])  # a direct forward's positions
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    # padding queries see themselves (so SDPA stays finite); real queries never see padding
+    full_mask = causal[None, None] & (mask.bool()[:, None, None, :] | torch.eye(L, dtype=torch.bool))
+    index = torch.arange(L).expand(B, L)
+    for i, layer in enumerate(base.layers):
+        hidden = layer(
+            hidden,
+            attention_mask=torch.stack([full_mask[b, :, index[b]][:, :, index[b]] for b in range(B)]),
+            position_embeddings=(full_cos[0][index], full_sin[0][index]),
+            position_ids=index,
+        )
+        if i in layers:
+            keep = keep_every_other(hidden.shape[1], B)
+            hidden = torch.stack([hidden[b, keep[b]] for b in range(B)])
+            index = torch.stack([index[b, keep[b]] for b in range(B)])
+    return model.lm_head(base.norm(hidden)), index
+
+
+@pytest.mark.parametrize("layers", [(1,), (0, 2), (3,)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_equals_a_by_hand_propagation(model4, layers, padded):
+    lengths = [30, 21] if padded else [30, 30]
+    ids, mask, _ = left_padded(PAD0, lengths, seed=1)
+    with torch.inference_mode():
+        want, index = by_hand(model4, ids, mask, layers)
+        with apply(model4, Thinning(layers), "torch") as session:
+            got = model4(ids, attention_mask=mask).logits
+            cache = session.last_cache
+    assert got.shape == want.shape
+    # padding queries attend to nothing: their outputs are meaningless on both sides
+    real = mask.gather(1, index).bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cache.propagation.index, index)
+    # every layer: logical length = the prompt; kept tokens stored at their original positions
+    L = ids.shape[1]
+    live = torch.arange(L).expand(2, L)
+    for i, layer in enumerate(cache.layers):
+        assert layer.seen == layer.prompt_len == L
+        pos = layer.positions[:, 0, : layer.max_end]
+        assert torch.equal(pos, live), f"layer {i}"
+        if i in layers:
+            live = live.gather(1, keep_every_other(live.shape[1], 2))
+
+
+def test_last_layer_propagation_gives_the_full_logits_of_kept_tokens(model4):
+    """Propagating after the last layer only thins the final norm and LM head (position-wise)."""
+    ids = torch.randint(3, 300, (1, 25), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model4(ids).logits
+        with apply(model4, Thinning((3,)), "torch"):
+            thinned = model4(ids).logits
+    torch.testing.assert_close(thinned, full[:, keep_every_other(25, 1)[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_after_propagation_continues_at_the_original_positions(model4):
+    ids, mask, _ = left_padded(PAD0, [20, 17], seed=2)
+    new = 6
+    with apply(model4, Thinning((1,)), "torch") as session, torch.inference_mode():
+        out = model4.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
+        )
+        cache = session.last_cache
+    assert out.shape == (2, 20 + new)
+    assert cache.propagation.num_tokens == 1 and cache.propagation.index is None  # a decode step: all tokens
+    for layer in cache.layers:
+        assert layer.seen == 20 + new - 1
+        for b in range(2):
+            pos = layer.positions[b, 0, : int(layer.ends[b, 0])]
+            assert torch.equal(pos[-(new - 1) :], torch.arange(20, 20 + new - 1))
+
+
+def test_hooks_are_removed_and_plain_forwards_are_untouched(model4):
+    layers = decoder_layers(model4)
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model4(ids).logits
+        with apply(model4, Thinning((1,)), "torch"):
+            assert all(len(layer._forward_pre_hooks) == 1 for layer in layers)
+            no_cache = model4(ids, use_cache=False).logits  # no SieveCache: nothing propagates
+        after = model4(ids).logits
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    torch.testing.assert_close(no_cache, before)
+    assert torch.equal(before, after)
+
+
+def test_generate_with_propagation_and_sampling(model4):
+    ids = torch.randint(3, 300, (2, 18), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    result = generate(
+        model4,
+        ids,
+        torch.ones_like(ids),
+        compressor=Thinning((1,)),
+        backend="torch",
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=True,
+        num_return_sequences=3,
+    )
+    assert result.sequences.shape == (6, 23)
+    # layers 0-1 hold the prompt, layers 2-3 the propagated tokens (0, 2, ..., 16, 17); all the 4 decoded ones
+    assert result.kv_lengths == [18 + 4, 18 + 4, 10 + 4, 10 + 4]
+
+
+# ------------------------------------------------------------------------------------------ units
+def test_gather_mask_rows_columns_and_past():
+    B, past, Q = 2, 3, 5
+    mask = torch.rand(1, 1, Q, past + Q) > 0.5
+    index = torch.tensor([[0, 2, 4], [1, 3, 4]])
+    got = _gather_mask(mask, index, Q)
+    for b in range(B):
+        cols = torch.cat([torch.arange(past), index[b] + past])
+        assert torch.equal(got[b, 0], mask[0, 0][index[b]][:, cols])
+    with pytest.raises(TypeError, match="4D attention mask"):
+        _gather_mask(mask[0], index, Q)
+
+
+def test_gather_tokens_broadcasts_a_shared_batch():
+    cos = torch.randn(1, 6, 4)
+    index = torch.tensor([[0, 5], [2, 5]])
+    got = _gather_tokens(cos, index)
+    assert torch.equal(got, torch.stack([cos[0, [0, 5]], cos[0, [2, 5]]]))
+
+
+def test_propagate_refuses_bad_selections():
+    cache = SieveCache(num_layers=1)
+    with pytest.raises(RuntimeError, match="TokenPropagation.install"):
+        propagate(cache, torch.tensor([[0, 3]]))
+    cache.propagation = PropagationState(num_tokens=4)
+    for keep, match in [
+        (torch.tensor([0, 3]), "int64 \\[B, K\\]"),
+        (torch.tensor([[0.0, 3.0]]), "int64"),
+        (torch.tensor([[2, 1, 3]]), "sorted, unique"),
+        (torch.tensor([[1, 1, 3]]), "sorted, unique"),
+        (torch.tensor([[0, 2]]), "last token"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            propagate(cache, keep)
+    propagate(cache, torch.tensor([[0, 3]]))
+    assert torch.equal(cache.propagation.pending, torch.tensor([[0, 3]]))
