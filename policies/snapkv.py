@@ -68,14 +68,15 @@ class SnapKV(Compressor):
         if event.phase != "prefill":
             return
         layer = event.layer
+        budget = self.prompt_budget(layer.prompt_len)
         compress_layer(
             event,
             scoring=self.scoring,
             selection=self.selection,
             cand_starts=layer.starts,
             region_starts=layer.starts.new_zeros(layer.starts.shape),
-            budget=self.prompt_budget(layer.prompt_len),
-            protect_tail=self.window,
+            budget=budget,
+            protect_tail=min(self.window, budget),  # a prompt shorter than the window is kept whole
             queries_are_last=True,
         )
 

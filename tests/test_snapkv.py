@@ -17,7 +17,7 @@ from conftest import FAMILIES, left_padded, random_prompt
 import kvsieve
 from kvsieve import plugins
 from kvsieve.cache import SieveCache
-from kvsieve.integration import cache_kwarg, apply
+from kvsieve.integration import apply, cache_kwarg, generate
 
 WINDOW, BUDGET = 8, 20
 
@@ -209,3 +209,15 @@ def test_layer_compressed_observers_are_told(llama):
     finally:
         plugins.unregister("test-snapkv-observer")
     assert observer.calls == [(i, "prefill", 40, BUDGET) for i in range(3)]
+
+
+def test_prompt_shorter_than_the_default_window_is_kept_whole(llama):
+    model, _ = llama
+    ids = torch.randint(3, 250, (1, 12))
+    with torch.no_grad():
+        full = generate(model, ids, torch.ones_like(ids), compressor="none", backend="torch",
+                        max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        short = generate(model, ids, torch.ones_like(ids), compressor="snapkv", backend="torch",
+                         max_new_tokens=4, min_new_tokens=4, do_sample=False)  # window=32 > 12 tokens
+    assert torch.equal(full.sequences, short.sequences)
+    assert short.kv_lengths == [12 + 4 - 1] * model.config.num_hidden_layers

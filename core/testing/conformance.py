@@ -1,0 +1,546 @@
+"""Conformance checks: the contracts of :mod:`kvsieve.policy` and :mod:`kvsieve.backend`, as assertions.
+
+Two layers, both public:
+
+* ``check_*`` functions test one input and raise ``AssertionError`` with a message that names the broken rule
+  (call them from your own tests or your own hypothesis strategies);
+* ``assert_*_conforms`` functions run a ``check_*`` on many inputs drawn by hypothesis from
+  :mod:`kvsieve.testing.strategies`, shrink a failure to a small example, and raise it::
+
+      from kvsieve.testing import assert_scoring_conforms, assert_selection_conforms
+
+      def test_my_scoring():
+          assert_scoring_conforms(MyScoring(alpha=0.5))
+
+      def test_my_selection():
+          assert_selection_conforms(MySelection(), nested=True)
+
+Do not call ``assert_*_conforms`` from inside a ``@given`` test (hypothesis does not nest); use ``check_*``
+there. What each check verifies is listed in its docstring and in ``docs/testing.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import hypothesis
+import torch
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
+
+from kvsieve.backend import KVBackend
+from kvsieve.policy import ScoringPolicy, Selection, SelectionPolicy
+from kvsieve.testing.strategies import (
+    DEFAULT_SIZES,
+    CacheCase,
+    CompactionCase,
+    PrefillCase,
+    SelectionCase,
+    Sizes,
+    caches,
+    compactions,
+    prefills,
+    selections,
+)
+
+__all__ = [
+    "POISONS",
+    "PRIMITIVES",
+    "SCORE_TOLERANCES",
+    "TOLERANCES",
+    "assert_backend_conforms",
+    "assert_scoring_conforms",
+    "assert_selection_conforms",
+    "check_backend",
+    "check_scoring",
+    "check_selection",
+    "conformance_settings",
+    "poison",
+]
+
+#: ``(rtol, atol)`` per input dtype for outputs in the input dtype (attention outputs)
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+#: ``(rtol, atol)`` per input dtype for fp32 outputs (log-sum-exp, scores): products of low-precision
+#: inputs are exact in fp32, so only the summation order differs
+SCORE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (2e-5, 1e-6),
+    torch.float16: (2e-4, 1e-5),
+    torch.bfloat16: (2e-4, 1e-5),
+}
+#: what unused slots are filled with to prove nobody reads them
+POISONS = ("nan", "huge", "noise")
+#: the backend primitives :func:`check_backend` knows
+PRIMITIVES = ("prefill_attention", "decode_attention", "window_lse", "window_scores", "compact")
+
+
+def conformance_settings(max_examples: int) -> hypothesis.settings:
+    """The hypothesis settings ``assert_*_conforms`` use unless given others: no deadline (the first call of a
+    kernel may compile), one bug reported (the smallest), no health check for slow draws."""
+    return hypothesis.settings(
+        max_examples=max_examples,
+        deadline=None,
+        report_multiple_bugs=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def poison(buf: torch.Tensor, keep: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+    """A copy of ``buf [B, Hkv, C, d]`` whose slots where ``keep [B, Hkv, C]`` is False hold poison.
+
+    Args:
+        kind: ``"nan"``; ``"huge"`` (the dtype's largest magnitude, alternating sign along ``d``, so a dot
+            product over it overflows to inf or NaN); ``"noise"`` (different finite data, ~100x the usual
+            magnitude).
+    """
+    if kind == "nan":
+        fill = torch.full_like(buf, float("nan"))
+    elif kind == "huge":
+        sign = 1 - 2 * (torch.arange(buf.shape[-1], device=buf.device) % 2)
+        fill = (sign * torch.finfo(buf.dtype).max).to(buf.dtype).expand_as(buf)
+    elif kind == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        fill = (torch.randn(buf.shape, generator=gen) * 100).to(device=buf.device, dtype=buf.dtype)
+    else:
+        raise ValueError(f"kind must be one of {POISONS}, got {kind!r}")
+    return torch.where(keep[..., None], buf, fill)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and values, NaN equal to NaN (CPU kernels may rewrite a NaN's payload bits)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
+
+
+def _close(actual, expected, tol, what: str) -> None:
+    rtol, atol = tol
+    torch.testing.assert_close(
+        actual.float().cpu(),
+        expected.float().cpu(),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise AssertionError(message)
+
+
+def _reference() -> KVBackend:
+    from kvsieve.plugins import registry
+
+    return registry().backend("torch")
+
+
+# --------------------------------------------------------------------------------------------- selection
+def _select(policy: SelectionPolicy, case: SelectionCase, budget: int) -> Selection:
+    return policy.select(case.scores, case.counts, budget, case.protect_head, case.protect_tail)
+
+
+def check_selection(
+    policy: SelectionPolicy,
+    case: SelectionCase,
+    *,
+    nested_budget: int | None = None,
+    keeps_top_scores: bool = False,
+) -> Selection:
+    """Check a selection policy on one input; return its :class:`~kvsieve.policy.Selection`.
+
+    Always checked, per row ``b`` and KV head ``j`` with ``n = counts[b, j]`` valid candidates:
+
+    * ``counts[b, j] == min(budget, n)``; ``keep`` is ``int64 [B, Hkv, K]`` with ``K >= counts.max()``;
+    * the first ``counts`` entries of ``keep`` are strictly increasing (sorted, unique) and inside ``[0, n)``
+      (so padding is never kept over a real token, whatever its score: +inf, NaN, ...); the rest are -1;
+    * the first ``protect_head`` and the last ``protect_tail`` valid candidates are kept;
+    * the same call gives the same answer (deterministic), and the inputs are not modified.
+
+    Opt-in:
+
+    * ``nested_budget`` (``>= case.budget``): the selection under that larger budget keeps a superset;
+    * ``keeps_top_scores``: every kept unprotected candidate scores at least as high as every dropped one
+      (top-k).
+    """
+    scores_before, counts_before = case.scores.clone(), case.counts.clone()
+    sel = _select(policy, case, case.budget)
+    _expect(isinstance(sel, Selection), f"select() must return a Selection, got {type(sel).__name__}")
+    _expect(
+        _same(case.scores, scores_before) and torch.equal(case.counts, counts_before),
+        "select() modified its scores or counts argument",
+    )
+    B, Hkv, _ = case.scores.shape
+    keep, kept = sel.keep, sel.counts
+    _expect(
+        keep.dtype == torch.int64 and kept.dtype == torch.int64,
+        f"Selection.keep and .counts must be int64, got {keep.dtype} and {kept.dtype}",
+    )
+    _expect(
+        tuple(kept.shape) == (B, Hkv), f"Selection.counts must have shape {(B, Hkv)}, got {tuple(kept.shape)}"
+    )
+    _expect(
+        keep.dim() == 3 and tuple(keep.shape[:2]) == (B, Hkv),
+        f"Selection.keep must have shape [B={B}, Hkv={Hkv}, K], got {tuple(keep.shape)}",
+    )
+    want = case.counts.clamp(max=case.budget)
+    _expect(
+        torch.equal(kept.cpu(), want.cpu()),
+        f"kept counts must be min(budget={case.budget}, valid candidates): counts={case.counts.tolist()}, "
+        f"expected {want.tolist()}, got {kept.tolist()}",
+    )
+    _expect(
+        keep.shape[2] >= int(kept.max()),
+        f"Selection.keep has {keep.shape[2]} columns < counts {kept.tolist()}",
+    )
+    keep_l, n_l, c_l = keep.tolist(), case.counts.tolist(), kept.tolist()
+    head, tail = case.protect_head, case.protect_tail
+    where = f"(budget={case.budget}, protect_head={head}, protect_tail={tail})"
+    kept_sets = []
+    for b in range(B):
+        for j in range(Hkv):
+            n, c = n_l[b][j], c_l[b][j]
+            real, rest = keep_l[b][j][:c], keep_l[b][j][c:]
+            at = f"row {b}, KV head {j} with {n} valid candidates {where}"
+            _expect(
+                all(x < y for x, y in zip(real, real[1:])),
+                f"{at}: kept indices {real} are not sorted and unique",
+            )
+            _expect(
+                all(0 <= x < n for x in real),
+                f"{at}: kept indices {real} leave [0, {n}) (a padding candidate was kept)",
+            )
+            _expect(all(x == -1 for x in rest), f"{at}: entries of keep past counts must be -1, got {rest}")
+            protected = set(range(min(head, n))) | set(range(max(n - tail, 0), n))
+            missing = sorted(protected - set(real))
+            _expect(not missing, f"{at}: protected candidates {missing} were not kept (kept {real})")
+            kept_sets.append((b, j, set(real), protected))
+    again = _select(policy, case, case.budget)
+    _expect(
+        torch.equal(again.keep, keep) and torch.equal(again.counts, kept),
+        f"select() is not deterministic {where}: two calls kept {keep.tolist()} and {again.keep.tolist()}",
+    )
+    if keeps_top_scores:
+        scores_l = case.scores.tolist()
+        for b, j, real, protected in kept_sets:
+            n = n_l[b][j]
+            chosen = [scores_l[b][j][i] for i in real - protected]
+            dropped = [scores_l[b][j][i] for i in set(range(n)) - real]
+            if chosen and dropped and min(chosen) < max(dropped):
+                raise AssertionError(
+                    f"row {b}, KV head {j} {where}: dropped a candidate scoring {max(dropped)} but "
+                    f"kept an unprotected one scoring {min(chosen)} (not the top scores)"
+                )
+    if nested_budget is not None:
+        _expect(nested_budget >= case.budget, "nested_budget must be >= case.budget")
+        larger = _select(policy, case, nested_budget).keep.tolist()
+        larger_c = case.counts.clamp(max=nested_budget).tolist()
+        for b, j, real, _ in kept_sets:
+            bigger = set(larger[b][j][: larger_c[b][j]])
+            lost = sorted(real - bigger)
+            _expect(
+                not lost,
+                f"row {b}, KV head {j}: not nested: budget {case.budget} keeps {lost}, which budget "
+                f"{nested_budget} drops {where}",
+            )
+    return sel
+
+
+def assert_selection_conforms(
+    policy: SelectionPolicy,
+    *,
+    nested: bool = False,
+    keeps_top_scores: bool = False,
+    device: str | torch.device = "cpu",
+    sizes: Sizes = DEFAULT_SIZES,
+    max_examples: int = 60,
+    settings: hypothesis.settings | None = None,
+) -> None:
+    """Run :func:`check_selection` on hypothesis-drawn :func:`~kvsieve.testing.strategies.selections`.
+
+    Args:
+        nested: also check that a larger budget keeps a superset (top-k policies are nested; not every policy
+            is).
+        keeps_top_scores: also check that the unprotected kept candidates are the best-scoring ones.
+        settings: hypothesis settings replacing :func:`conformance_settings`.
+    """
+
+    @given(case=selections(sizes=sizes, device=device), extra=st.integers(0, 4))
+    def run(case, extra):
+        check_selection(
+            policy,
+            case,
+            nested_budget=case.budget + extra if nested else None,
+            keeps_top_scores=keeps_top_scores,
+        )
+
+    (settings or conformance_settings(max_examples))(run)()
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def check_scoring(
+    policy: ScoringPolicy,
+    case: CacheCase,
+    *,
+    backend: KVBackend | None = None,
+    tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
+) -> torch.Tensor:
+    """Check a scoring policy on one cache; return its scores.
+
+    Checked: the output is ``float32 [B, Hkv, N]`` (``N = ctx.num_candidates``) on the cache's device; finite
+    on valid candidates; the same on a second call; the context's tensors are not modified; and the scores of
+    valid candidates do not change when every slot outside ``[starts, ends)`` (left padding, free capacity) of
+    the keys and values is poisoned with NaN, huge values or other data. A policy whose ``needs_queries`` is
+    False gets an empty ``queries`` tensor, as in :func:`kvsieve.compressor.compress_layer`.
+
+    Args:
+        backend: the backend in the context (default: the ``torch`` reference).
+        tolerances: ``(rtol, atol)`` per dtype for the poisoned-vs-clean comparison (default
+            :data:`SCORE_TOLERANCES`).
+    """
+    backend = backend or _reference()
+    tol = (tolerances or SCORE_TOLERANCES)[case.keys.dtype]
+    ctx = case.context(backend, with_queries=policy.needs_queries)
+    before = [t.clone() for t in (ctx.queries, ctx.keys, ctx.values, ctx.positions)]
+    out = policy.score(ctx)
+    _expect(isinstance(out, torch.Tensor), f"score() must return a tensor, got {type(out).__name__}")
+    B, Hkv = case.starts.shape
+    N = ctx.num_candidates
+    _expect(
+        tuple(out.shape) == (B, Hkv, N),
+        f"scores must have shape [B, Hkv, N] = {(B, Hkv, N)}, got "
+        f"{tuple(out.shape)} (cand_counts={ctx.cand_counts.tolist()})",
+    )
+    _expect(out.dtype == torch.float32, f"scores must be float32, got {out.dtype}")
+    _expect(out.device == case.keys.device, f"scores are on {out.device}, the cache on {case.keys.device}")
+    after = (ctx.queries, ctx.keys, ctx.values, ctx.positions)
+    _expect(all(_same(a, b) for a, b in zip(after, before)), "score() modified the context's tensors")
+    valid = torch.arange(N, device=out.device) < ctx.cand_counts[..., None]
+    bad = valid & ~torch.isfinite(out)
+    if bool(bad.any()):
+        raise AssertionError(
+            f"scores are not finite on valid candidates at (row, KV head, candidate) "
+            f"{bad.nonzero().tolist()[:8]}"
+        )
+    again = policy.score(ctx)
+    _expect(torch.equal(again[valid], out[valid]), "score() is not deterministic: two calls differ")
+    live = case.live_mask
+    for i, kind in enumerate(POISONS):
+        poisoned = case.replace(
+            keys=poison(case.keys, live, kind, seed=i), values=poison(case.values, live, kind, seed=i + 100)
+        )
+        got = policy.score(poisoned.context(backend, with_queries=policy.needs_queries))
+        _expect(tuple(got.shape) == tuple(out.shape), f"with {kind} padding, scores changed shape")
+        _close(
+            got[valid],
+            out[valid],
+            tol,
+            f"scores of valid candidates changed when slots outside [starts, ends) held {kind!r}",
+        )
+    return out
+
+
+def assert_scoring_conforms(
+    policy: ScoringPolicy,
+    *,
+    backend: KVBackend | None = None,
+    queries_are_last: bool | None = None,
+    device: str | torch.device = "cpu",
+    dtypes: Collection[torch.dtype] = (torch.float32,),
+    sizes: Sizes = DEFAULT_SIZES,
+    max_examples: int = 40,
+    settings: hypothesis.settings | None = None,
+) -> None:
+    """Run :func:`check_scoring` on hypothesis-drawn :func:`~kvsieve.testing.strategies.caches`.
+
+    Args:
+        queries_are_last: restrict to contexts whose window queries are (True: prefill, needed by policies
+            that normalise over every visible key) or are not (False) the last live tokens; None: both.
+        dtypes: the cache dtypes to try (each gets ``max_examples`` examples).
+    """
+    for dtype in dtypes:
+
+        @given(case=caches(sizes=sizes, dtype=dtype, device=device, queries_are_last=queries_are_last))
+        def run(case):
+            check_scoring(policy, case, backend=backend)
+
+        (settings or conformance_settings(max_examples))(run)()
+
+
+# --------------------------------------------------------------------------------------------- backends
+def _tolerances(case_dtype, tolerances, score_tolerances):
+    return (tolerances or TOLERANCES)[case_dtype], (score_tolerances or SCORE_TOLERANCES)[case_dtype]
+
+
+def _check_output(name, got, want, dtype, tol) -> None:
+    _expect(isinstance(got, torch.Tensor), f"{name} must return a tensor, got {type(got).__name__}")
+    _expect(
+        tuple(got.shape) == tuple(want.shape),
+        f"{name}: shape {tuple(got.shape)}, reference {tuple(want.shape)}",
+    )
+    _expect(got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}")
+    _close(got, want, tol, f"{name} differs from the reference")
+
+
+def _check_prefill(backend, reference, case: PrefillCase, tol) -> None:
+    args = (case.attention_mask, case.scale)
+    want = reference.prefill_attention(case.queries, case.keys, case.values, *args)
+    got = backend.prefill_attention(case.queries, case.keys, case.values, *args)
+    _check_output("prefill_attention", got, want, case.queries.dtype, tol)
+    if case.attention_mask is None:
+        return
+    # In prefill the left padding holds real (finite) tokens' K/V, not free memory: it must not matter, but it
+    # is only replaced by other finite data, never by NaN.
+    real = (torch.arange(case.keys.shape[2], device=case.pad.device) >= case.pad[:, None])[:, None]
+    real = real.expand(case.keys.shape[:3])
+    keys, values = poison(case.keys, real, "noise", 1), poison(case.values, real, "noise", 2)
+    got = backend.prefill_attention(case.queries, keys, values, *args)
+    _check_output("prefill_attention with other data in the padding", got, want, case.queries.dtype, tol)
+
+
+def _check_cache_primitives(backend, reference, case: CacheCase, primitives, tol, score_tol) -> None:
+    q, k, v, scale = case.queries, case.keys, case.values, case.scale
+    s, e, cs, ce = case.starts, case.ends, case.cand_starts, case.cand_ends
+    live, cand = case.live_mask, case.candidate_mask
+    variants = [("clean", k, v, k)] + [
+        (kind, poison(k, live, kind, 1), poison(v, live, kind, 2), poison(k, cand, kind, 3))
+        for kind in POISONS
+    ]
+    want_lse = reference.window_lse(q, k, s, e, scale)
+    want_decode = reference.decode_attention(q, k, v, s, e, scale)
+    lses = [None] + (
+        [want_lse] if case.queries_are_last else []
+    )  # a given lse assumes candidates before the window
+    want_scores = [reference.window_scores(q, k, cs, ce, scale, lse) for lse in lses]
+    counts = (ce - cs).clamp(min=0)
+    for kind, k_live, v_live, k_cand in variants:
+        suffix = "" if kind == "clean" else f" (unused slots poisoned with {kind!r})"
+        if "decode_attention" in primitives:
+            got = backend.decode_attention(q, k_live, v_live, s, e, scale)
+            _check_output("decode_attention" + suffix, got, want_decode, q.dtype, tol)
+        if "window_lse" in primitives:
+            got = backend.window_lse(q, k_live, s, e, scale)
+            _check_output("window_lse" + suffix, got, want_lse, torch.float32, score_tol)
+        if "window_scores" in primitives:
+            for lse, want in zip(lses, want_scores):
+                name = "window_scores" + (" with lse" if lse is not None else "") + suffix
+                got = backend.window_scores(q, k_cand, cs, ce, scale, lse)
+                _check_output(name, got, want, torch.float32, score_tol)
+                past = torch.arange(got.shape[-1], device=got.device) >= counts[..., None]
+                _expect(
+                    bool((got[past] == 0).all()), f"{name}: entries past a row's candidate count must be 0"
+                )
+
+
+def _check_compact(backend, reference, case: CompactionCase) -> None:
+    c = case.cache
+    live = c.live_mask
+    for i, kind in enumerate(("clean", *POISONS)):
+        keys = c.keys if kind == "clean" else poison(c.keys, live, kind, i)
+        values = c.values if kind == "clean" else poison(c.values, live, kind, i + 100)
+        want_k, want_v = keys.clone(), values.clone()
+        reference.compact(want_k, want_v, case.keep, case.counts, case.dest_starts)
+        got_k, got_v = keys.clone(), values.clone()
+        keep_before = case.keep.clone()
+        result = backend.compact(got_k, got_v, case.keep.clone(), case.counts, case.dest_starts)
+        _expect(result is None, "compact must work in place and return None")
+        _expect(torch.equal(case.keep, keep_before), "compact modified keep")
+        for name, got, want in (("keys", got_k, want_k), ("values", got_v, want_v)):
+            if not _same(got, want):
+                wrong = ((got != want) & ~(got.isnan() & want.isnan())).any(-1).nonzero().tolist()[:8]
+                raise AssertionError(
+                    f"compact: {name} differ from the reference (unused slots: {kind}) at (row, KV "
+                    f"head, slot) {wrong}"
+                )
+
+
+def check_backend(
+    backend: KVBackend,
+    case: CacheCase | CompactionCase | PrefillCase,
+    *,
+    reference: KVBackend | None = None,
+    primitives: Collection[str] = PRIMITIVES,
+    tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
+    score_tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
+) -> None:
+    """Check a backend's primitives against a reference on one input.
+
+    * a :class:`~kvsieve.testing.strategies.CacheCase` checks ``decode_attention``, ``window_lse`` and
+      ``window_scores`` (with and, for prefill windows, without a given ``lse``), first on clean inputs, then
+      with every slot outside ``[starts, ends)`` (for ``window_scores``: outside the candidates) poisoned with
+      each of :data:`POISONS` -- the outputs must not change;
+    * a :class:`~kvsieve.testing.strategies.CompactionCase` checks ``compact``: the buffers after it must
+      equal the reference's exactly (NaN equal to NaN), poisoned slots included (a compaction copies; it must
+      not touch anything else);
+    * a :class:`~kvsieve.testing.strategies.PrefillCase` checks ``prefill_attention``, and that other data in
+      the left padding changes nothing.
+
+    Outputs must have the reference's shapes and dtypes; values must match within :data:`TOLERANCES` (outputs
+    in the input dtype) or :data:`SCORE_TOLERANCES` (fp32 outputs), keyed by the input dtype.
+
+    Args:
+        reference: the backend defining the semantics (default: the ``torch`` reference from the registry).
+        primitives: the subset of :data:`PRIMITIVES` to check.
+    """
+    reference = reference or _reference()
+    unknown = set(primitives) - set(PRIMITIVES)
+    if unknown:
+        raise ValueError(f"unknown primitives {sorted(unknown)}; known: {PRIMITIVES}")
+    if isinstance(case, PrefillCase):
+        if "prefill_attention" in primitives:
+            _check_prefill(
+                backend, reference, case, _tolerances(case.keys.dtype, tolerances, score_tolerances)[0]
+            )
+    elif isinstance(case, CompactionCase):
+        if "compact" in primitives:
+            _check_compact(backend, reference, case)
+    elif isinstance(case, CacheCase):
+        tol, score_tol = _tolerances(case.keys.dtype, tolerances, score_tolerances)
+        _check_cache_primitives(backend, reference, case, set(primitives), tol, score_tol)
+    else:
+        raise TypeError(f"case must be a CacheCase, CompactionCase or PrefillCase, got {type(case).__name__}")
+
+
+def assert_backend_conforms(
+    backend: KVBackend,
+    *,
+    reference: KVBackend | None = None,
+    device: str | torch.device = "cpu",
+    dtypes: Collection[torch.dtype] = (torch.float32,),
+    primitives: Collection[str] = PRIMITIVES,
+    sizes: Sizes = DEFAULT_SIZES,
+    max_examples: int = 30,
+    settings: hypothesis.settings | None = None,
+    tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
+    score_tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
+) -> None:
+    """Run :func:`check_backend` on hypothesis-drawn caches, compactions and prefills, for each dtype.
+
+    Awkward sizes (head dims like 1 or 5, capacities that are no power of two), GQA groups of 1 to 4,
+    per-(row, KV head) ranges and left padding come from :mod:`kvsieve.testing.strategies`; pass ``sizes`` to
+    reach a kernel's tile sizes. Each dtype and each input kind gets ``max_examples`` examples.
+    """
+    primitives = set(primitives)
+    check = dict(
+        reference=reference, primitives=primitives, tolerances=tolerances, score_tolerances=score_tolerances
+    )
+    cache_primitives = primitives & {"decode_attention", "window_lse", "window_scores"}
+    for dtype in dtypes:
+        kinds = []
+        if cache_primitives:
+            kinds.append(caches(sizes=sizes, dtype=dtype, device=device))
+        if "compact" in primitives:
+            kinds.append(compactions(sizes=sizes, dtype=dtype, device=device))
+        if "prefill_attention" in primitives:
+            kinds.append(prefills(sizes=sizes, dtype=dtype, device=device))
+        for strategy in kinds:
+
+            @given(case=strategy)
+            def run(case):
+                check_backend(backend, case, **check)
+
+            (settings or conformance_settings(max_examples))(run)()

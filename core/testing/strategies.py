@@ -1,0 +1,384 @@
+"""Hypothesis strategies for kvsieve's tensors: caches with GQA and padding, scores, budgets.
+
+Every strategy draws the *structure* (shapes, live ranges, candidate ranges, budgets) from hypothesis, so
+failures shrink to small shapes, and the tensor *contents* from a seeded ``torch.Generator``, so drawing stays
+cheap. Tensors are built on the CPU and then moved to the requested device and dtype.
+
+Sizes are bounded by a :class:`Sizes` (small by default, for fast CPU runs); pass a larger one to reach the
+tile sizes of a GPU kernel::
+
+    from kvsieve.testing import strategies as kst
+
+    @given(kst.caches(sizes=kst.Sizes(head_dims=(64, 128), max_capacity=300), dtype=torch.bfloat16))
+    def test_my_kernel(case): ...
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+from hypothesis import strategies as st
+
+from kvsieve.indexing import range_mask
+from kvsieve.policy import ScoringContext
+
+if TYPE_CHECKING:
+    from kvsieve.backend import KVBackend
+
+__all__ = [
+    "CacheCase",
+    "CompactionCase",
+    "PrefillCase",
+    "SelectionCase",
+    "Sizes",
+    "budgets",
+    "caches",
+    "compactions",
+    "prefills",
+    "scores",
+    "selections",
+]
+
+_SEEDS = st.integers(0, 2**32 - 1)
+
+
+@attrs.frozen
+class Sizes:
+    """Upper bounds (and choices) for the shapes the strategies draw.
+
+    Attributes:
+        max_batch: rows ``B``. Default 3.
+        max_kv_heads: KV heads ``Hkv``. Default 3.
+        max_group: GQA group ``G = H // Hkv`` (1 = plain multi-head attention). Default 4.
+        head_dims: head dimensions ``d`` to choose from (awkward ones included). Default
+            ``(1, 5, 8, 16, 24)``.
+        max_capacity: cache slots ``C``. Default 40.
+        max_window: window / new queries ``W``. Default 5.
+        max_candidates: candidates ``N`` for selection inputs. Default 24.
+    """
+
+    max_batch: int = 3
+    max_kv_heads: int = 3
+    max_group: int = 4
+    head_dims: tuple[int, ...] = (1, 5, 8, 16, 24)
+    max_capacity: int = 40
+    max_window: int = 5
+    max_candidates: int = 24
+
+
+DEFAULT_SIZES = Sizes()
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _to(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device=device)
+
+
+# --------------------------------------------------------------------------------------------- caches
+@attrs.frozen
+class CacheCase:
+    """One layer's compacted cache plus a window of queries, as a scoring policy or a backend sees it.
+
+    Attributes:
+        queries: ``[B, H, W, d]`` window queries (for decode attention: the ``W`` new tokens' queries, whose
+            keys are the last ``W`` live slots).
+        keys, values: ``[B, Hkv, C, d]``; slots outside ``[starts, ends)`` hold finite junk (padding,
+            free capacity).
+        starts, ends: ``int64 [B, Hkv]`` live range; ``ends - starts >= W``.
+        cand_starts, cand_ends: ``int64 [B, Hkv]`` candidate range inside the live range (before the window
+            when ``queries_are_last``). Row 0, KV head 0 always has at least one candidate.
+        positions: ``int64 [B, Hkv, C]`` increasing over live slots, -1 elsewhere.
+        scale: softmax scale ``d ** -0.5``.
+        queries_are_last: the window queries are those of the last ``W`` live slots (prefill-time scoring).
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    cand_starts: torch.Tensor
+    cand_ends: torch.Tensor
+    positions: torch.Tensor
+    scale: float
+    queries_are_last: bool
+
+    @property
+    def live_mask(self) -> torch.Tensor:
+        """``bool [B, Hkv, C]``: True on live slots."""
+        return range_mask(self.starts, self.ends, self.keys.shape[2])
+
+    @property
+    def candidate_mask(self) -> torch.Tensor:
+        """``bool [B, Hkv, C]``: True on candidate slots."""
+        return range_mask(self.cand_starts, self.cand_ends, self.keys.shape[2])
+
+    def context(self, backend: KVBackend, layer_idx: int = 0, with_queries: bool = True) -> ScoringContext:
+        """The :class:`~kvsieve.policy.ScoringContext` of this case. Without queries (a policy whose
+        ``needs_queries`` is False) ``queries`` is an empty tensor, as
+        :func:`kvsieve.compressor.compress_layer` passes it."""
+        return ScoringContext(
+            queries=self.queries if with_queries else self.keys.new_zeros(0),
+            keys=self.keys,
+            values=self.values,
+            starts=self.starts,
+            ends=self.ends,
+            cand_starts=self.cand_starts,
+            cand_ends=self.cand_ends,
+            positions=self.positions,
+            layer_idx=layer_idx,
+            scale=self.scale,
+            backend=backend,
+            queries_are_last=self.queries_are_last,
+        )
+
+    def replace(self, **changes) -> CacheCase:
+        return attrs.evolve(self, **changes)
+
+
+@st.composite
+def caches(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    queries_are_last: bool | None = None,
+    padding: bool = True,
+    min_window: int = 1,
+) -> CacheCase:
+    """Draw a :class:`CacheCase`: GQA (``H = G * Hkv``), awkward head dims, per-(row, KV head) live and
+    candidate ranges, left padding before ``starts`` (unless ``padding=False``) and free slots after ``ends``.
+
+    Args:
+        queries_are_last: force the window queries to be (True) or not be (False) those of the last live
+            slots; None draws both.
+        min_window: smallest ``W`` (0 allows an empty window).
+    """
+    B = draw(st.integers(1, sizes.max_batch))
+    Hkv = draw(st.integers(1, sizes.max_kv_heads))
+    G = draw(st.integers(1, sizes.max_group))
+    d = draw(st.sampled_from(sizes.head_dims))
+    W = draw(st.integers(min_window, max(min_window, sizes.max_window)))
+    last = draw(st.booleans()) if queries_are_last is None else queries_are_last
+    C = draw(st.integers(W + 1, max(W + 1, sizes.max_capacity)))
+    starts, ends, cand_starts, cand_ends = (torch.zeros(B, Hkv, dtype=torch.long) for _ in range(4))
+    for b in range(B):
+        for j in range(Hkv):
+            first = b == 0 and j == 0  # guarantees at least one candidate somewhere
+            live = draw(st.integers(W + 1 if first else W, C))
+            start = draw(st.integers(0, C - live)) if padding else 0
+            end = start + live
+            hi = end - W if last else end
+            cs = draw(st.integers(start, hi - 1 if first else hi))
+            ce = draw(st.integers(cs + 1 if first else cs, hi))
+            starts[b, j], ends[b, j], cand_starts[b, j], cand_ends[b, j] = start, end, cs, ce
+    gen = _generator(draw(_SEEDS))
+    spread = draw(st.sampled_from((0.1, 1.0, 4.0)))  # how peaked attention gets
+    queries = torch.randn(B, Hkv * G, W, d, generator=gen) * spread
+    keys = torch.randn(B, Hkv, C, d, generator=gen) * torch.rand(B, Hkv, C, 1, generator=gen).add(0.5)
+    values = torch.randn(B, Hkv, C, d, generator=gen)
+    live = range_mask(starts, ends, C)
+    gaps = torch.randint(1, 4, (B, Hkv, C), generator=gen).masked_fill(~live, 0)
+    positions = torch.where(live, gaps.cumsum(-1) - 1, -1)
+    return CacheCase(
+        queries=_to(queries, device, dtype),
+        keys=_to(keys, device, dtype),
+        values=_to(values, device, dtype),
+        starts=_to(starts, device),
+        ends=_to(ends, device),
+        cand_starts=_to(cand_starts, device),
+        cand_ends=_to(cand_ends, device),
+        positions=_to(positions, device),
+        scale=d**-0.5,
+        queries_are_last=last,
+    )
+
+
+# --------------------------------------------------------------------------------------------- compaction
+@attrs.frozen
+class CompactionCase:
+    """Arguments of :meth:`~kvsieve.backend.KVBackend.compact` drawn over a :class:`CacheCase`.
+
+    Attributes:
+        cache: the cache whose ``keys``/``values`` are compacted (copy them first: compaction is in place).
+        keep: ``int64 [B, Hkv, K]`` kept slots, a sorted subset of the candidates; entries past ``counts``
+            hold junk (-1, 0, or slots past the capacity), which a backend must ignore.
+        counts: ``int64 [B, Hkv]``.
+        dest_starts: ``int64 [B, Hkv]``: the candidates' start, the live start, or 0.
+    """
+
+    cache: CacheCase
+    keep: torch.Tensor
+    counts: torch.Tensor
+    dest_starts: torch.Tensor
+
+
+@st.composite
+def compactions(draw, **cache_options) -> CompactionCase:
+    """Draw a :class:`CompactionCase` (``cache_options`` go to :func:`caches`)."""
+    case = draw(caches(**cache_options))
+    device = case.keys.device
+    cs, ce = case.cand_starts.cpu(), case.cand_ends.cpu()
+    B, Hkv = cs.shape
+    gen = _generator(draw(_SEEDS))
+    fraction = draw(st.sampled_from((0.0, 0.3, 0.7, 1.0)))
+    extra = draw(st.integers(0, 3))  # junk columns past every count
+    chosen = [
+        [
+            torch.nonzero(torch.rand(int(ce[b, j] - cs[b, j]), generator=gen) < fraction).flatten() + cs[b, j]
+            for j in range(Hkv)
+        ]
+        for b in range(B)
+    ]
+    counts = torch.tensor([[len(c) for c in row] for row in chosen], dtype=torch.long).reshape(B, Hkv)
+    K = int(counts.max()) + extra
+    C = case.keys.shape[2]
+    keep = torch.randint(-1, 2 * C + 1, (B, Hkv, K), generator=gen)
+    for b in range(B):
+        for j in range(Hkv):
+            keep[b, j, : counts[b, j]] = chosen[b][j]
+    dest = draw(st.sampled_from(("candidates", "live", "zero")))
+    dest_starts = {"candidates": cs, "live": case.starts.cpu(), "zero": torch.zeros_like(cs)}[dest]
+    return CompactionCase(case, keep.to(device), counts.to(device), dest_starts.to(device))
+
+
+# --------------------------------------------------------------------------------------------- prefill
+@attrs.frozen
+class PrefillCase:
+    """Arguments of :meth:`~kvsieve.backend.KVBackend.prefill_attention`.
+
+    Attributes:
+        queries: ``[B, H, Q, d]``; keys, values: ``[B, Hkv, K, d]``, ``K >= Q`` (``K > Q``: chunked prefill).
+        attention_mask: None (plain causal) or ``bool [B, 1, Q, K]``: causal and no key before ``pad[b]``.
+        pad: ``int64 [B]`` left padding per row (0 when ``attention_mask`` is None).
+        scale: softmax scale.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    attention_mask: torch.Tensor | None
+    pad: torch.Tensor
+    scale: float
+
+
+@st.composite
+def prefills(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PrefillCase:
+    """Draw a :class:`PrefillCase`: GQA, left padding (query rows that see nothing included), chunks."""
+    B = draw(st.integers(1, sizes.max_batch))
+    Hkv = draw(st.integers(1, sizes.max_kv_heads))
+    G = draw(st.integers(1, sizes.max_group))
+    d = draw(st.sampled_from(sizes.head_dims))
+    Q = draw(st.integers(1, max(1, sizes.max_capacity // 2)))
+    K = Q + draw(st.integers(0, max(0, sizes.max_capacity - Q)))
+    masked = draw(st.booleans())
+    pad = torch.tensor([draw(st.integers(0, K - 1)) if masked else 0 for _ in range(B)], dtype=torch.long)
+    mask = None
+    if masked:
+        causal = torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
+        mask = causal[None, None] & (torch.arange(K) >= pad[:, None, None, None])
+    gen = _generator(draw(_SEEDS))
+    spread = draw(st.sampled_from((0.1, 1.0, 4.0)))
+    queries = torch.randn(B, Hkv * G, Q, d, generator=gen) * spread
+    keys = torch.randn(B, Hkv, K, d, generator=gen)
+    values = torch.randn(B, Hkv, K, d, generator=gen)
+    return PrefillCase(
+        queries=_to(queries, device, dtype),
+        keys=_to(keys, device, dtype),
+        values=_to(values, device, dtype),
+        attention_mask=None if mask is None else mask.to(device),
+        pad=pad.to(device),
+        scale=d**-0.5,
+    )
+
+
+# --------------------------------------------------------------------------------------------- selection
+#: what fills score entries past a row's count: a selection policy must never keep them
+PADDING_FILLS = ("inf", "nan", "max", "random", "zero")
+
+
+@st.composite
+def scores(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``(scores float32 [B, Hkv, N], counts int64 [B, Hkv])`` as a selection policy receives them.
+
+    Valid scores are finite: distinct, with many ties, constant, or spanning the float32 range. Entries at or
+    past ``counts`` hold adversarial padding (``+inf``, NaN, the largest float, noise or zeros). Some rows
+    have no candidates at all, others exactly ``N``.
+    """
+    B = draw(st.integers(1, sizes.max_batch))
+    Hkv = draw(st.integers(1, sizes.max_kv_heads))
+    N = draw(st.integers(1, sizes.max_candidates))
+    counts = torch.tensor([[draw(st.integers(0, N)) for _ in range(Hkv)] for _ in range(B)], dtype=torch.long)
+    gen = _generator(draw(_SEEDS))
+    kind = draw(st.sampled_from(("distinct", "ties", "constant", "extreme")))
+    if kind == "distinct":
+        values = torch.randn(B, Hkv, N, generator=gen)
+    elif kind == "ties":
+        values = torch.randint(0, 3, (B, Hkv, N), generator=gen).float()
+    elif kind == "constant":
+        values = torch.zeros(B, Hkv, N)
+    else:
+        big = torch.finfo(torch.float32).max
+        pool = torch.tensor([-big, -1.0, 0.0, 1e-30, 1.0, big])
+        values = pool[torch.randint(0, len(pool), (B, Hkv, N), generator=gen)]
+    fill = draw(st.sampled_from(PADDING_FILLS))
+    junk = {
+        "inf": torch.full((B, Hkv, N), float("inf")),
+        "nan": torch.full((B, Hkv, N), float("nan")),
+        "max": torch.full((B, Hkv, N), torch.finfo(torch.float32).max),
+        "random": torch.randn(B, Hkv, N, generator=gen) * 1e3,
+        "zero": torch.zeros(B, Hkv, N),
+    }[fill]
+    padding = torch.arange(N) >= counts[..., None]
+    return torch.where(padding, junk, values).to(device), counts.to(device)
+
+
+def budgets(max_budget: int = DEFAULT_SIZES.max_candidates + 2) -> st.SearchStrategy[int]:
+    """Budgets: positive integers up to ``max_budget`` (larger than the candidates sometimes)."""
+    return st.integers(1, max_budget)
+
+
+@attrs.frozen
+class SelectionCase:
+    """Arguments of :meth:`~kvsieve.policy.SelectionPolicy.select`, with ``protect_head + protect_tail``
+    at most ``budget``."""
+
+    scores: torch.Tensor
+    counts: torch.Tensor
+    budget: int
+    protect_head: int
+    protect_tail: int
+
+
+@st.composite
+def selections(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    device: str | torch.device = "cpu",
+    protect: bool = True,
+) -> SelectionCase:
+    """Draw a :class:`SelectionCase`: :func:`scores`, a budget up to ``N + 2`` and a protected head and tail
+    (none when ``protect=False``)."""
+    values, counts = draw(scores(sizes=sizes, device=device))
+    budget = draw(budgets(values.shape[-1] + 2))
+    head = draw(st.integers(0, budget)) if protect else 0
+    tail = draw(st.integers(0, budget - head)) if protect else 0
+    return SelectionCase(values, counts, budget, head, tail)

@@ -1,0 +1,417 @@
+"""kvsieve.testing itself: the strategies draw what they promise, and every conformance check catches the
+bug it is there for (each broken policy or backend below breaks one rule and must be reported for that rule).
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+
+import kvsieve.testing
+from kvsieve.backends.torch_ref import TorchBackend
+from kvsieve.indexing import range_mask
+from kvsieve.policies.topk import TopKSelection
+from kvsieve.policies.window_attention import WindowAttentionScoring
+from kvsieve.policy import Selection
+from kvsieve.testing import (
+    assert_backend_conforms,
+    assert_scoring_conforms,
+    assert_selection_conforms,
+    poison,
+)
+from kvsieve.testing import strategies as kst
+
+pytest_plugins = ["pytester"]
+
+# A broken implementation must be caught quickly and every time: no shrinking, no database, fixed examples.
+FIND_BUG = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    phases=[Phase.generate],
+    derandomize=True,
+    report_multiple_bugs=False,
+)
+PROPERTY = settings(max_examples=40, deadline=None)
+
+
+def _name(value):
+    """Test ids: the broken implementation's class name."""
+    return type(value).__name__.lstrip("_") if not isinstance(value, str | torch.dtype) else None
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+@PROPERTY
+@given(case=kst.caches())
+def test_caches_are_well_formed(case):
+    B, Hkv, C, d = case.keys.shape
+    H, W = case.queries.shape[1], case.queries.shape[2]
+    assert H % Hkv == 0 and case.values.shape == case.keys.shape and case.queries.shape[-1] == d
+    assert (0 <= case.starts).all() and (case.starts <= case.cand_starts).all()
+    assert (case.cand_starts <= case.cand_ends).all() and (case.cand_ends <= case.ends).all()
+    assert (case.ends <= C).all() and (case.ends - case.starts >= W).all()
+    assert case.cand_ends[0, 0] > case.cand_starts[0, 0]
+    if case.queries_are_last:
+        assert (case.cand_ends <= case.ends - W).all()
+    live = case.live_mask
+    assert ((case.positions >= 0) == live).all()
+    positions = case.positions.masked_fill(~live, 1 << 40)
+    steps = positions.diff(dim=-1)[live[..., 1:] & live[..., :-1]]
+    assert (steps > 0).all()  # positions increase over the live slots
+    assert case.scale == pytest.approx(d**-0.5)
+
+
+def test_caches_reach_gqa_padding_and_awkward_sizes():
+    seen = set()
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(case=kst.caches())
+    def collect(case):
+        B, Hkv, C, d = case.keys.shape
+        seen.update(
+            {
+                "gqa" if case.queries.shape[1] > Hkv else "mha",
+                "padding" if bool((case.starts > 0).any()) else "no padding",
+                "free slots" if bool((case.ends < C).any()) else "full",
+                "ragged heads" if bool((case.ends != case.ends[:, :1]).any()) else "even heads",
+                "odd head dim" if d % 2 else "even head dim",
+                "prefill window" if case.queries_are_last else "any window",
+            }
+        )
+
+    collect()
+    assert seen >= {
+        "gqa",
+        "mha",
+        "padding",
+        "no padding",
+        "free slots",
+        "ragged heads",
+        "odd head dim",
+        "prefill window",
+        "any window",
+    }
+
+
+@PROPERTY
+@given(case=kst.compactions())
+def test_compactions_move_slots_towards_the_front(case):
+    c = case.cache
+    for b, j in itertools.product(*map(range, case.counts.shape)):
+        n = int(case.counts[b, j])
+        kept = case.keep[b, j, :n]
+        assert (kept.diff() > 0).all()
+        assert (kept >= c.cand_starts[b, j]).all() and (kept < c.cand_ends[b, j]).all()
+        assert (kept >= case.dest_starts[b, j] + torch.arange(n)).all()
+
+
+@PROPERTY
+@given(case=kst.prefills())
+def test_prefills_are_causal_with_left_padding(case):
+    B, H, Q, d = case.queries.shape
+    K = case.keys.shape[2]
+    assert K >= Q and H % case.keys.shape[1] == 0
+    if case.attention_mask is not None:
+        assert case.attention_mask.shape == (B, 1, Q, K) and case.attention_mask.dtype == torch.bool
+        assert not case.attention_mask[..., K - Q :].triu(1).any()  # no query sees a later key
+
+
+@PROPERTY
+@given(case=kst.selections())
+def test_selections_protect_at_most_the_budget(case):
+    B, Hkv, N = case.scores.shape
+    assert case.counts.shape == (B, Hkv) and (case.counts <= N).all()
+    assert 1 <= case.budget <= N + 2 and case.protect_head + case.protect_tail <= case.budget
+    valid = torch.arange(N) < case.counts[..., None]
+    assert torch.isfinite(case.scores[valid]).all()
+
+
+@pytest.mark.parametrize("kind", kvsieve.testing.POISONS)
+def test_poison_fills_only_the_unkept_slots(kind):
+    buf = torch.randn(2, 3, 7, 4, dtype=torch.float16)
+    keep = range_mask(torch.tensor([[0, 2, 1], [3, 0, 0]]), torch.tensor([[7, 5, 1], [6, 3, 0]]), 7)
+    out = poison(buf, keep, kind)
+    assert torch.equal(out[keep], buf[keep])
+    assert not torch.equal(out[~keep], buf[~keep])
+    if kind == "huge":
+        assert (out[~keep].abs() == torch.finfo(torch.float16).max).all()
+
+
+def test_public_names_resolve_lazily():
+    for name in kvsieve.testing.__all__:
+        assert getattr(kvsieve.testing, name) is not None
+    with pytest.raises(AttributeError):
+        kvsieve.testing.no_such_name  # noqa: B018
+
+
+def test_pytest_plugin_imports_nothing_heavy():
+    """pytest loads the plugin in every project where kvsieve is installed, test extra or not."""
+    code = "import sys, kvsieve.testing.pytest_plugin; assert not {'hypothesis', 'torch'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+class _Unsorted(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        sel = super().select(scores, counts, budget, protect_head, protect_tail)
+        head = sel.keep[..., :1].clone()  # rotate the first kept index to the back of the real ones
+        keep = sel.keep.clone()
+        for b, j in zip(*torch.nonzero(sel.counts > 1).T.tolist()):
+            c = int(sel.counts[b, j])
+            keep[b, j, : c - 1], keep[b, j, c - 1] = sel.keep[b, j, 1:c], head[b, j, 0]
+        return Selection(keep, sel.counts)
+
+
+class _Unprotected(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        return super().select(scores, counts, budget)
+
+
+class _KeepsPadding(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        N = scores.shape[-1]
+        return super().select(scores, torch.full_like(counts, N), budget, protect_head, protect_tail)
+
+
+class _WrongCount(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        sel = super().select(scores, counts, budget + 1, protect_head, protect_tail)
+        return sel
+
+
+class _Random(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        noisy = scores + torch.rand(scores.shape) * 10
+        return super().select(noisy, counts, budget, protect_head, protect_tail)
+
+
+class _BottomWhenOdd(TopKSelection):
+    """Valid and deterministic, but a larger budget may keep a different set (not nested), and an odd budget
+    keeps the lowest scores (not top-k)."""
+
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        return super().select(-scores if budget % 2 else scores, counts, budget, protect_head, protect_tail)
+
+
+class _ModifiesScores(TopKSelection):
+    def select(self, scores, counts, budget, protect_head=0, protect_tail=0):
+        sel = super().select(scores, counts, budget, protect_head, protect_tail)
+        scores.nan_to_num_(0.0, 0.0, 0.0)
+        return sel
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (_Unsorted(), "not sorted and unique"),
+        (_Unprotected(), "protected candidates"),
+        (_KeepsPadding(), "a padding candidate was kept|kept counts must be"),
+        (_WrongCount(), "kept counts must be min"),
+        (_Random(), "not deterministic"),
+        (_ModifiesScores(), "modified its scores"),
+    ],
+    ids=_name,
+)
+def test_selection_checks_catch(policy, message):
+    with pytest.raises(AssertionError, match=message):
+        assert_selection_conforms(policy, settings=FIND_BUG)
+
+
+def test_nested_and_top_scores_are_opt_in():
+    assert_selection_conforms(_BottomWhenOdd(), max_examples=30)
+    with pytest.raises(AssertionError, match="not nested"):
+        assert_selection_conforms(_BottomWhenOdd(), nested=True, settings=FIND_BUG)
+    with pytest.raises(AssertionError, match="not the top scores"):
+        assert_selection_conforms(_BottomWhenOdd(), keeps_top_scores=True, settings=FIND_BUG)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+class _ReadsPadding(WindowAttentionScoring):
+    def score(self, ctx):
+        return super().score(ctx) + ctx.keys.float().mean()  # the mean runs over padding and free slots too
+
+
+class _WrongShape(WindowAttentionScoring):
+    def score(self, ctx):
+        return super().score(ctx)[..., :-1]
+
+
+class _NotFinite(WindowAttentionScoring):
+    def score(self, ctx):
+        return super().score(ctx) / 0.0
+
+
+class _Float64(WindowAttentionScoring):
+    def score(self, ctx):
+        return super().score(ctx).double()
+
+
+class _ModifiesKeys(WindowAttentionScoring):
+    def score(self, ctx):
+        ctx.keys[..., :1, :].zero_()
+        return super().score(ctx)
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (_ReadsPadding(), "changed when slots outside"),
+        (_WrongShape(), "must have shape"),
+        (_NotFinite(), "not finite"),
+        (_Float64(), "must be float32"),
+        (_ModifiesKeys(), "modified the context"),
+    ],
+    ids=_name,
+)
+def test_scoring_checks_catch(policy, message):
+    with pytest.raises(AssertionError, match=message):
+        assert_scoring_conforms(policy, settings=FIND_BUG)
+
+
+def test_scoring_that_needs_no_queries_gets_none():
+    class SaysItNeedsNoQueries(WindowAttentionScoring):
+        needs_queries = False
+
+    with pytest.raises((ValueError, RuntimeError)):  # it reads the empty queries tensor compress_layer passes
+        assert_scoring_conforms(SaysItNeedsNoQueries(), settings=FIND_BUG)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+class _DecodeIgnoresStarts(TorchBackend):
+    def decode_attention(self, queries, keys, values, starts, ends, scale):
+        return super().decode_attention(queries, keys, values, torch.zeros_like(starts), ends, scale)
+
+
+class _LseReadsPastEnds(TorchBackend):
+    def window_lse(self, queries, keys, starts, ends, scale):
+        return super().window_lse(queries, keys, starts, (ends + 1).clamp(max=keys.shape[2]), scale)
+
+
+class _ScoresMaskWithBias(TorchBackend):
+    """Masks the padding of short candidate rows by adding -inf to their logits: NaN + -inf is NaN."""
+
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+        B, H, W, d = queries.shape
+        Hkv = keys.shape[1]
+        counts = (cand_ends - cand_starts).clamp(min=0)
+        offsets = torch.arange(int(counts.max()))
+        slots = (cand_starts[..., None] + offsets).clamp(max=keys.shape[2] - 1)
+        valid = offsets < counts[..., None]
+        cand = keys.gather(2, slots[..., None].expand(*slots.shape, d)).float()
+        q = queries.reshape(B, Hkv, H // Hkv, W, d).float()
+        logits = torch.einsum("bjgwd,bjnd->bjgwn", q, cand) * scale
+        logits = logits + torch.where(valid, 0.0, float("-inf"))[:, :, None, None]
+        norm = torch.logsumexp(logits, -1, keepdim=True) if lse is None else lse.reshape(B, Hkv, -1, W, 1)
+        return torch.exp(logits - norm).sum(dim=(2, 3)).nan_to_num(0.0)  # rows without candidates: zeros
+
+
+class _CompactClearsTheRest(TorchBackend):
+    def compact(self, keys, values, keep, counts, dest_starts):
+        super().compact(keys, values, keep, counts, dest_starts)
+        keys[..., -1, :] = 0.0  # touches a slot outside the written range
+
+
+class _PrefillIgnoresMask(TorchBackend):
+    def prefill_attention(self, queries, keys, values, attention_mask, scale):
+        return super().prefill_attention(queries, keys, values, None, scale)
+
+
+class _DecodeReturnsFloat32(TorchBackend):
+    def decode_attention(self, queries, keys, values, starts, ends, scale):
+        return super().decode_attention(queries.float(), keys.float(), values.float(), starts, ends, scale)
+
+
+class _SlightlyOff(TorchBackend):
+    """Within fp32 tolerance everywhere: must pass."""
+
+    def prefill_attention(self, queries, keys, values, attention_mask, scale):
+        return super().prefill_attention(queries, keys, values, attention_mask, scale) * (1 + 1e-7)
+
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+        return super().window_scores(queries, keys, cand_starts, cand_ends, scale, lse) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("backend", "primitive", "message", "dtype"),
+    [
+        (_DecodeIgnoresStarts(), "decode_attention", "decode_attention", torch.float32),
+        (_LseReadsPastEnds(), "window_lse", "window_lse", torch.float32),
+        (_ScoresMaskWithBias(), "window_scores", "window_scores.*poisoned", torch.float32),
+        (_CompactClearsTheRest(), "compact", "compact: keys differ", torch.float32),
+        (_PrefillIgnoresMask(), "prefill_attention", "prefill_attention", torch.float32),
+        (
+            _DecodeReturnsFloat32(),
+            "decode_attention",
+            "dtype torch.float32, expected torch.bfloat16",
+            torch.bfloat16,
+        ),
+    ],
+    ids=_name,
+)
+def test_backend_checks_catch(backend, primitive, message, dtype):
+    with pytest.raises(AssertionError, match=message):
+        assert_backend_conforms(backend, primitives=[primitive], dtypes=(dtype,), settings=FIND_BUG)
+
+
+def test_backend_within_tolerance_passes():
+    assert_backend_conforms(
+        _SlightlyOff(), primitives=["prefill_attention", "window_scores"], max_examples=20
+    )
+
+
+def test_backend_rejects_unknown_primitives():
+    with pytest.raises(ValueError, match="unknown primitives"):
+        kvsieve.testing.check_backend(TorchBackend(), None, primitives=["flash_decode"])
+
+
+# -------------------------------------------------------------------------------------------- pytest plugin
+def test_pytest_plugin_fixtures_and_gpu_marker(pytester, tiny_model, kvsieve_registry):
+    # An in-process run drops the modules first imported during it, leaving transformers' model modules
+    # half-forgotten: the fixtures requested here import everything the inner run touches beforehand.
+    kvsieve_registry.names("scoring")
+    pytester.makepyfile(
+        """
+        import pytest
+        import kvsieve
+
+
+        class Extra:
+            @kvsieve.hookimpl
+            def kvsieve_compressors(self):
+                from kvsieve.policies.full import FullCache
+                return {"extra": FullCache}
+
+
+        def test_register(kvsieve_registry):
+            kvsieve_registry.register(Extra(), name="extra-plugin", distribution="extra-dist 1.0")
+            entry = kvsieve_registry.get("compressor", "extra")
+            assert entry.source.distribution == "extra-dist 1.0"
+
+
+        def test_forgotten_afterwards(kvsieve_registry):
+            assert "extra" not in kvsieve_registry.names("compressor")
+            assert "topk" in kvsieve_registry.names("selection")
+
+
+        def test_tiny_model(tiny_model, tiny_batch):
+            model, tokenizer = tiny_model
+            assert model.config.num_key_value_heads < model.config.num_attention_heads
+            assert tiny_batch["attention_mask"][:, 0].tolist() == [1, 0]  # the short prompt is left-padded
+
+
+        @pytest.mark.gpu
+        def test_on_gpu():
+            import torch
+            assert torch.cuda.is_available()
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    outcomes = dict(passed=3, skipped=0 if torch.cuda.is_available() else 1)
+    if torch.cuda.is_available():
+        outcomes["passed"] += 1
+    result.assert_outcomes(**outcomes)
