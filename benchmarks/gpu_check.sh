@@ -6,14 +6,32 @@
 # Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), kernels (Triton kernel benchmark),
 # flash (prefill TTFT per backend), e2e (backend agreement end to end), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 — about 8 minutes on its own, so not in the default set).
-# Installs kvsieve from this tree without dependencies (the GPU image has torch, transformers, triton, ...).
+# Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
+# editable install there did not make `kvsieve` importable): the three source folders are linked under one
+# package name, and a dist-info carries the entry points so plugin discovery works as after an install.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [STAGE ...]}
 shift
 stages=${*:-tests kernels flash e2e fastkv}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+site=$(mktemp -d)
+mkdir -p "$site/kvsieve"
+for entry in core/*; do ln -s "$PWD/$entry" "$site/kvsieve/"; done
+ln -s "$PWD/policies" "$site/kvsieve/policies"
+ln -s "$PWD/backends" "$site/kvsieve/backends"
+python - "$site" <<'PY'
+import pathlib, sys, tomllib
+site, meta = pathlib.Path(sys.argv[1]), tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = site / f"kvsieve-{meta['version']}.dist-info"
+info.mkdir()
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kvsieve\nVersion: {meta['version']}\n")
+groups = meta["entry-points"]
+(info / "entry_points.txt").write_text(
+    "".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n" for g, eps in groups.items())
+)
+PY
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"

@@ -1,0 +1,381 @@
+"""Decode attention over a compacted cache: GQA-native split-K flash decoding.
+
+What it computes (semantics: :meth:`kvsieve.backend.KVBackend.decode_attention`): ``Q`` new queries per head
+(``Q`` = 1 in plain decoding, small -- e.g. up to 16 -- when several tokens are fed at once) attend over the
+live slots of their KV head; query ``i`` of row ``b``, head ``h`` (KV head ``j = h // G``) sees slots
+``[starts[b, j], ends[b, j] - Q + i]`` (causal among the new tokens, whose keys are the last ``Q`` live
+slots). A query that sees no slot outputs zeros. Slots outside ``[starts, ends)`` are never read.
+
+Layout: ``queries [B, H, Q, d]``, ``keys``/``values [B, Hkv, C, d]`` (any strides), ``starts``/``ends int64
+[B, Hkv]``, output ``[B, H, Q, d]`` in the queries' dtype. The ``M = G*Q`` queries of KV head ``j`` are the
+rows ``r = g*Q + i`` of one ``[M, d]`` tile (query heads ``j*G + g``): K/V blocks are loaded once for the
+whole group, never repeated to ``H`` heads. fp32 accumulation; fp32 inputs use exact ``ieee`` dot products (no
+TF32).
+
+Grids (``S`` splits chosen on the host from ``B*Hkv``, the device's SM count and the capacity; no host sync,
+so the call is CUDA-graph capturable):
+
+* ``_decode_split_kernel``: ``(S, B*Hkv, MC)``. Program ``(s, b*Hkv + j, mc)`` takes chunk ``s`` of row
+  ``(b, j)``'s live range -- the range is cut into ``S`` chunks of ``ceil(len / S)`` slots rounded up to
+  ``BLOCK_N``, so the work follows ``ends - starts`` and not the capacity, and one long row is spread over
+  ``S`` programs -- and query rows ``[mc*BLOCK_M, (mc+1)*BLOCK_M)`` (``MC > 1`` only when ``G*Q > BLOCK_M``).
+  It runs an online softmax over its chunk and writes the partial (max, sum, unnormalised accumulator) to fp32
+  buffers ``[B*Hkv, S, M]`` / ``[B*Hkv, S, M, d]``. With ``S == 1`` it writes the normalised output directly
+  instead.
+* ``_decode_reduce_kernel``: ``(B*Hkv, MC)``. Combines the non-empty chunks of the row (it recomputes how many
+  there are from ``starts``/``ends``) into the output: ``sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, target_programs
+
+__all__ = ["decode_attention", "DecodeConfig"]
+
+LOG2E = 1.4426950408889634
+
+
+class DecodeConfig:
+    """Tile sizes and split count of the decode kernels (defaults from :func:`default_config`)."""
+
+    def __init__(
+        self,
+        block_n: int,
+        max_block_m: int,
+        num_warps: int = 4,
+        num_stages: int = 2,
+        num_splits: int | None = None,
+        programs: int | None = None,
+    ):
+        self.block_n = block_n
+        self.max_block_m = max_block_m
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+        self.num_splits = num_splits  # None: from the device size
+        self.programs = programs  # target programs per launch when num_splits is None (None: 2 per SM)
+
+    def __repr__(self) -> str:
+        return (
+            f"DecodeConfig(block_n={self.block_n}, max_block_m={self.max_block_m}, "
+            f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits})"
+        )
+
+
+def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
+    """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``)."""
+    if device.type != "cuda" or interpret_mode():
+        return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1)
+    return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    sq_b,
+    sq_h,
+    sq_q,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_c,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_c,
+    sv_d,
+    so_b,
+    so_h,
+    so_q,
+    so_d,
+    Hkv,
+    G,
+    Q,
+    C,
+    D,
+    n_splits,
+    qk_scale,
+    SINGLE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One chunk of one row's live range for one tile of query rows.
+
+    ``qk_scale = scale * log2(e)``. Partials: ``pm``/``pl`` ``[B*Hkv, S, M]`` (max in log2 units, sum),
+    ``pacc`` ``[B*Hkv, S, M, D]``; all fp32, contiguous. ``SINGLE``: write ``out`` directly.
+    """
+    s = tl.program_id(0)
+    bj = tl.program_id(1)
+    mc = tl.program_id(2)
+    b = bj // Hkv
+    j = bj % Hkv
+    lo = tl.load(lo_ptr + bj)
+    hi = tl.load(hi_ptr + bj)
+    length = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    c_lo = lo + s * chunk
+    c_hi = tl.minimum(c_lo + chunk, hi)
+    M = G * Q
+    # empty chunks write nothing (the reduce kernel never reads them); one split: empty rows write zeros
+    if (c_lo < c_hi) | (n_splits == 1):
+        rows = mc * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        g = rows // Q
+        i = rows % Q
+        dcols = tl.arange(0, BLOCK_D)
+        dmask = dcols < D
+        q = tl.load(
+            q_ptr
+            + b.to(tl.int64) * sq_b
+            + (j * G + g).to(tl.int64)[:, None] * sq_h
+            + i.to(tl.int64)[:, None] * sq_q
+            + dcols[None, :] * sq_d,
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        row_end = hi - (Q - 1 - i)  # exclusive: query i sees [lo, hi - Q + i]
+        k_base = k_ptr + b.to(tl.int64) * sk_b + j.to(tl.int64) * sk_h
+        v_base = v_ptr + b.to(tl.int64) * sv_b + j.to(tl.int64) * sv_h
+
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(c_lo, c_hi, BLOCK_N):
+            slots = start + tl.arange(0, BLOCK_N)
+            kmask = (slots < c_hi) & (slots >= 0) & (slots < C)
+            tile_mask = kmask[:, None] & dmask[None, :]
+            k = tl.load(k_base + slots[:, None] * sk_c + dcols[None, :] * sk_d, mask=tile_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            visible = kmask[None, :] & (slots[None, :] < row_end[:, None])
+            logits = tl.where(visible, logits, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(logits - m_safe[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + slots[:, None] * sv_c + dcols[None, :] * sv_d, mask=tile_mask, other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m = m_new
+
+        if SINGLE:
+            o = acc / tl.where(l > 0.0, l, 1.0)[:, None]  # l == 0: nothing visible -> zeros (acc == 0)
+            tl.store(
+                out_ptr
+                + b.to(tl.int64) * so_b
+                + (j * G + g).to(tl.int64)[:, None] * so_h
+                + i.to(tl.int64)[:, None] * so_q
+                + dcols[None, :] * so_d,
+                o.to(out_ptr.dtype.element_ty),
+                mask=rmask[:, None] & dmask[None, :],
+            )
+        else:
+            prow = (bj.to(tl.int64) * n_splits + s) * M + rows
+            tl.store(pm_ptr + prow, m, mask=rmask)
+            tl.store(pl_ptr + prow, l, mask=rmask)
+            tl.store(pacc_ptr + prow[:, None] * D + dcols[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    pm_ptr,
+    pl_ptr,
+    pacc_ptr,
+    so_b,
+    so_h,
+    so_q,
+    so_d,
+    Hkv,
+    G,
+    Q,
+    D,
+    n_splits,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Combine the non-empty chunks of row ``(b, j)`` for one tile of query rows into the output."""
+    bj = tl.program_id(0)
+    mc = tl.program_id(1)
+    b = bj // Hkv
+    j = bj % Hkv
+    lo = tl.load(lo_ptr + bj)
+    hi = tl.load(hi_ptr + bj)
+    length = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
+
+    M = G * Q
+    rows = mc * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    g = rows // Q
+    i = rows % Q
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_valid):
+        prow = (bj.to(tl.int64) * n_splits + s) * M + rows
+        m_s = tl.load(pm_ptr + prow, mask=rmask, other=float("-inf"))
+        l_s = tl.load(pl_ptr + prow, mask=rmask, other=0.0)
+        acc_s = tl.load(
+            pacc_ptr + prow[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+        )
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l = l * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m = m_new
+    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(
+        out_ptr
+        + b.to(tl.int64) * so_b
+        + (j * G + g).to(tl.int64)[:, None] * so_h
+        + i.to(tl.int64)[:, None] * so_q
+        + dcols[None, :] * so_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
+
+
+# -------------------------------------------------------------------------------------------- launcher
+def decode_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """``[B, H, Q, d]``: attention of ``Q`` new queries over the live slots ``[starts, ends)`` (causal among
+    the
+    last ``Q``).
+
+    Args:
+        queries: ``[B, H, Q, d]``; keys, values: ``[B, Hkv, C, d]``; starts, ends: ``int64 [B, Hkv]``.
+        scale: softmax scale.
+        out: optional preallocated ``[B, H, Q, d]`` output in the queries' dtype (every element is written).
+        config: tile/split override (tests, tuning); default from the device.
+    """
+    if queries.dim() != 4 or keys.dim() != 4 or values.shape != keys.shape:
+        raise ValueError(
+            f"queries [B, H, Q, d] and keys/values [B, Hkv, C, d] of one shape expected, got "
+            f"{tuple(queries.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}"
+        )
+    B, H, Q, d = queries.shape
+    _, Hkv, C, dk = keys.shape
+    if keys.shape[0] != B or dk != d or Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"queries {tuple(queries.shape)} do not match keys {tuple(keys.shape)}")
+    if tuple(starts.shape) != (B, Hkv) or tuple(ends.shape) != (B, Hkv):
+        raise ValueError(f"starts/ends must be [B, Hkv] = [{B}, {Hkv}]")
+    if out is None:
+        out = torch.empty(B, H, Q, d, device=queries.device, dtype=queries.dtype)
+    elif tuple(out.shape) != (B, H, Q, d) or out.dtype != queries.dtype:
+        raise ValueError(f"out must be {queries.dtype} [{B}, {H}, {Q}, {d}]")
+    if out.numel() == 0:
+        return out
+    G = H // Hkv
+    M = G * Q
+    cfg = config or default_config(d, keys.device)
+    block_m = min(next_pow2(max(M, 16)), next_pow2(cfg.max_block_m))
+    block_d = next_pow2(max(d, 16))
+    mc = cdiv(M, block_m)
+    lo = starts.to(device=keys.device, dtype=torch.int64).contiguous()
+    hi = ends.to(device=keys.device, dtype=torch.int64).contiguous()
+    if cfg.num_splits is not None:
+        n_splits = max(1, int(cfg.num_splits))
+    else:
+        # ~2 programs per SM: B*Hkv >= 2*SMs runs unsplit (no partials, no reduce: measured fastest on an H200
+        # at B*Hkv = 256); fewer rows are split so one long row still spreads over the whole GPU
+        programs = cfg.programs or max(1, target_programs(keys.device) // 2)
+        n_splits = max(1, min(programs // (B * Hkv * mc), cdiv(max(C, 1), cfg.block_n)))
+        # partial accumulators stay under ~256 MiB
+        n_splits = max(1, min(n_splits, (256 << 20) // max(B * Hkv * M * d * 4, 1)))
+    single = n_splits == 1
+    if single:
+        pm = pl = pacc = out  # unused
+    else:
+        pm = torch.empty(B * Hkv, n_splits, M, device=keys.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * Hkv, n_splits, M, d, device=keys.device, dtype=torch.float32)
+    cdt = compute_dtype(queries.dtype, keys.dtype) if keys.dtype == values.dtype else torch.float32
+    upcast = not (queries.dtype == keys.dtype == values.dtype)
+    _decode_split_kernel[(n_splits, B * Hkv, mc)](
+        queries,
+        keys,
+        values,
+        lo,
+        hi,
+        out,
+        pm,
+        pl,
+        pacc,
+        *queries.stride(),
+        *keys.stride(),
+        *values.stride(),
+        *out.stride(),
+        Hkv,
+        G,
+        Q,
+        C,
+        d,
+        n_splits,
+        float(scale) * LOG2E,
+        SINGLE=single,
+        UPCAST=upcast,
+        DOT_PREC=dot_precision(cdt),
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if not single:
+        _decode_reduce_kernel[(B * Hkv, mc)](
+            lo,
+            hi,
+            out,
+            pm,
+            pl,
+            pacc,
+            *out.stride(),
+            Hkv,
+            G,
+            Q,
+            d,
+            n_splits,
+            BLOCK_M=block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,451 @@
+"""Micro-benchmarks of the ``triton`` backend's kernels against the torch reference / PyTorch SDPA (GPU only).
+
+Usage::
+
+    python benchmarks/kernels.py OUTDIR [--sections scores,decode,compact] [--quick] [--sweep]
+
+Prints markdown tables and writes them to ``OUTDIR/kernels.md`` (plus the raw rows as
+``OUTDIR/kernels.json``). Everything runs side by side in one process; times are medians of
+``triton.testing.do_bench`` (warm-up, L2 flushed between runs), in milliseconds.
+
+Sections:
+
+* ``copy``: a 4 GiB device-to-device copy -> the copy bandwidth (read + write bytes / time) that the other
+  sections are compared with.
+* ``scores``: ``window_scores`` at B=8, Hkv=8, G in {4, 7}, d=128, W in {8, 32}, L = 8K..128K candidates,
+  bf16. Triton with ``lse=None`` (two passes over K: log-sum-exp, then scores) and with a given ``lse`` (one
+  pass), vs the torch reference (which may run out of memory at large L: reported as OOM). GB/s counts reading
+  K once.
+* ``decode``: ``decode_attention`` at B=32, Hkv=8, G=4, d=128, Q=1, bf16, valid length L = 1K..32K in a cache
+  of fixed capacity 32K+128, vs SDPA (flash backend, ``enable_gqa=True``) over exactly the first L slots. GB/s
+  counts reading K and V once.
+* ``compact``: in-place compaction of K and V (bf16, d=128) keeping 25% (RPC-like, B=8, Hkv=8, C=32K) and 10%
+  (FastKV-like, B=1, Hkv=8, C=128K); GB/s counts reading and writing the moved rows; vs the torch reference.
+
+``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
+Whole run: about 2-3 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = ("scores", "decode", "compact")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("outdir", type=Path, help="directory for kernels.md and kernels.json (created)")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    p.add_argument("--sweep", action="store_true", help="also sweep kernel tile configs at one shape")
+    args = p.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown section(s) {bad}; choose from {list(SECTIONS)}")
+    args.sections = sections
+    return args
+
+
+# --------------------------------------------------------------------------------------------- helpers
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.rows: dict[str, list[dict]] = {}
+
+    def line(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        self.rows[name] = rows
+        if not rows:
+            return
+        cols = list(rows[0])
+        self.line("| " + " | ".join(cols) + " |")
+        self.line("|" + "|".join("---" for _ in cols) + "|")
+        for r in rows:
+            self.line("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        self.line()
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+
+
+def bench(fn, *args, **kwargs) -> float | str:
+    """Median ms of ``fn(*args, **kwargs)`` (``"OOM"`` when it runs out of device memory)."""
+    import torch
+    import triton
+
+    try:
+        return float(
+            triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median")
+        )
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+
+
+def ratio(a, b):
+    return b / a if isinstance(a, float) and isinstance(b, float) else "-"
+
+
+def gbps(nbytes: int, ms) -> float | str:
+    return nbytes / (ms * 1e-3) / 1e9 if isinstance(ms, float) else "-"
+
+
+def _kib(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# -------------------------------------------------------------------------------------------- sections
+def copy_bandwidth(rep: Report) -> float:
+    import torch
+
+    n = 4 << 30
+    x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(y.copy_, x)
+    bw = 2 * n / (ms * 1e-3) / 1e9
+    rep.line(f"Copy bandwidth (4 GiB device copy, read + write): **{bw:.0f} GB/s** ({ms:.3f} ms)")
+    rep.line()
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def scores_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    from kvsieve.backends.torch_ref import TorchBackend
+    from kvsieve.backends.triton import window_scores as tw
+
+    ref = TorchBackend()
+    B, Hkv, d, dtype = 8, 8, 128, torch.bfloat16
+    lengths = [8192, 32768] if quick else [8192, 16384, 32768, 65536, 131072]
+    rep.line(f"## window_scores (B={B}, Hkv={Hkv}, d={d}, bf16; candidates = all L slots)")
+    rep.line()
+    rep.line(
+        "`triton` = the backend call: lse over the candidates computed in a first pass (two passes over K), "
+        "N read on the host; `triton+lse` = lse given (one pass over K) and `num_candidates` given (no host "
+        "sync). GB/s = bytes of K read once / time; `% copy` = that over the copy bandwidth. `torch` = the "
+        "reference backend (lse=None)."
+    )
+    rep.line()
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for G in (4, 7):
+        for W in (8, 32):
+            for L in lengths:
+                H = Hkv * G
+                keys = torch.randn(B, Hkv, L, d, device="cuda", dtype=dtype, generator=gen)
+                q = torch.randn(B, H, W, d, device="cuda", dtype=dtype, generator=gen)
+                lo = torch.zeros(B, Hkv, dtype=torch.int64, device="cuda")
+                hi = torch.full((B, Hkv), L, dtype=torch.int64, device="cuda")
+                scale = d**-0.5
+                lse = tw.candidate_lse(q, keys, lo, hi, scale)
+                t_tri = bench(tw.window_scores, q, keys, lo, hi, scale)
+                t_tri_lse = bench(tw.window_scores, q, keys, lo, hi, scale, lse, num_candidates=L)
+                t_ref = bench(ref.window_scores, q, keys, lo, hi, scale)
+                err = "-"
+                if L == lengths[0]:
+                    want = ref.window_scores(q, keys, lo, hi, scale)
+                    err = f"{rel_err(tw.window_scores(q, keys, lo, hi, scale), want):.1e}"
+                    del want
+                nbytes = keys.numel() * keys.element_size()
+                rows.append(
+                    {
+                        "G": G,
+                        "W": W,
+                        "L": _kib(L),
+                        "triton ms": t_tri,
+                        "triton+lse ms": t_tri_lse,
+                        "torch ms": t_ref,
+                        "speedup": ratio(t_tri, t_ref),
+                        "GB/s (K once)": gbps(nbytes, t_tri),
+                        "% copy": _pct(gbps(nbytes, t_tri), copy_bw),
+                        "GB/s +lse": gbps(nbytes, t_tri_lse),
+                        "% copy +lse": _pct(gbps(nbytes, t_tri_lse), copy_bw),
+                        "max rel err": err,
+                    }
+                )
+                del keys, q, lse
+                torch.cuda.empty_cache()
+    rep.table("scores", rows)
+
+
+def _pct(bw, copy_bw) -> float | str:
+    return 100.0 * bw / copy_bw if isinstance(bw, float) else "-"
+
+
+def _sdpa_flash(q, k, v, scale):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+
+def decode_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    from kvsieve.backends.triton import decode_attention as td
+
+    B, Hkv, G, d, dtype = 32, 8, 4, 128, torch.bfloat16
+    H = Hkv * G
+    cap = 32768 + 128
+    lengths = [1024, 8192, 32768] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    rep.line(f"## decode_attention (B={B}, Hkv={Hkv}, G={G}, d={d}, Q=1, bf16, capacity {cap})")
+    rep.line()
+    rep.line(
+        "`sdpa` = `F.scaled_dot_product_attention(enable_gqa=True)` on the flash backend over exactly the "
+        "first L slots (a view of the cache). GB/s = bytes of K and V read once / triton time."
+    )
+    rep.line()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    keys = torch.randn(B, Hkv, cap, d, device="cuda", dtype=dtype, generator=gen)
+    values = torch.randn(B, Hkv, cap, d, device="cuda", dtype=dtype, generator=gen)
+    q = torch.randn(B, H, 1, d, device="cuda", dtype=dtype, generator=gen)
+    scale = d**-0.5
+    rows = []
+    for L in lengths:
+        starts = torch.zeros(B, Hkv, dtype=torch.int64, device="cuda")
+        ends = torch.full((B, Hkv), L, dtype=torch.int64, device="cuda")
+        k, v = keys[:, :, :L], values[:, :, :L]
+        try:
+            want = _sdpa_flash(q, k, v, scale)
+            t_sdpa = bench(_sdpa_flash, q, k, v, scale)
+        except RuntimeError as exc:  # flash not available for this layout
+            want, t_sdpa = None, f"n/a ({str(exc)[:40]})"
+        t_tri = bench(td.decode_attention, q, keys, values, starts, ends, scale)
+        got = td.decode_attention(q, keys, values, starts, ends, scale)
+        nbytes = 2 * B * Hkv * L * d * keys.element_size()
+        rows.append(
+            {
+                "L": _kib(L),
+                "triton ms": t_tri,
+                "sdpa ms": t_sdpa,
+                "sdpa / triton": ratio(t_tri, t_sdpa),
+                "GB/s": gbps(nbytes, t_tri),
+                "% copy": _pct(gbps(nbytes, t_tri), copy_bw),
+                "max rel err": f"{rel_err(got, want):.1e}" if want is not None else "-",
+            }
+        )
+    # ragged rows: lengths uniform in [L/2, L] per (row, KV head), same cost model
+    L = lengths[-1]
+    ends = torch.randint(L // 2, L + 1, (B, Hkv), device="cuda", generator=gen)
+    starts = torch.zeros_like(ends)
+    t_tri = bench(td.decode_attention, q, keys, values, starts, ends, scale)
+    nbytes = 2 * int(ends.sum()) * d * keys.element_size()
+    rows.append(
+        {
+            "L": f"ragged {_kib(L // 2)}..{_kib(L)}",
+            "triton ms": t_tri,
+            "sdpa ms": "-",
+            "sdpa / triton": "-",
+            "GB/s": gbps(nbytes, t_tri),
+            "% copy": _pct(gbps(nbytes, t_tri), copy_bw),
+            "max rel err": "-",
+        }
+    )
+    rep.table("decode", rows)
+    del keys, values
+    torch.cuda.empty_cache()
+
+
+def compact_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    from kvsieve.backends.torch_ref import TorchBackend
+    from kvsieve.backends.triton import compaction as tc
+
+    ref = TorchBackend()
+    rep.line("## compact (in place, K and V, bf16, d=128)")
+    rep.line()
+    rep.line("GB/s = bytes moved (read + write of the kept K and V rows) / time.")
+    rep.line()
+    rows = []
+    shapes = [(8, 8, 32768, 0.25), (1, 8, 131072, 0.10)] + ([] if quick else [(32, 8, 8192, 0.25)])
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for B, Hkv, C, frac in shapes:
+        d = 128
+        keys = torch.randn(B, Hkv, C, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        values = torch.randn_like(keys)
+        K = int(C * frac)
+        keep = torch.rand(B, Hkv, C, device="cuda", generator=gen).topk(K, dim=-1).indices.sort(-1).values
+        counts = torch.full((B, Hkv), K, dtype=torch.int64, device="cuda")
+        dest = torch.zeros(B, Hkv, dtype=torch.int64, device="cuda")
+        # correctness spot check on copies
+        k1, v1, k2, v2 = keys.clone(), values.clone(), keys.clone(), values.clone()
+        tc.compact(k1, v1, keep, counts, dest)
+        ref.compact(k2, v2, keep, counts, dest)
+        exact = bool(torch.equal(k1, k2) and torch.equal(v1, v2))
+        del k1, v1, k2, v2
+        t_tri = bench(tc.compact, keys, values, keep, counts, dest)
+        t_ref = bench(ref.compact, keys, values, keep, counts, dest)
+        nbytes = 2 * 2 * B * Hkv * K * d * keys.element_size()
+        rows.append(
+            {
+                "B": B,
+                "Hkv": Hkv,
+                "C": _kib(C),
+                "kept": f"{frac:.0%}",
+                "triton ms": t_tri,
+                "torch ms": t_ref,
+                "speedup": ratio(t_tri, t_ref),
+                "GB/s": gbps(nbytes, t_tri),
+                "% copy": _pct(gbps(nbytes, t_tri), copy_bw),
+                "exact": exact,
+            }
+        )
+        del keys, values, keep
+        torch.cuda.empty_cache()
+    rep.table("compact", rows)
+
+
+def sweep_section(rep: Report) -> None:
+    import torch
+
+    from kvsieve.backends.triton import decode_attention as td
+    from kvsieve.backends.triton import window_scores as tw
+
+    rep.line("## tile sweep (bf16, d=128)")
+    rep.line()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    B, Hkv, d, L = 8, 8, 128, 32768
+    keys = torch.randn(B, Hkv, L, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lo = torch.zeros(B, Hkv, dtype=torch.int64, device="cuda")
+    hi = torch.full((B, Hkv), L, dtype=torch.int64, device="cuda")
+    rows = []
+    for G, W in ((4, 8), (7, 32)):
+        q = torch.randn(B, Hkv * G, W, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        lse = tw.candidate_lse(q, keys, lo, hi, d**-0.5)
+        for bn in (32, 64, 128):
+            for mm in (64, 128, 256):
+                for nw in (4, 8):
+                    for ns in (2, 3):
+                        cfg = tw.ScoreConfig(block_n=bn, max_block_m=mm, num_warps=nw, num_stages=ns)
+                        t = _try_bench(
+                            tw.window_scores, q, keys, lo, hi, d**-0.5, lse, num_candidates=L, config=cfg
+                        )
+                        t_lse = _try_bench(tw.candidate_lse, q, keys, lo, hi, d**-0.5, config=cfg)
+                        rows.append(
+                            {
+                                "shape": f"B={B} Hkv={Hkv} G={G} W={W} L=32K",
+                                "config": repr(cfg),
+                                "scores+lse ms": t,
+                                "lse pass ms": t_lse,
+                            }
+                        )
+    rep.table("sweep_scores", rows)
+    del keys
+    rows = []
+    Bd, Hd, Gd, cap = 32, 8, 4, 32768
+    kk = torch.randn(Bd, Hd, cap, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    vv = torch.randn_like(kk)
+    q = torch.randn(Bd, Hd * Gd, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for L in (2048, 32768):
+        starts = torch.zeros(Bd, Hd, dtype=torch.int64, device="cuda")
+        ends = torch.full((Bd, Hd), L, dtype=torch.int64, device="cuda")
+        for bn in (32, 64, 128):
+            for splits in (None, 1, 2, 4, 8, 16):
+                for ns in (2, 3, 4):
+                    cfg = td.DecodeConfig(
+                        block_n=bn, max_block_m=64, num_warps=4, num_stages=ns, num_splits=splits
+                    )
+                    t = _try_bench(td.decode_attention, q, kk, vv, starts, ends, d**-0.5, config=cfg)
+                    rows.append(
+                        {"shape": f"B={Bd} Hkv={Hd} G={Gd} L={_kib(L)}", "config": repr(cfg), "ms": t}
+                    )
+    rep.table("sweep_decode", rows)
+
+
+def _try_bench(fn, *args, **kwargs):
+    try:
+        return bench(fn, *args, **kwargs)
+    except Exception as exc:  # e.g. out of shared memory for a large tile
+        return f"fail ({type(exc).__name__})"
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run.",
+            file=sys.stderr,
+        )
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print(
+            "unset TRITON_INTERPRET: the benchmark times compiled kernels, not the interpreter.",
+            file=sys.stderr,
+        )
+        return 2
+    import triton
+
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    rep = Report()
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(0)
+    rep.line("# kvsieve triton kernels")
+    rep.line()
+    rep.line(
+        f"GPU: {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB); "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}); triton {triton.__version__}; "
+        f"python {platform.python_version()}"
+    )
+    rep.line()
+    copy_bw = copy_bandwidth(rep)
+    if "scores" in args.sections:
+        scores_section(rep, copy_bw, args.quick)
+    if "decode" in args.sections:
+        decode_section(rep, copy_bw, args.quick)
+    if "compact" in args.sections:
+        compact_section(rep, copy_bw, args.quick)
+    if args.sweep:
+        sweep_section(rep)
+    rep.line(f"Total benchmark time: {time.time() - t0:.0f} s")
+    (args.outdir / "kernels.md").write_text("\n".join(rep.lines) + "\n")
+    (args.outdir / "kernels.json").write_text(
+        json.dumps(
+            {
+                "gpu": props.name,
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "copy_gbps": copy_bw,
+                "tables": rep.rows,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {args.outdir / 'kernels.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
