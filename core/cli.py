@@ -94,6 +94,9 @@ def _plugins_table() -> dict[str, list[dict[str, Any]]]:
                 row["available"], row["reason"] = ok, why
             if kind == "compressor":
                 row["phases"] = sorted(getattr(entry.obj, "phases", ()))
+                parts = getattr(entry.obj, "parts", None)  # a composition preset (kvsieve.composition.Preset)
+                if parts is not None:
+                    row["parts"] = [str(part) for part in parts]
             rows.append(row)
         table[kind] = rows
     return table
@@ -111,9 +114,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for row in rows:
             extra = ""
             if kind == "backend":
-                extra = "  [available]" if row["available"] else f"  [unavailable: {row['reason']}]"
+                state = "available" if row["available"] else "unavailable"
+                extra = f"  [{state}: {row['reason']}]" if row["reason"] else f"  [{state}]"
             if kind == "compressor" and row["phases"]:
                 extra = f"  [{', '.join(row['phases'])}]"
+            if "parts" in row:  # a preset: what it is made of
+                extra += f"  = {' + '.join(row['parts'])}"
             print(f"  {row['name']:<18} {row['distribution']:<22} {row['entry_point']}{extra}")
     return 0
 
