@@ -85,7 +85,7 @@ def bench_fastkv(args) -> list[dict]:
     ]
     rows = []
     for label, comp, params in runs:
-        def once(n=args.context):
+        def once(n=args.context, comp=comp, params=params):
             if comp is None:
                 with torch.inference_mode():
                     return model.generate(input_ids=ids[:, :n], attention_mask=mask[:, :n], max_new_tokens=1,

@@ -74,9 +74,11 @@ class Compressor(abc.ABC):
 
     def check_model(self, config: PretrainedConfig) -> None:
         """Raise ``ValueError`` if this compressor cannot run on a model with ``config`` (before any work)."""
+        return None
 
     def check_prompt(self, prompt_len: int) -> None:
         """Raise ``ValueError`` if this compressor cannot handle a prompt of ``prompt_len`` tokens."""
+        return None
 
     def install(self, model: torch.nn.Module) -> list[Any]:
         """Attach model-level machinery (e.g. decoder-layer hooks for token propagation); return removable handles."""

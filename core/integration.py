@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvsieve.backend import KVBackend
 from kvsieve.cache import SieveCache, SieveLayer, active
+from kvsieve.composition import Preset
 from kvsieve.compressor import Compressor, LayerEvent
 from kvsieve.plugins import registry
 
@@ -130,11 +131,18 @@ assert ATTENTION_NAME in ALL_MASK_ATTENTION_FUNCTIONS
 
 # ---------------------------------------------------------------------------------------------- resolution
 def resolve_compressor(compressor: str | Compressor, params: dict[str, Any] | None = None) -> Compressor:
-    """A compressor instance from a registered name and parameters (an instance passes through)."""
+    """A compressor instance from a registered name and parameters (an instance passes through).
+
+    A name ``"a+b"`` that is not registered composes the registered ``a`` (prefill) and ``b`` (decode), with
+    parameters addressed as ``a.param`` / ``b.param`` (:class:`kvsieve.composition.Preset`).
+    """
     if isinstance(compressor, Compressor):
         if params:
             raise ValueError("pass parameters either to the compressor instance or as params, not both")
         return compressor
+    if "+" in compressor and compressor not in registry().names("compressor"):
+        # "a+b" that no plugin registered as a preset: compose the registered a (prefill) and b (decode)
+        return Preset.parse(compressor)(**(params or {}))
     return registry().compressor(compressor, **(params or {}))
 
 
@@ -186,8 +194,8 @@ def check_model(model: torch.nn.Module, allow_unsupported: bool = False) -> None
         )
     if config.model_type not in SUPPORTED_MODEL_TYPES and not allow_unsupported:
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} is not supported (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}); "
-            "pass allow_unsupported=True to try anyway"
+            f"model type {config.model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}); pass allow_unsupported=True to try anyway"
         )
 
 

@@ -14,8 +14,8 @@ import attrs
 
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.validators import budget_from, optional, positive_int, unit_ratio
 from kvsieve.policies.window_attention import POOLINGS, WindowAttentionScoring, _odd_positive
+from kvsieve.validators import budget_from, optional, positive_int, unit_ratio
 
 __all__ = ["SnapKV"]
 
