@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["budget_from", "nonnegative_int", "optional", "positive_int", "unit_ratio"]
+__all__ = [
+    "budget_from",
+    "compression_ratio",
+    "nonnegative_int",
+    "odd_positive_int",
+    "optional",
+    "positive_int",
+    "unit_ratio",
+]
 
 
 def positive_int(instance, attribute, value) -> None:
@@ -15,6 +23,18 @@ def positive_int(instance, attribute, value) -> None:
 def nonnegative_int(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def odd_positive_int(instance, attribute, value) -> None:
+    """A pooling kernel: odd, so stride-1 pooling with ``k // 2`` padding keeps the length."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{attribute.name} must be a positive odd integer (pooling keeps the length), got {value!r}")
+
+
+def compression_ratio(instance, attribute, value) -> None:
+    """A compression ratio ``c >= 1`` (keep ``1/c``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 1:
+        raise ValueError(f"{attribute.name} must be a finite number >= 1 (1 keeps everything), got {value!r}")
 
 
 def unit_ratio(instance, attribute, value) -> None:

@@ -22,10 +22,10 @@ import torch
 
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.policies.window_attention import _odd_positive, pool_scores
+from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy
 from kvsieve.propagation import TokenPropagation, propagate
-from kvsieve.validators import nonnegative_int, optional, positive_int, unit_ratio
+from kvsieve.validators import nonnegative_int, odd_positive_int, optional, positive_int, unit_ratio
 
 __all__ = ["FastKV", "HeadPooledWindowScoring"]
 
@@ -50,7 +50,7 @@ class HeadPooledWindowScoring(ScoringPolicy):
     name: ClassVar[str] = "head_pooled_window_attention"
 
     pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
-    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    kernel: int = attrs.field(default=7, validator=odd_positive_int)
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         if not ctx.queries_are_last:
@@ -121,7 +121,7 @@ class FastKV(Compressor):
     retain_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
     budget: int | None = attrs.field(default=None, validator=optional(positive_int))
     window: int = attrs.field(default=8, validator=positive_int)
-    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    kernel: int = attrs.field(default=7, validator=odd_positive_int)
     pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
     scoring: object = None
     selection: object = "topk"

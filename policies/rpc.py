@@ -17,15 +17,10 @@ import attrs
 
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.policies.window_attention import AGGREGATIONS, POOLINGS, WindowAttentionScoring, _odd_positive
-from kvsieve.validators import positive_int
+from kvsieve.policies.window_attention import AGGREGATIONS, POOLINGS, WindowAttentionScoring
+from kvsieve.validators import compression_ratio, odd_positive_int, positive_int
 
 __all__ = ["RPC"]
-
-
-def _compression_ratio(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 1:
-        raise ValueError(f"{attribute.name} must be a finite number >= 1 (1 keeps everything), got {value!r}")
 
 
 @attrs.frozen
@@ -51,8 +46,8 @@ class RPC(Compressor):
 
     interval: int = attrs.field(default=4096, validator=positive_int)
     window: int = attrs.field(default=32, validator=positive_int)
-    ratio: int | float = attrs.field(default=4, validator=_compression_ratio)
-    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    ratio: int | float = attrs.field(default=4, validator=compression_ratio)
+    kernel: int = attrs.field(default=7, validator=odd_positive_int)
     pooling: str = attrs.field(default="avg", validator=attrs.validators.in_(POOLINGS))
     aggregation: str = attrs.field(default="all", validator=attrs.validators.in_(AGGREGATIONS))
     scoring: object = None

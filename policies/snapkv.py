@@ -14,8 +14,8 @@ import attrs
 
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.policies.window_attention import POOLINGS, WindowAttentionScoring, _odd_positive
-from kvsieve.validators import budget_from, optional, positive_int, unit_ratio
+from kvsieve.policies.window_attention import POOLINGS, WindowAttentionScoring
+from kvsieve.validators import budget_from, odd_positive_int, optional, positive_int, unit_ratio
 
 __all__ = ["SnapKV"]
 
@@ -40,7 +40,7 @@ class SnapKV(Compressor):
     ratio: float | None = attrs.field(default=None, validator=optional(unit_ratio))
     budget: int | None = attrs.field(default=None, validator=optional(positive_int))
     window: int = attrs.field(default=32, validator=positive_int)
-    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    kernel: int = attrs.field(default=7, validator=odd_positive_int)
     pooling: str = attrs.field(default="avg", validator=attrs.validators.in_(POOLINGS))
     scoring: object = None
     selection: object = "topk"

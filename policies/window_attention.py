@@ -20,17 +20,13 @@ import torch.nn.functional as F
 
 import kvsieve
 from kvsieve.policy import ScoringContext, ScoringPolicy
+from kvsieve.validators import odd_positive_int
 
 __all__ = ["WindowAttentionScoring", "pool_scores"]
 
 POOLINGS = ("avg", "max", "none")
 AGGREGATIONS = ("group", "all")
 NORMALIZATIONS = ("candidates", "visible")
-
-
-def _odd_positive(instance, attribute, value):
-    if not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{attribute.name} must be a positive odd integer (pooling keeps the length), got {value!r}")
 
 
 def pool_scores(scores: torch.Tensor, pooling: str, kernel: int) -> torch.Tensor:
@@ -62,7 +58,7 @@ class WindowAttentionScoring(ScoringPolicy):
     name: ClassVar[str] = "window_attention"
 
     pooling: str = attrs.field(default="avg", validator=attrs.validators.in_(POOLINGS))
-    kernel: int = attrs.field(default=7, validator=_odd_positive)
+    kernel: int = attrs.field(default=7, validator=odd_positive_int)
     aggregation: str = attrs.field(default="group", validator=attrs.validators.in_(AGGREGATIONS))
     normalization: str = attrs.field(default="candidates", validator=attrs.validators.in_(NORMALIZATIONS))
 
