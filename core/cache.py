@@ -20,12 +20,16 @@ then, if the live set fell far below the capacity, moves it into a smaller buffe
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsieve.backend import KVBackend
 from kvsieve.indexing import compaction_moves, range_mask
+
+if TYPE_CHECKING:
+    from kvsieve.compressor import LayerEvent
 
 __all__ = ["SieveCache", "SieveLayer"]
 
@@ -91,6 +95,13 @@ class SieveLayer(CacheLayerMixin):
         live = range_mask(self.starts, self.ends, self.capacity)
         in_prompt = live & (self.positions >= 0) & (self.positions < self.prompt_len)
         return self.starts + in_prompt.sum(dim=-1)
+
+    def is_prefill(self, num_new: int) -> bool:
+        """Whether the forward that just appended ``num_new`` tokens is the first into this layer (the prefill).
+
+        (A method so that the static layer of the fast path can answer without reading ``ends`` on the host.)
+        """
+        return self.max_end == num_new and self.compactions == 0
 
     def nbytes(self) -> int:
         """Bytes of storage allocated for keys and values (what the cache really occupies)."""
@@ -280,6 +291,12 @@ class SieveCache(Cache):
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
         active.cache, active.layer_idx = self, layer_idx
         return keys, values
+
+    def after_attention(self, event: LayerEvent) -> None:
+        """Hand a layer's :class:`~kvsieve.compressor.LayerEvent` to the compressor (the attention function calls
+        this once per layer and forward). The static cache of the fast path defers decode events instead: its
+        loop runs the compressor between graph replays."""
+        self.compressor.after_attention(event)
 
     # ------------------------------------------------------------------ reporting
     def kv_lengths(self) -> list[int]:

@@ -37,6 +37,8 @@ class LayerEvent:
         backend: the kernel backend in use.
         scale: the attention softmax scale.
         generated: tokens appended after the prompt so far (0 during prefill).
+        query_window: how many of the layer's recent queries this compressor scores with (0: all the layer
+            keeps). A composition whose parts use different windows narrows it per part.
     """
 
     phase: str
@@ -47,6 +49,12 @@ class LayerEvent:
     backend: KVBackend
     scale: float
     generated: int
+    query_window: int = 0
+
+    def window_queries(self) -> torch.Tensor:
+        """``[B, H, W, d]`` the most recent ``query_window`` queries of the layer, oldest first."""
+        queries = self.layer.window_queries()
+        return queries[:, :, -self.query_window :] if self.query_window else queries
 
 
 class Compressor(abc.ABC):
@@ -153,7 +161,7 @@ def compress_layer(
     else:
         # the protected tail is not scored: candidates for scoring end before it (RPC: softmax over [Lp, L-R))
         ctx = ScoringContext(
-            queries=layer.window_queries() if scoring.needs_queries else layer.keys.new_zeros(0),
+            queries=event.window_queries() if scoring.needs_queries else layer.keys.new_zeros(0),
             keys=layer.keys,
             values=layer.values,
             starts=layer.starts,

@@ -88,7 +88,7 @@ def kvsieve_attention(
     Q = query.shape[2]
     # prefill = the first forward into this layer (its Q tokens are all it holds). With token propagation a
     # later layer receives fewer tokens than the prompt has, so ``seen`` (the logical length) may exceed Q.
-    prefill = layer.max_end == Q and layer.compactions == 0
+    prefill = layer.is_prefill(Q)
     if prefill:
         B, Hkv = layer.ends.shape
         layer.starts = _padding_starts(attention_mask, B, Hkv, query.device)
@@ -98,7 +98,7 @@ def kvsieve_attention(
     else:
         out = backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)
     layer.push_queries(query)
-    cache.compressor.after_attention(
+    cache.after_attention(
         LayerEvent(
             phase="prefill" if prefill else "decode",
             layer=layer,
@@ -337,17 +337,33 @@ def generate(
     compressor: str | Compressor = "none",
     backend: str | KVBackend = "auto",
     params: dict[str, Any] | None = None,
+    fast: bool = False,
+    static_capacity: int | None = None,
+    use_cuda_graph: bool | None = None,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """``model.generate`` with a compressed KV cache; returns the sequences and the cache's measurements.
 
     ``generate_kwargs`` go to ``model.generate`` unchanged (``max_new_tokens``, ``do_sample``,
     ``num_return_sequences``, ...).
+
+    ``fast=True`` decodes through the fast path instead (:func:`kvsieve.fastpath.fast_generate`, docs/fast-path.md):
+    a static-capacity cache whose decode step is replayed from a CUDA graph (``use_cuda_graph``, default on CUDA),
+    ``static_capacity`` slots per layer (default: sized from the compressor); greedy search and sampling (a
+    ``generator=`` may be passed), same tokens as the eager path.
     """
+    if not fast and (static_capacity is not None or use_cuda_graph is not None):
+        raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
     with apply(model, compressor, backend, params=params) as session:
         start = time.perf_counter()
         with torch.inference_mode():
-            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            if fast:
+                from kvsieve.fastpath import fast_generate  # imports this module
+
+                sequences = fast_generate(model, input_ids, attention_mask, session, static_capacity=static_capacity,
+                                          use_cuda_graph=use_cuda_graph, **generate_kwargs)
+            else:
+                sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -226,7 +226,7 @@ class FastKV(Compressor):
         length = layer.max_end
         cand_ends = torch.maximum(layer.ends - self.window, layer.starts)
         ctx = ScoringContext(
-            queries=layer.window_queries(),
+            queries=event.window_queries(),
             keys=layer.keys,
             values=layer.values,
             starts=layer.starts,

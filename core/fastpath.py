@@ -1,0 +1,233 @@
+"""The fast decode path: a static-capacity compressed cache whose decode step is replayed from a CUDA graph.
+
+HF's eager decode loop is bound by Python overhead (ENVIRONMENT.md), which hides what compression saves. Here
+the prompt is prefilled eagerly (the ordinary kvsieve path, so prefill compressors such as SnapKV and FastKV run
+unchanged), the cache is moved into a :class:`~kvsieve.static.StaticSieveCache`, and every decode step is one
+forward with static inputs (token id and position per row), captured in a CUDA graph after a few eager warm-up
+steps and replayed from then on. Between steps the loop advances the cache's host counters and runs the
+compressor's decode schedule (RPC's compaction every P tokens), which changes the data in the buffers, never
+their shapes, so the graph stays valid. Without CUDA (or with ``use_cuda_graph=False``) the same steps run
+eagerly.
+
+Token choice follows ``model.generate``: the generation config is resolved and the logits processors are built
+by HF's own helpers (the model's generation config, greedy or sampling with temperature/top-k/top-p, ...); EOS
+and padding work as in HF (finished rows emit the pad token; the output stops once every row finished); left-
+padded batches get per-row positions as HF computes them from the attention mask. Use it through
+``kvsieve.generate(..., fast=True)``; see docs/fast-path.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvsieve.integration import Session, cache_kwarg
+from kvsieve.static import StaticSieveCache, static_capacity
+
+__all__ = ["StaticDecoder", "fast_generate"]
+
+_STOP_CHECK_EVERY = 8  # steps between host reads of "has every row finished?" (the output is trimmed exactly)
+
+
+class StaticDecoder:
+    """Prefill once, then decode one token per :meth:`step` through a static cache (graph replay on CUDA).
+
+    Args:
+        model: the model, inside :func:`kvsieve.apply` (``session`` is what it yielded).
+        session: the :class:`~kvsieve.integration.Session`.
+        use_cuda_graph: capture the decode step in a CUDA graph. Default: when the model is on a CUDA device.
+        warmup_steps: eager steps before the capture (they warm up kernels, cuBLAS and Triton's compiler).
+    """
+
+    def __init__(self, model: torch.nn.Module, session: Session, use_cuda_graph: bool | None = None,
+                 warmup_steps: int = 2):
+        device = next(model.parameters()).device
+        if use_cuda_graph is None:
+            use_cuda_graph = device.type == "cuda"
+        if use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs a model on a CUDA device, got {device}")
+        self.model, self.session, self.use_cuda_graph, self.warmup_steps = model, session, use_cuda_graph, warmup_steps
+        self.cache_kw = cache_kwarg(model)
+        self.cache: StaticSieveCache | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                capacity: int | None = None) -> torch.Tensor:
+        """Run the prompt through the model (eagerly) and make the static cache.
+
+        Args:
+            input_ids: ``int64 [B, Lp]`` (left-padded); attention_mask: ``[B, Lp]`` or ``None``.
+            max_new_tokens: sizes the cache (:func:`~kvsieve.static.static_capacity`, per layer).
+            capacity: slots per layer instead (every layer).
+
+        Returns:
+            ``float32 [B, V]``: the logits of the last prompt token.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as HF's generate
+        mask = None if bool(attention_mask.all()) else attention_mask  # HF drops a mask without padding
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        prefilled = self.session.last_cache
+        Lp = input_ids.shape[1]
+        capacities = [
+            capacity or static_capacity(self.session.compressor, Lp, max_new_tokens, prompt_slots=layer.max_end)
+            for layer in prefilled.layers
+        ]
+        self.cache = StaticSieveCache.from_cache(prefilled, capacities)
+        self.session.last_cache = self.cache
+        self.input_ids = input_ids.new_zeros(input_ids.shape[0], 1)  # the static inputs of a step
+        self.positions = positions[:, -1:].clone()
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``int64 [B]`` tokens (one per row); return ``float32 [B, V]`` next-token logits.
+
+        Runs (or replays) the forward, then the host side of the step: the cache's counters and the compressor's
+        decode schedule (which may compact the cache in place).
+        """
+        self.cache.ensure_room()
+        self.input_ids.copy_(tokens[:, None])
+        self.positions += 1
+        logits = self._run().to(copy=True, dtype=torch.float32)
+        self.cache.advance()
+        self.cache.compress()
+        return logits
+
+    # ------------------------------------------------------------------ forward, eager or from the graph
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: self.cache})
+        return out.logits[:, -1]
+
+    def _run(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_logits
+        if not self.use_cuda_graph:
+            return self._forward()
+        if self.eager_steps < self.warmup_steps:
+            self.eager_steps += 1
+            side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records the step without running it
+                logits = self._forward()
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"capturing the decode step in a CUDA graph failed (backend {self.cache.backend.name!r}): {exc}. "
+                "Pass use_cuda_graph=False to decode without a graph."
+            ) from exc
+        self.graph, self.graph_logits = graph, logits
+        graph.replay()
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def fast_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    session: Session,
+    *,
+    static_capacity: int | None = None,
+    use_cuda_graph: bool | None = None,
+    generator: torch.Generator | None = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """``model.generate`` for greedy search and sampling, through :class:`StaticDecoder`.
+
+    Args:
+        model, session: inside :func:`kvsieve.apply`.
+        input_ids, attention_mask: the left-padded prompts.
+        static_capacity: slots per layer (default: sized from the compressor, per layer).
+        use_cuda_graph: see :class:`StaticDecoder`.
+        generator: the random source of sampling (default: torch's global one, as ``model.generate``).
+        generate_kwargs: generation options as ``model.generate`` takes them (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``num_return_sequences``, ...). Beam search,
+            stop strings, ``max_time`` and dict outputs are refused.
+
+    Returns:
+        ``int64 [B * num_return_sequences, Lp + new]``: prompts and generated tokens, as ``model.generate``.
+    """
+    config, processors = _generation_setup(model, input_ids, attention_mask, generate_kwargs)
+    n = config.num_return_sequences or 1
+    if n > 1:
+        input_ids = input_ids.repeat_interleave(n, dim=0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
+    B, Lp = input_ids.shape
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - Lp
+    if max_new < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new}")
+    eos, pad = config._eos_token_tensor, config._pad_token_tensor
+    decoder = StaticDecoder(model, session, use_cuda_graph)
+    logits = decoder.prefill(input_ids, attention_mask, max_new, static_capacity)
+    sequences = torch.cat([input_ids, input_ids.new_zeros(B, max_new)], dim=1)
+    unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    for t in range(max_new):
+        scores = processors(sequences[:, : Lp + t], logits)
+        if config.do_sample:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        if eos is not None:  # finished rows emit the pad token
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+            unfinished = unfinished & ~torch.isin(tokens, eos)
+        sequences[:, Lp + t] = tokens
+        if t + 1 == max_new:
+            break
+        if eos is not None and t % _STOP_CHECK_EVERY == _STOP_CHECK_EVERY - 1 and not bool(unfinished.any()):
+            break
+        logits = decoder.step(tokens)
+    return sequences[:, : Lp + _generated_length(sequences[:, Lp : Lp + t + 1], eos)]
+
+
+def _generated_length(new_tokens: torch.Tensor, eos: torch.Tensor | None) -> int:
+    """Tokens ``model.generate`` returns: it stops at the step where the last row produced EOS."""
+    if eos is None:
+        return new_tokens.shape[1]
+    hit = torch.isin(new_tokens, eos)
+    if not bool(hit.any(dim=1).all()):
+        return new_tokens.shape[1]
+    return int(hit.int().argmax(dim=1).max()) + 1
+
+
+def _generation_setup(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict):
+    """The resolved generation config and the logits processors ``model.generate`` would use.
+
+    Built by HF's own helpers (private, the same in transformers 5.17 and 5.24), so defaults, the model's
+    generation config and every logits processor match ``model.generate`` exactly.
+    """
+    config, model_kwargs = model._prepare_generation_config(None, **kwargs)
+    if model_kwargs:
+        raise TypeError(f"the fast path takes generation options only, got {sorted(model_kwargs)}")
+    refused = {
+        "num_beams > 1 (beam search)": (config.num_beams or 1) > 1,
+        "stop_strings": config.stop_strings is not None,
+        "max_time": config.max_time is not None,
+        "return_dict_in_generate": bool(config.return_dict_in_generate),
+    }
+    if any(refused.values()):
+        raise ValueError(f"the fast path does not support {', '.join(k for k, v in refused.items() if v)}; "
+                         "use kvsieve.generate without fast=True")
+    Lp = input_ids.shape[1]
+    if config.max_new_tokens is not None:
+        config.max_length = config.max_new_tokens + Lp
+    model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device)
+    processors = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=Lp,
+        encoder_input_ids=input_ids,
+        device=input_ids.device,
+        model_kwargs={"attention_mask": attention_mask},
+    )
+    return config, processors
