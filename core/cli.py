@@ -12,11 +12,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "parse_params"]
+__all__ = ["main", "parse_params", "parse_value"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """``"8"`` -> 8, ``"0.2"`` -> 0.2, ``"true"``/``"false"`` -> bool, ``"none"`` -> None, else the string."""
+    text = text.strip()
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -37,7 +39,7 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        params[key.strip()] = _parse_value(value.strip())
+        params[key.strip()] = parse_value(value.strip())
     return params
 
 
@@ -284,12 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from kvsieve.evaluation.cli import register as register_eval
-    except ImportError:  # evaluation extras missing
-        register_eval = None
-    if register_eval is not None:
-        register_eval(sub)
+    from kvsieve.evaluation.cli import register as register_eval
+
+    register_eval(sub)
     return parser
 
 

