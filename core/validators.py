@@ -11,6 +11,7 @@ __all__ = [
     "odd_positive_int",
     "optional",
     "positive_int",
+    "ratio_or_budget",
     "unit_ratio",
 ]
 
@@ -50,6 +51,15 @@ def optional(validator):
             validator(instance, attribute, value)
 
     return check
+
+
+def ratio_or_budget(compressor) -> None:
+    """Refuse a compressor given both ``ratio`` and ``budget`` (they are alternatives); call from its post-init."""
+    if compressor.ratio is not None and compressor.budget is not None:
+        raise ValueError(
+            f"give {compressor.name} either ratio or budget, not both "
+            f"(ratio={compressor.ratio}, budget={compressor.budget})"
+        )
 
 
 def budget_from(ratio: float | None, budget: int | None, length: int) -> int:

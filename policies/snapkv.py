@@ -15,7 +15,7 @@ import attrs
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
 from kvsieve.policies.window_attention import POOLINGS, WindowAttentionScoring
-from kvsieve.validators import budget_from, odd_positive_int, optional, positive_int, unit_ratio
+from kvsieve.validators import budget_from, odd_positive_int, optional, positive_int, ratio_or_budget, unit_ratio
 
 __all__ = ["SnapKV"]
 
@@ -46,8 +46,7 @@ class SnapKV(Compressor):
     selection: object = "topk"
 
     def __attrs_post_init__(self):
-        if self.ratio is not None and self.budget is not None:
-            raise ValueError(f"give snapkv either ratio or budget, not both (ratio={self.ratio}, budget={self.budget})")
+        ratio_or_budget(self)
         if self.ratio is None and self.budget is None:
             object.__setattr__(self, "ratio", 0.2)
         if self.budget is not None and self.budget <= self.window:

@@ -13,7 +13,7 @@ import attrs
 
 import kvsieve
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.validators import budget_from, nonnegative_int, optional, positive_int, unit_ratio
+from kvsieve.validators import budget_from, nonnegative_int, optional, positive_int, ratio_or_budget, unit_ratio
 
 __all__ = ["StreamingLLM"]
 
@@ -37,10 +37,7 @@ class StreamingLLM(Compressor):
     selection: object = "topk"
 
     def __attrs_post_init__(self):
-        if self.ratio is not None and self.budget is not None:
-            raise ValueError(
-                f"give streamingllm either ratio or budget, not both (ratio={self.ratio}, budget={self.budget})"
-            )
+        ratio_or_budget(self)
         if self.ratio is None and self.budget is None:
             object.__setattr__(self, "budget", 256)
         if self.budget is not None and self.budget <= self.sinks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsieve import models
 
@@ -40,6 +41,20 @@ def tiny_models() -> TinyModels:
 def llama(tiny_models):
     """``(model, tokenizer)`` of the tiny random Llama (the family used where the family does not matter)."""
     return tiny_models["llama"]
+
+
+def tiny_llama(num_hidden_layers: int) -> LlamaForCausalLM:
+    """A private tiny random Llama of ``models.TINY_SHAPE`` with ``num_hidden_layers`` layers (vocab 300, pad id 0)."""
+    config = LlamaConfig(
+        **{**models.TINY_SHAPE, "num_hidden_layers": num_hidden_layers},
+        vocab_size=300,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
 
 
 def random_prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, left_padded
+from conftest import FAMILIES, left_padded, random_prompt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,41 +32,29 @@ from kvsieve.propagation import PropagationState, decoder_layers
 PAD0 = SimpleNamespace(pad_token_id=0)  # the tokenizer facts left_padded needs (model4's pad id)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model4():
     """A tiny random Llama with 4 layers: the default TSP layer is 4 / 2 - 1 = 1."""
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
-
-
-def prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return tiny_llama(4)
 
 
 def greedy(n: int) -> dict:
     return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def assert_keep_all_matches_full(model, ids, mask, n: int) -> None:
+    """FastKV with ``tsp_rate = retain_rate = 1`` generates the same ``n`` greedy tokens as the full cache."""
+    full = generate(model, ids, mask, compressor="none", backend="torch", **greedy(n))
+    same = generate(
+        model,
+        ids,
+        mask,
+        compressor="fastkv",
+        backend="torch",
+        params=dict(tsp_rate=1.0, retain_rate=1.0),
+        **greedy(n),
+    )
+    assert torch.equal(same.sequences, full.sequences)
 
 
 class TokenCounter:
@@ -343,14 +331,14 @@ def test_prefill_compute_is_reduced(model4):
     try:
         with torch.inference_mode():
             with apply(model4, "fastkv", "torch"):
-                model4(prompt(120))
-                model4(prompt(120), use_cache=False)  # no SieveCache: nothing compresses or propagates
+                model4(random_prompt(120))
+                model4(random_prompt(120), use_cache=False)  # no SieveCache: nothing compresses or propagates
             with apply(model4, "fastkv", "torch", params=dict(tsp_len=40, budget=20)):
-                model4(prompt(120))
-                model4(prompt(30))  # between budget and tsp_len: KV compressed, TSP does not fire
-                model4(prompt(15))  # shorter than the budget: left alone
+                model4(random_prompt(120))
+                model4(random_prompt(30))  # between budget and tsp_len: KV compressed, TSP does not fire
+                model4(random_prompt(15))  # shorter than the budget: left alone
             with apply(model4, "fastkv", "torch", params=dict(tsp_layer=0)):
-                model4(prompt(120))
+                model4(random_prompt(120))
     finally:
         counter.remove()
     assert counter.counts == [
@@ -365,7 +353,7 @@ def test_prefill_compute_is_reduced(model4):
 
 def test_kv_lengths_subset_and_original_positions(model4):
     Lp, T = 120, 1
-    ids = prompt(Lp, batch=2, seed=5)
+    ids = random_prompt(Lp, batch=2, seed=5)
     seen = {}
 
     def record(i):
@@ -409,17 +397,7 @@ def test_kv_lengths_subset_and_original_positions(model4):
 
 def test_keeping_everything_matches_the_full_cache(model4):
     ids, mask, _ = left_padded(PAD0, [40, 29, 33], seed=2)
-    full = generate(model4, ids, mask, compressor="none", backend="torch", **greedy(12))
-    same = generate(
-        model4,
-        ids,
-        mask,
-        compressor="fastkv",
-        backend="torch",
-        params=dict(tsp_rate=1.0, retain_rate=1.0),
-        **greedy(12),
-    )
-    assert torch.equal(same.sequences, full.sequences)
+    assert_keep_all_matches_full(model4, ids, mask, 12)
     counter = TokenCounter(model4)
     try:
         with (
@@ -436,7 +414,7 @@ def test_keeping_everything_matches_the_full_cache(model4):
 def test_decode_positions_continue_from_the_original_prompt_length(model4):
     Lp, n = 100, 9
     with torch.inference_mode(), apply(model4, "fastkv", "torch") as session:
-        out = model4.generate(input_ids=prompt(Lp, seed=3), **greedy(n))
+        out = model4.generate(input_ids=random_prompt(Lp, seed=3), **greedy(n))
         cache = session.last_cache
     assert out.shape == (1, Lp + n)
     for layer in cache.layers:
@@ -478,7 +456,7 @@ def test_left_padded_batch(model4):
 
 
 def test_sampling_with_several_return_sequences(model4):
-    ids = prompt(50, batch=2, seed=11)
+    ids = random_prompt(50, batch=2, seed=11)
     mask = torch.ones_like(ids)
     sample = dict(max_new_tokens=8, min_new_tokens=8, do_sample=True, num_return_sequences=3)
     runs = {}
@@ -511,14 +489,4 @@ def test_every_family(family, tiny_models):
         counter.remove()
     assert counter.counts[0] == [80, 16, 16] and all(c == [1, 1, 1] for c in counter.counts[1:])
     assert result.kv_lengths == [8 + 5, 8 + 5, 8 + 5]  # 0.1 * 80 = 8; after TSP 0.5 * 16 = 8
-    full = generate(model, ids, mask, compressor="none", backend="torch", **greedy(6))
-    same = generate(
-        model,
-        ids,
-        mask,
-        compressor="fastkv",
-        backend="torch",
-        params=dict(tsp_rate=1.0, retain_rate=1.0),
-        **greedy(6),
-    )
-    assert torch.equal(same.sequences, full.sequences)
+    assert_keep_all_matches_full(model, ids, mask, 6)

@@ -14,8 +14,7 @@ from typing import ClassVar
 import attrs
 import pytest
 import torch
-from conftest import left_padded
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import left_padded, tiny_llama
 
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import Compressor, LayerEvent
@@ -32,33 +31,10 @@ from kvsieve.propagation import (
 PAD0 = SimpleNamespace(pad_token_id=0)  # the tokenizer facts left_padded needs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model4():
     """A tiny random Llama with 4 layers (so propagation can happen in the middle)."""
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
+    return tiny_llama(4)
 
 
 def keep_every_other(n: int, batch: int) -> torch.Tensor:

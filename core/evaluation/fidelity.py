@@ -39,6 +39,7 @@ from kvsieve.evaluation.runner import (
     plot_accuracy_vs_budget,
     retrieval_tables,
     run_metadata,
+    start_jsonl,
     write_json,
 )
 from kvsieve.evaluation.tasks import filler_text, make_prompts, score
@@ -202,18 +203,13 @@ def run_fidelity(
         check_fits(model, lengths, max_new_tokens)
     started = time.perf_counter()
     meta = run_metadata(argv, model_name, backend, next(model.parameters()).device)
-    path = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "fidelity.jsonl"
-        path.unlink(missing_ok=True)
     run = _Run(
         model,
         tokenizer,
         [BASELINE, *[c for c in configs if c != BASELINE]],
         backend,
         progress,
-        path,
+        start_jsonl(out, "fidelity.jsonl"),
         {"model": model_name, "seed": seed},
     )
     for mode in modes:

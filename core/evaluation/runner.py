@@ -194,6 +194,16 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
 
 
+def start_jsonl(out: Path | None, name: str) -> Path | None:
+    """``out / name``, emptied for :func:`append_jsonl`, creating ``out``; None when ``out`` is None (write nothing)."""
+    if out is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.unlink(missing_ok=True)
+    return path
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -428,14 +438,11 @@ def run_retrieval(
         template=template,
         progress=progress,
     )
-    results_path = None
+    results_path = start_jsonl(out, "results.jsonl")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         with (out / "prompts.jsonl").open("w") as f:
             for prompt in prompts:
                 f.write(json.dumps(prompt.to_json()) + "\n")
-        results_path = out / "results.jsonl"
-        results_path.unlink(missing_ok=True)
     device = next(model.parameters()).device
     records = []
     bar = tqdm(total=len(prompts) * len(configs), desc=f"{task} eval", disable=not progress, unit="prompt")

@@ -22,26 +22,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: the public names of :mod:`kvsieve.testing.conformance` (its ``__all__``), listed here so that they are
+#: re-exported without importing it
+_CONFORMANCE_NAMES = (
+    "POISONS",
+    "PRIMITIVES",
+    "SCORE_TOLERANCES",
+    "TOLERANCES",
+    "assert_backend_conforms",
+    "assert_scoring_conforms",
+    "assert_selection_conforms",
+    "check_backend",
+    "check_scoring",
+    "check_selection",
+    "conformance_settings",
+    "poison",
+)
+
 _EXPORTS = {
     "strategies": "kvsieve.testing.strategies",
     "conformance": "kvsieve.testing.conformance",
-    **dict.fromkeys(
-        (
-            "POISONS",
-            "PRIMITIVES",
-            "SCORE_TOLERANCES",
-            "TOLERANCES",
-            "assert_backend_conforms",
-            "assert_scoring_conforms",
-            "assert_selection_conforms",
-            "check_backend",
-            "check_scoring",
-            "check_selection",
-            "conformance_settings",
-            "poison",
-        ),
-        "kvsieve.testing.conformance",
-    ),
+    **dict.fromkeys(_CONFORMANCE_NAMES, "kvsieve.testing.conformance"),
     **dict.fromkeys(
         ("CacheCase", "CompactionCase", "PrefillCase", "SelectionCase", "Sizes"), "kvsieve.testing.strategies"
     ),

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from kvsieve.backend import KVBackend
 from kvsieve.policy import ScoringPolicy, Selection, SelectionPolicy
+from kvsieve.testing import _CONFORMANCE_NAMES
 from kvsieve.testing.strategies import (
     DEFAULT_SIZES,
     CacheCase,
@@ -43,20 +44,7 @@ from kvsieve.testing.strategies import (
     selections,
 )
 
-__all__ = [
-    "POISONS",
-    "PRIMITIVES",
-    "SCORE_TOLERANCES",
-    "TOLERANCES",
-    "assert_backend_conforms",
-    "assert_scoring_conforms",
-    "assert_selection_conforms",
-    "check_backend",
-    "check_scoring",
-    "check_selection",
-    "conformance_settings",
-    "poison",
-]
+__all__ = list(_CONFORMANCE_NAMES)
 
 #: ``(rtol, atol)`` per input dtype for outputs in the input dtype (attention outputs)
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
