@@ -3,9 +3,9 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
-# Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), kernels (Triton kernel benchmark),
+# Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), fastpath (pytest -m gpu on the fast path only), kernels (Triton kernel benchmark),
 # flash (prefill TTFT per backend), e2e (backend agreement end to end), fastkv (TTFT smoke at 32K),
-# rpc (decode smoke: 4096 tokens at batch 16 — about 8 minutes on its own, so not in the default set).
+# rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop).
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -42,6 +42,8 @@ for stage in $stages; do
   start=$(date +%s)
   case $stage in
     tests)   python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee "$out/gpu_tests.txt" ;;
+    fastpath) python -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -n 40 \
+                | tee "$out/gpu_tests_fastpath.txt" ;;
     kernels) python benchmarks/kernels.py "$out" 2>&1 | tail -n 80 ;;
     flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
     e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;

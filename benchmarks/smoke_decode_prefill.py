@@ -5,8 +5,10 @@
 
 ``rpc``: a random-weight Qwen2 model with DeepSeek-R1-Distill-Qwen-7B shapes (28 layers, 28 heads, 4 KV heads,
 d=128), a 128-token random prompt, ``--gen`` generated tokens (min_new_tokens forces the length), greedy, batch
-``--batch``, HF's eager decode loop through ``kvsieve.generate``: full cache (``none``) vs ``rpc`` (P=1024, R=32,
-c=4). Reports tokens/s, peak GPU memory (torch.cuda.max_memory_allocated) and the cache's allocated K/V bytes.
+``--batch``, through kvsieve's fast path (``kvsieve.generate(fast=True)``: static cache, CUDA-graph replay), and
+``--eager-gen`` tokens through HF's eager decode loop (``kvsieve.generate`` without ``fast``; it is host-bound,
+so a short run gives its rate): full cache (``none``) vs ``rpc`` (P=1024, R=32, c=4). Reports tokens/s, peak GPU
+memory (torch.cuda.max_memory_allocated) and the cache's allocated K/V bytes.
 
 ``fastkv``: a random-weight Llama-3.1-8B-shaped model (32 layers, 32 heads, 8 KV heads, d=128), batch 1,
 ``--context`` random prompt tokens, time to first token (prefill + one decode step, max_new_tokens=1):
@@ -52,21 +54,27 @@ def bench_rpc(args) -> list[dict]:
     mask = torch.ones_like(ids)
     rows = []
     runs = [("none", {}), ("rpc", dict(interval=1024, window=32, ratio=4))]
-    for name, params in runs:
-        generate(model, ids[:, :16], mask[:, :16], compressor=name, params=params, backend=args.backend,
-                 max_new_tokens=8, do_sample=False)  # warm-up
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        result = generate(model, ids, mask, compressor=name, params=params, backend=args.backend,
-                          max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False)
-        rows.append(dict(compressor=name, params=params, backend=result.backend, batch=args.batch,
-                         generated=result.generated_tokens, seconds=round(result.seconds, 2),
-                         tokens_per_s=round(result.tokens_per_s, 1),
-                         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                         kv_gib_end=round(result.kv_bytes / 2**30, 3),
-                         kv_gib_peak=round(result.kv_bytes_peak / 2**30, 3),
-                         kv_len_end=max(result.kv_lengths)))
-        print(rows[-1], flush=True)
+    # the fast path (static cache, CUDA-graph replay) for the full --gen tokens; HF's eager loop
+    # (kvsieve.generate without fast=True) for --eager-gen tokens: it is host-bound, a short run shows its rate
+    loops = [("fast path", True, args.gen), ("HF eager loop", False, args.eager_gen)]
+    for loop, fast, gen in loops:
+        if gen <= 0:
+            continue
+        for name, params in runs:
+            generate(model, ids[:, :16], mask[:, :16], compressor=name, params=params, backend=args.backend,
+                     max_new_tokens=8, do_sample=False, fast=fast)  # warm-up
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            result = generate(model, ids, mask, compressor=name, params=params, backend=args.backend,
+                              max_new_tokens=gen, min_new_tokens=gen, do_sample=False, fast=fast)
+            rows.append(dict(loop=loop, compressor=name, params=params, backend=result.backend, batch=args.batch,
+                             generated=result.generated_tokens, seconds=round(result.seconds, 2),
+                             tokens_per_s=round(result.tokens_per_s, 1),
+                             peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                             kv_gib_end=round(result.kv_bytes / 2**30, 3),
+                             kv_gib_peak=round(result.kv_bytes_peak / 2**30, 3),
+                             kv_len_end=max(result.kv_lengths)))
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -127,6 +135,7 @@ def main() -> int:
     parser.add_argument("which", choices=["rpc", "fastkv"])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--gen", type=int, default=4096)
+    parser.add_argument("--eager-gen", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--backend", default="auto")
