@@ -61,12 +61,17 @@ def bench_rpc(args) -> list[dict]:
         if gen <= 0:
             continue
         for name, params in runs:
-            generate(model, ids[:, :16], mask[:, :16], compressor=name, params=params, backend=args.backend,
-                     max_new_tokens=8, do_sample=False, fast=fast)  # warm-up
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            result = generate(model, ids, mask, compressor=name, params=params, backend=args.backend,
-                              max_new_tokens=gen, min_new_tokens=gen, do_sample=False, fast=fast)
+            try:
+                generate(model, ids[:, :16], mask[:, :16], compressor=name, params=params, backend=args.backend,
+                         max_new_tokens=8, do_sample=False, fast=fast)  # warm-up
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                result = generate(model, ids, mask, compressor=name, params=params, backend=args.backend,
+                                  max_new_tokens=gen, min_new_tokens=gen, do_sample=False, fast=fast)
+            except Exception as exc:  # reported as a row, the other runs go on
+                rows.append(dict(loop=loop, compressor=name, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                print(rows[-1], flush=True)
+                continue
             rows.append(dict(loop=loop, compressor=name, params=params, backend=result.backend, batch=args.batch,
                              generated=result.generated_tokens, seconds=round(result.seconds, 2),
                              tokens_per_s=round(result.tokens_per_s, 1),
