@@ -125,9 +125,10 @@ def varlen_layout(
     device = starts.device
     idx = torch.arange(N + 1, device=device, dtype=torch.int64)
     cu_seq_q = (idx * rows_per_seq).to(torch.int32)
-    cu_seq_k = idx * slot_stride
-    cu_seq_k[:N] += starts
-    cu_seq_k[N] = total_k
+    # sequence i starts at i * slot_stride + starts_i; the closing entry is total_k. Built from device tensors
+    # only (no item assignment of a host scalar, which would copy from the host inside a CUDA-graph capture)
+    offsets = torch.cat([starts.to(torch.int64), starts.new_full((1,), capacity - slot_stride, dtype=torch.int64)])
+    cu_seq_k = idx * slot_stride + offsets
     seqused_k = (ends - starts).clamp(min=0).to(torch.int32)
     return VarlenLayout(cu_seq_q, cu_seq_k.to(torch.int32), seqused_k, rows_per_seq, capacity, total_k)
 
@@ -544,15 +545,17 @@ class FlashBackend(KVBackend):
         """Per-row left padding (``int64 [B]``) of a validated prefill mask; ``None`` when no row is padded.
 
         Every layer of one forward receives the same mask object: it is validated once (a weak reference and
-        the tensor's version counter identify it).
+        the tensor's version counter identify it). An inference tensor (made under ``torch.inference_mode``, as
+        in ``model.generate``) has no version counter: it is validated at every call.
         """
+        version = None if mask.is_inference() else mask._version
         cached = self._mask_cache
-        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        if version is not None and cached is not None and cached[0]() is mask and cached[1] == version:
             return cached[2]
         pad = left_padding_from_mask(mask, Q, K)
         pad = pad.expand(B) if pad.numel() == 1 and B > 1 else pad
         result = pad if bool(pad.any()) else None
-        self._mask_cache = (weakref.ref(mask), mask._version, result)
+        self._mask_cache = None if version is None else (weakref.ref(mask), version, result)
         return result
 
     def _delegate(self, method: str, device: torch.device, *args):

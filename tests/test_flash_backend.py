@@ -458,6 +458,22 @@ def test_mask_validated_once_per_mask_object(monkeypatch):
     assert len(calls) == 3
 
 
+def test_inference_mode_masks_are_validated_every_call(monkeypatch):
+    """model.generate runs under inference_mode, whose tensors have no version counter: no crash, no stale
+    cache (each call validates the mask)."""
+    backend = FlashBackend(impl=EMULATED["aten-seqused"]())
+    with torch.inference_mode():
+        q, k, v, mask = prefill_inputs(2, 2, 2, 5, 5, 8, [0, 2])
+        expected = FlashBackend(impl=EMULATED["aten-seqused"]()).prefill_attention(q, k, v, mask.clone(), 0.3)
+    calls = []
+    real = flash.left_padding_from_mask
+    monkeypatch.setattr(flash, "left_padding_from_mask", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        for _ in range(2):
+            _close(backend.prefill_attention(q, k, v, mask, 0.3), expected)
+    assert len(calls) == 2
+
+
 # =========================================================================== CPU: plumbing (emulated kernels)
 def _close(actual, expected, tol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=False)
