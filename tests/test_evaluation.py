@@ -334,7 +334,7 @@ def test_cli_register_and_errors(capsys):
     assert args.func is cli.run and args.eval_task == "needle"
     assert args.lengths == [1024, 2048] and args.budgets == [0.1, 0.2] and args.depths == [0, 0.25, 0.5, 0.75, 1]
     fid = parser.parse_args(["eval", "fidelity"])
-    assert fid.mode == "nll,free,retrieval,copy" and fid.budgets is None
+    assert fid.mode == "nll,free,retrieval,copy,reasoning" and fid.budgets is None and fid.reasoning_tokens == 512
     bad = parser.parse_args(
         [
             "eval",
@@ -398,6 +398,7 @@ def test_run_fidelity(tiny, tmp_path):
         new_tokens=16,
         passage_tokens=24,
         prefill_tokens=8,
+        reasoning_tokens=16,
         segment=32,
         max_new_tokens=3,
         out=tmp_path,
@@ -412,13 +413,88 @@ def test_run_fidelity(tiny, tmp_path):
     assert by["free", "none"]["agreement"] == 1.0 and by["free", "none"]["first_divergence"] is None
     assert by["copy", "none"]["delta_repeat_nll"] == 0
     assert by["retrieval", "streamingllm(budget=48)"]["kv_fraction"] < 0.3
-    assert {"fidelity.jsonl", "summary.md", "meta.json", "fidelity_nll.png", "decode_retrieval.png"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert by["reasoning", "none"]["kv_fraction"] == 1.0 and by["reasoning", "none"]["reasoning_tokens"] == 16
+    assert {
+        "fidelity.jsonl",
+        "summary.md",
+        "meta.json",
+        "fidelity_nll.png",
+        "decode_retrieval.png",
+        "reasoning_retrieval.png",
+    } <= {p.name for p in tmp_path.iterdir()}
     summary = (tmp_path / "summary.md").read_text()
     assert "ΔNLL" in summary and "token agreement" in summary and "Repeat-copy" in summary
+    assert "after a long reasoning: the whole prompt prefilled, then 16 filler tokens" in summary
+    assert json.loads((tmp_path / "meta.json").read_text())["reasoning_tokens"] == 16
     with pytest.raises(ValueError, match="unknown fidelity mode"):
         fidelity.run_fidelity(model, tokenizer, configs, modes=["vibes"], progress=False)
+
+
+def test_reasoning_stream(tokenizer):
+    prompt = make_prompts(tokenizer, "passkey", [300], [0.5], 1)[0]
+    reasoning, reask = fidelity.reasoning_stream(tokenizer, prompt, 40)
+    assert len(reasoning) == 40 and prompt.key not in tokenizer.decode(reasoning)
+    assert tokenizer.decode(reask) == "\n\nSo, the secret number is"
+    assert fidelity.reasoning_stream(tokenizer, prompt, 40) == (reasoning, reask)  # seeded by the prompt
+    assert fidelity.reasoning_stream(tokenizer, prompt, 0) == ([], reask)
+    other = make_prompts(tokenizer, "passkey", [300], [0.5], 2)[1]
+    assert fidelity.reasoning_stream(tokenizer, other, 40)[0] != reasoning
+
+
+def test_reasoning_mode_prefills_the_whole_prompt_then_decodes(tiny, monkeypatch):
+    """``reasoning``: the whole prompt (question included) goes through prefill; the reasoning tokens and the re-ask
+    through decode; the full cache then holds every token fed, plus the answer's but its last."""
+    model, tokenizer = tiny
+    calls = []
+    real = fidelity.decode_stream
+
+    def spy(model, prompt_ids, stream_ids, config, backend, **kwargs):
+        calls.append((config.label, list(prompt_ids), list(stream_ids)))
+        return real(model, prompt_ids, stream_ids, config, backend, **kwargs)
+
+    monkeypatch.setattr(fidelity, "decode_stream", spy)
+    hybrid = CompressorConfig(
+        "fastkv+rpc",
+        {"fastkv.retain_rate": 0.5, "fastkv.tsp_rate": 0.5, "rpc.interval": 8, "rpc.window": 4, "rpc.ratio": 2},
+    )
+    configs = [CompressorConfig("fastkv", {"retain_rate": 0.5, "tsp_rate": 0.5}), hybrid]
+    records = fidelity.run_fidelity(
+        model,
+        tokenizer,
+        configs,
+        modes=["reasoning"],
+        n=1,
+        lengths=[260],
+        depths=[0.5],
+        reasoning_tokens=40,
+        max_new_tokens=3,
+        progress=False,
+    )
+    prompt = make_prompts(tokenizer, "passkey", [260], [0.5], 1)[0]
+    reasoning, reask = fidelity.reasoning_stream(tokenizer, prompt, 40)
+    assert [label for label, _, _ in calls] == ["none", *[c.label for c in configs]]
+    for _, prefilled, decoded in calls:
+        assert prefilled == prompt.input_ids and prompt.text.endswith(prompt.question)
+        assert decoded == reasoning + reask and len(decoded) == 40 + len(reask)
+    full, fastkv, both = records
+    assert all(r["mode"] == "reasoning" and r["decoded_tokens"] == 40 + len(reask) for r in records)
+    assert full["reasoning_tokens"] == 40 and full["reask_tokens"] == len(reask) >= 5
+    assert full["answer_tokens"] == 3 and full["prompt_tokens"] == len(prompt.input_ids)
+    # the full cache: prompt + decoded + answer tokens - 1 (the last answer token is never fed back)
+    assert full["kv_tokens"] == len(prompt.input_ids) + 40 + len(reask) + 3 - 1 and full["kv_fraction"] == 1.0
+    assert both["kv_tokens"] < fastkv["kv_tokens"] < full["kv_tokens"]  # RPC compresses what FastKV leaves to grow
+    assert {"key", "answer", "correct", "depth", "seconds", "kv_fraction", "reasoning_nll"} <= set(full)
+
+
+def test_reasoning_tokens_must_not_be_negative(tiny, capsys):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"reasoning_tokens \(--reasoning-tokens\) must be an integer >= 0, got -1"):
+        fidelity.run_fidelity(model, tokenizer, [], modes=["reasoning"], reasoning_tokens=-1, progress=False)
+    parser = argparse.ArgumentParser(prog="kvsieve")
+    cli.register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fidelity", "--reasoning-tokens", "-5"])
+    assert "argument --reasoning-tokens: expected an integer >= 0, got -5" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- smollm2

@@ -8,6 +8,8 @@ Examples::
     kvsieve eval passkey --compressor none,snapkv,streamingllm --budgets 0.1,0.2,0.5 --lengths 1K,2K --n 8
     kvsieve eval needle --compressor snapkv --set window=8 --depths 0,0.5,1 --lengths 1K,2K,4K
     kvsieve eval fidelity --compressor streamingllm --budget-param budget --budgets 256,512 --mode nll,copy
+    kvsieve eval fidelity --mode reasoning --compressor fastkv+rpc --set fastkv+rpc.rpc.interval=64 \
+        --reasoning-tokens 512 --depths 0.1,0.5 --lengths 1K
     kvsieve eval report runs/passkey-1k runs/passkey-2k --out runs/passkey
 """
 
@@ -52,6 +54,17 @@ def _floats(text: str) -> list[float]:
     return [float(item) for item in _items(text)]
 
 
+def _count(text: str) -> int:
+    """A token count, an integer >= 0 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _numbers(text: str) -> list[float | int]:
     values = [parse_value(item) for item in _items(text)]
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
@@ -87,13 +100,19 @@ def register(subparsers) -> argparse.ArgumentParser:
         "passkey": "a 5-digit secret number hidden in filler; exact match (prefill-time compression)",
         "needle": "a two-word phrase hidden at controlled depths; depth x length heat map",
         "fidelity": "decode-time compressors: teacher-forced NLL, free-running agreement, retrieval and "
-        "repeat-copy through the decode path",
+        "repeat-copy through the decode path, and retrieval after a long reasoning (the whole prompt prefilled, "
+        "then --reasoning-tokens decoded)",
     }
     for name, help_text in helps.items():
         sub = tasks.add_parser(name, help=help_text, description=help_text)
         _add_common(sub, DEFAULTS[name], phase="decode" if name == "fidelity" else "prefill")
         if name == "fidelity":
-            sub.add_argument("--mode", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
+            sub.add_argument(
+                "--mode",
+                default=",".join(MODES),
+                help=f"comma list of {', '.join(MODES)} (default: all); reasoning is retrieval with the whole prompt "
+                "prefilled and --reasoning-tokens decoded before the answer, retrieval decodes the prompt's tail",
+            )
             sub.add_argument("--prompt-tokens", type=int, default=256, help="prompt of nll/free (default 256)")
             sub.add_argument(
                 "--continuation-tokens", type=int, default=2048, help="teacher-forced tokens of nll (default 2048)"
@@ -105,6 +124,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                 type=int,
                 default=16,
                 help="retrieval: prompt tokens that go through prefill; the rest is decoded (16)",
+            )
+            sub.add_argument(
+                "--reasoning-tokens",
+                type=_count,
+                default=512,
+                help="reasoning: the whole passkey prompt is prefilled, then this many filler tokens (a stand-in "
+                "for a chain of thought) and a re-ask go through decode before the answer (default 512)",
             )
         sub.set_defaults(func=run)
     redraw = tasks.add_parser(
@@ -230,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
             new_tokens=args.new_tokens,
             passage_tokens=args.passage_tokens,
             prefill_tokens=args.prefill_tokens,
+            reasoning_tokens=args.reasoning_tokens,
             **common,
         )
     else:

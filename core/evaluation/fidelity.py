@@ -11,7 +11,17 @@ exactly as during generation. Each is compared with the full cache (``none``) on
   positions where both wrote the same token and the first position where they differ.
 * ``retrieval``: the passkey task with its haystack fed through the decode path (teacher-forced, as if the model had
   written it), then the question, then a greedy answer: retrieval from the generated region, which is what RPC
-  must preserve.
+  must preserve. Only the prompt's first ``prefill_tokens`` are prefilled, so a prefill-time compressor that
+  selects by the prompt's last tokens (SnapKV, FastKV) selects before the question exists.
+* ``reasoning`` (retrieval after a long reasoning): the long-context reasoning scenario. The WHOLE passkey prompt
+  (chat-templated, haystack, needle and question, ending with the answer prefix, exactly as ``eval passkey`` builds
+  it) is prefilled, so a prefill-time compressor (FastKV, SnapKV) selects with the question in its window. Then
+  ``reasoning_tokens`` tokens of filler text (the prompt's filler source, never holding the key) go through the
+  decode path one token per forward, teacher-forced as if the model had written them, so a decode-time compressor
+  (RPC) compresses them as it would compress a chain of thought. Then a short re-ask in plain text
+  (:data:`REASK`, e.g. ``"\n\nSo, the secret number is"``), also decoded, and a greedy answer scored like
+  ``eval passkey``. The needle must survive both phases: the prefill selection and the compressions of the
+  reasoning.
 * ``copy`` (repeat-copy NLL): a passage, filler, the same passage again, all through the decode path; a low NLL on
   the repeat means the tokens needed to copy it survived compression. The NLL of the passage's first occurrence
   (where no copy is possible) is reported beside it.
@@ -44,11 +54,13 @@ from kvsieve.evaluation.runner import (
 )
 from kvsieve.evaluation.tasks import filler_text, make_prompts, score
 
-__all__ = ["MODES", "StreamResult", "decode_stream", "run_fidelity", "token_agreement"]
+__all__ = ["MODES", "REASK", "StreamResult", "decode_stream", "reasoning_stream", "run_fidelity", "token_agreement"]
 
-MODES = ("nll", "free", "retrieval", "copy")
+MODES = ("nll", "free", "retrieval", "copy", "reasoning")
+RETRIEVAL_MODES = ("retrieval", "reasoning")  # passkey records: scored, tabulated and plotted alike
 BASELINE = CompressorConfig("none")
 COPY_HEADER = "Here is a passage, then some other text, then the same passage again.\n\n"
+REASK = "\n\nSo, {answer_prefix}"  # ``reasoning``: after the reasoning, the answer prefix again ("So, the secret ...")
 
 
 @attrs.frozen
@@ -166,6 +178,7 @@ def run_fidelity(
     new_tokens: int = 512,
     passage_tokens: int = 128,
     prefill_tokens: int = 16,
+    reasoning_tokens: int = 512,
     segment: int = 256,
     filler: str = "essays",
     template: str = "auto",
@@ -187,10 +200,15 @@ def run_fidelity(
         continuation_tokens: teacher-forced tokens of ``nll``; ``new_tokens`` greedy tokens of ``free``.
         passage_tokens: the passage that ``copy`` repeats.
         prefill_tokens: ``retrieval``: the prompt's first tokens go through prefill, the rest through decode.
+        reasoning_tokens: ``reasoning``: filler tokens decoded between the prefilled prompt and the re-ask (>= 0).
         segment: ``nll`` is also reported per segment of this many continuation tokens.
 
     Returns:
         the records (also in ``out/fidelity.jsonl``).
+
+    Raises:
+        ValueError: an unknown mode, or ``reasoning_tokens`` < 0.
+        PromptTooLongError: a mode's tokens do not fit in the model's context.
     """
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -201,6 +219,10 @@ def run_fidelity(
         check_fits(model, [prompt_tokens + new_tokens], 0)
     if "retrieval" in modes or "copy" in modes:
         check_fits(model, lengths, max_new_tokens)
+    if isinstance(reasoning_tokens, bool) or not isinstance(reasoning_tokens, int) or reasoning_tokens < 0:
+        raise ValueError(f"reasoning_tokens (--reasoning-tokens) must be an integer >= 0, got {reasoning_tokens!r}")
+    if "reasoning" in modes:  # the re-ask is a handful of tokens: 16 leaves room for it
+        check_fits(model, [length + reasoning_tokens + 16 for length in lengths], max_new_tokens)
     started = time.perf_counter()
     meta = run_metadata(argv, model_name, backend, next(model.parameters()).device)
     run = _Run(
@@ -213,11 +235,14 @@ def run_fidelity(
         {"model": model_name, "seed": seed},
     )
     for mode in modes:
-        if mode == "retrieval":
+        if mode in RETRIEVAL_MODES:
             prompts = make_prompts(
                 tokenizer, "passkey", list(lengths), depths, n, seed=seed, filler=filler, template=template
             )
-            _measure_retrieval(run, prompts, prefill_tokens, max_new_tokens)
+            if mode == "retrieval":
+                _measure_retrieval(run, prompts, prefill_tokens, max_new_tokens)
+            else:
+                _measure_reasoning(run, prompts, reasoning_tokens, filler, max_new_tokens)
             continue
         for sample in range(n):
             rng = random.Random(f"kvsieve-fidelity:{mode}:{seed}:{sample}")
@@ -242,6 +267,7 @@ def run_fidelity(
             new_tokens=new_tokens,
             passage_tokens=passage_tokens,
             prefill_tokens=prefill_tokens,
+            reasoning_tokens=reasoning_tokens,
             filler=filler,
             configs=[c.label for c in configs],
         )
@@ -379,6 +405,25 @@ def _measure_copy(run: _Run, rng: random.Random, sample: int, length: int, passa
         )
 
 
+def _passkey_fields(run: _Run, prompt, result: StreamResult, fed_tokens: int) -> dict[str, Any]:
+    """The record fields of a passkey answer (``retrieval``, ``reasoning``): ``fed_tokens`` went into the cache
+    before the answer (prefill and decode)."""
+    answer = run.tokenizer.decode(result.generated, skip_special_tokens=True)
+    return dict(
+        task="passkey",
+        prompt_id=prompt.id,
+        length=prompt.length,
+        prompt_tokens=len(prompt.input_ids),
+        depth=prompt.depth,
+        needle_depth=round(prompt.needle_depth, 4),
+        key=prompt.key,
+        answer=answer,
+        answer_tokens=len(result.generated),
+        correct=score("passkey", answer, prompt.key),
+        kv_fraction=_mean(result.kv_lengths) / full_cache_tokens(fed_tokens, len(result.generated)),
+    )
+
+
 def _measure_retrieval(run: _Run, prompts, prefill_tokens: int, max_new_tokens: int) -> None:
     eos = run.tokenizer.eos_token_id
     for prompt in prompts:
@@ -392,24 +437,62 @@ def _measure_retrieval(run: _Run, prompts, prefill_tokens: int, max_new_tokens: 
                 generate_tokens=max_new_tokens,
                 eos_token_id=eos,
             )
-            answer = run.tokenizer.decode(result.generated, skip_special_tokens=True)
+            run.emit("retrieval", config, prompt.index, result, **_passkey_fields(run, prompt, result, len(ids)))
+
+
+def reasoning_stream(tokenizer, prompt, reasoning_tokens: int, filler: str = "essays") -> tuple[list[int], list[int]]:
+    """What ``reasoning`` decodes after ``prompt``: ``reasoning_tokens`` tokens of ``filler`` text (seeded by the
+    prompt's id, starting at a sentence; a draw that holds the key is replaced), and the re-ask tokens
+    (:data:`REASK` with the task's answer prefix)."""
+    rng = random.Random(f"kvsieve-fidelity:reasoning:{prompt.id}")
+    for _ in range(16):
+        # a leading space: the text continues the prompt's last line as the model's own words would
+        text = " " + filler_text(filler, rng, 8 * (reasoning_tokens + 64))
+        reasoning = tokenizer(text, add_special_tokens=False)["input_ids"][:reasoning_tokens]
+        if prompt.key not in tokenizer.decode(reasoning):
+            break
+    else:
+        raise ValueError(f"could not draw {reasoning_tokens} tokens of {filler} text without the key {prompt.key}")
+    if len(reasoning) < reasoning_tokens:
+        raise ValueError(f"could not draw {reasoning_tokens} tokens of {filler} text")
+    reask = tokenizer(REASK.format(answer_prefix=_lower_first(prompt.answer_prefix)), add_special_tokens=False)
+    return reasoning, list(reask["input_ids"])
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _measure_reasoning(run: _Run, prompts, reasoning_tokens: int, filler: str, max_new_tokens: int) -> None:
+    eos = run.tokenizer.eos_token_id
+    for prompt in prompts:
+        reasoning, reask = reasoning_stream(run.tokenizer, prompt, reasoning_tokens, filler)
+        ids = prompt.input_ids
+        for config in run.configs:
+            result = run.stream(
+                prompt.id, config, ids, reasoning + reask, generate_tokens=max_new_tokens, eos_token_id=eos
+            )
             run.emit(
-                "retrieval",
+                "reasoning",
                 config,
                 prompt.index,
                 result,
-                task="passkey",
-                prompt_id=prompt.id,
-                length=prompt.length,
-                depth=prompt.depth,
-                key=prompt.key,
-                answer=answer,
-                correct=score("passkey", answer, prompt.key),
-                kv_fraction=_mean(result.kv_lengths) / full_cache_tokens(prompt.length, len(result.generated)),
+                **_passkey_fields(run, prompt, result, len(ids) + len(reasoning) + len(reask)),
+                reasoning_tokens=len(reasoning),
+                reask_tokens=len(reask),
+                decoded_tokens=len(reasoning) + len(reask),
+                reasoning_nll=_mean(result.nll[: len(reasoning)]),
             )
 
 
 # ---------------------------------------------------------------------------------------------- report
+RETRIEVAL_TITLES = {  # formatted with the mode's first record
+    "retrieval": "Passkey retrieval with the haystack fed through the decode path:",
+    "reasoning": "Passkey retrieval after a long reasoning: the whole prompt prefilled, then {reasoning_tokens} "
+    "filler tokens and the re-ask ({reask_tokens} tokens) fed through the decode path:",
+}
+
+
 def fidelity_tables(records: list[dict[str, Any]]) -> str:
     """Markdown tables, one per mode present in ``records``."""
     out: list[str] = []
@@ -455,9 +538,10 @@ def fidelity_tables(records: list[dict[str, Any]]) -> str:
                     f"| {100 * _mean([r['kv_fraction'] for r in rs]):.0f}% |"
                 )
         out.append("")
-    retrieval = [r for r in records if r["mode"] == "retrieval"]
-    if retrieval:
-        out += ["Passkey retrieval with the haystack fed through the decode path:", "", retrieval_tables(retrieval)]
+    for mode, title in RETRIEVAL_TITLES.items():
+        rs = [r for r in records if r["mode"] == mode]
+        if rs:
+            out += [title.format(**rs[0]), "", retrieval_tables(rs, by_depth=True)]
     if any(r["mode"] == "copy" for r in records):
         lengths = sorted({r["length"] for r in records if r["mode"] == "copy"})
         out += [
@@ -505,15 +589,11 @@ def plot_segment_nll(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def write_fidelity_report(out: Path, records: list[dict[str, Any]], budget_param: str, meta: dict[str, Any]) -> None:
-    retrieval = [r for r in records if r["mode"] == "retrieval"]
-    plots = [
-        p
-        for p in (
-            plot_segment_nll(records, out / "fidelity_nll.png"),
-            plot_accuracy_vs_budget(retrieval, out / "decode_retrieval.png", budget_param) if retrieval else None,
-        )
-        if p is not None
-    ]
+    plots = [plot_segment_nll(records, out / "fidelity_nll.png")]
+    for mode, name in (("retrieval", "decode_retrieval.png"), ("reasoning", "reasoning_retrieval.png")):
+        rs = [r for r in records if r["mode"] == mode]
+        plots.append(plot_accuracy_vs_budget(rs, out / name, budget_param) if rs else None)
+    plots = [p for p in plots if p is not None]
     header = (
         f"# fidelity on {meta.get('model')}\n\n`{meta.get('command')}`\n\n"
         f"{meta.get('started')}, {meta.get('machine')}, {meta.get('torch_threads')} torch threads, "
