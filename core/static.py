@@ -155,7 +155,10 @@ class StaticSieveCache(SieveCache):
         return static
 
     def after_attention(self, event: LayerEvent) -> None:
-        self.decode_events[event.layer_idx] = event  # run by compress(), between steps
+        # kept for compress(), between steps (a replayed graph runs no Python, so the captured step's events are
+        # reused); stored without the back-reference to this cache, which would make a cycle that keeps the
+        # static buffers alive until the garbage collector runs
+        self.decode_events[event.layer_idx] = attrs.evolve(event, cache=None)
 
     def advance(self) -> None:
         for layer in self.layers:
@@ -170,7 +173,7 @@ class StaticSieveCache(SieveCache):
         if "decode" not in self.compressor.phases:
             return
         for layer, event in zip(self.layers, self.decode_events):
-            self.compressor.after_attention(attrs.evolve(event, generated=layer.seen - layer.prompt_len))
+            self.compressor.after_attention(attrs.evolve(event, cache=self, generated=layer.seen - layer.prompt_len))
 
 
 # ---------------------------------------------------------------------------------------------- sizing

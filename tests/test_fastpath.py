@@ -244,6 +244,31 @@ def poison_outside_live(cache: StaticSieveCache) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
+def test_the_static_cache_is_freed_without_the_garbage_collector(llama, monkeypatch):
+    """Repeated fast generate calls must not hold the previous run's static buffers until a GC pass (on a GPU
+    that is gigabytes): nothing in the cache refers back to it."""
+    import gc
+    import weakref
+
+    model, tok = llama
+    made = []
+    build = StaticSieveCache.from_cache.__func__
+
+    def from_cache(cls, *args):
+        cache = build(cls, *args)
+        made.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(StaticSieveCache, "from_cache", classmethod(from_cache))
+    ids, mask, _ = left_padded(tok, [9, 6], seed=56)
+    gc.disable()
+    try:
+        generate(model, ids, mask, compressor="rpc", params=RPC, fast=True, **exactly(NEW, do_sample=False))
+        assert made and made[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_refusals(llama):
     model, _ = llama
     ids = random_prompt(12, seed=50)

@@ -35,12 +35,17 @@ class _Capabilities:
 
 
 class _AutoPriority:
-    """``auto_priority``: 10 (above ``torch``, below ``flash``), but -10 under ``TRITON_INTERPRET=1`` so
+    """``auto_priority``: 30 (above ``flash`` (20) and ``torch``), but -10 under ``TRITON_INTERPRET=1`` so
     that ``backend="auto"`` never picks the interpreter (a test tool, ~0.5 ms per program) over the torch
-    reference."""
+    reference.
+
+    Above ``flash`` because it measured faster end to end on the H200 (docs/benchmarks.md, ``kvsieve bench
+    prefill``): the same prefill time (both run prefill through PyTorch's SDPA kernels) and a decode step 1.8x to
+    11x faster (split-K decode vs the FlashAttention-2 varlen kernel, which puts one program on each (row, KV
+    head) and so leaves the GPU idle at batch 1 and long contexts)."""
 
     def __get__(self, obj, objtype=None) -> int:
-        return -10 if interpret_mode() else 10
+        return -10 if interpret_mode() else 30
 
 
 def _require_runnable(*tensors: torch.Tensor) -> None:
