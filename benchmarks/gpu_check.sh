@@ -8,7 +8,8 @@
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
 # bench-validate (one real 8K run at batch 32 against the model), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
-# profile (torch.profiler over one prefill per compressor at 8K). PREFILL_BACKEND picks the prefill stages' backend.
+# profile (torch.profiler over one prefill per compressor at 8K), profile-decode (one decode step's kernels),
+# bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes). PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -59,6 +60,9 @@ for stage in $stages; do
     bench-validate)   python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
                         --new-tokens 8K --validate 32:8K --no-hf --out "$out/bench-validate" 2>&1 | tail -n 20 ;;
     profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
+    bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast \
+                        --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
+    profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
     *) echo "unknown stage $stage"; status=2 ;;

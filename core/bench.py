@@ -182,6 +182,9 @@ class DecodeProbe:
 
     def set_state(self, generated: int, held: int) -> None:
         """Every layer holds its prefilled slots plus ``held`` generated entries; ``generated`` tokens were seen."""
+        if held < 0 or self.prompt_slots + held + 1 > self.capacity:
+            raise ValueError(f"held={held} generated entries do not fit the probe's capacity {self.capacity} "
+                             f"after {self.prompt_slots} prompt slots")
         for layer, starts, ends in zip(self.decoder.cache.layers, self.base_starts, self.base_ends):
             layer.starts.copy_(starts)
             layer.ends.copy_(ends + held)
@@ -311,6 +314,7 @@ def bench_decode(
     steps: int = 16,
     compression_samples: int = 4,
     hf_eager: bool = True,
+    fast: bool = True,
     validate: Sequence[tuple[int, int]] = (),
     use_cuda_graph: bool | None = None,
     log: Callable[[str], None] = print,
@@ -324,7 +328,7 @@ def bench_decode(
     for batch in batches:
         if hf_eager:
             rows += _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log)
-        for name, params in compressors:
+        for name, params in compressors if fast else ():
             for n in new_tokens:
                 base = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run=f"fast:{name}",
                             compressor=name, params=params)
@@ -758,6 +762,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=6, help="cache lengths at which step time is measured")
     p.add_argument("--steps", type=int, default=16, help="steps timed per cache length")
     p.add_argument("--validate", type=_validations, default=[], help="BATCH:TOKENS configurations run for real")
+    p.add_argument("--no-fast", action="store_true", help="only HF's eager baseline rows")
     p = sub.add_parser("prefill", help="TTFT and decode after prefill: FastKV vs SnapKV vs full")
     common(p, "llama-3.1-8b", "none;snapkv:ratio=0.1,window=8,pooling=max;fastkv:tsp_rate=0.2,retain_rate=0.1")
     p.add_argument("--contexts", type=_ints, default=[8192, 32768, 131072])
@@ -820,7 +825,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "decode":
         rows = bench_decode(model, args.model, args.batches, args.new_tokens, compressors, backend=args.backend,
                             prompt_len=args.prompt_len, samples=args.samples, steps=args.steps,
-                            hf_eager=not args.no_hf, validate=args.validate, use_cuda_graph=graph, log=log)
+                            hf_eager=not args.no_hf, fast=not args.no_fast, validate=args.validate,
+                            use_cuda_graph=graph, log=log)
     else:
         rows = bench_prefill(model, args.model, args.contexts, compressors, backend=args.backend,
                              new_tokens=args.new_tokens, hf_eager=not args.no_hf, use_cuda_graph=graph, log=log)

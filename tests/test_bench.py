@@ -86,6 +86,8 @@ def test_probe_state_before_a_firing_step_compresses_to_rpcs_size(qwen2):
         assert probe.decoder.cache.kv_lengths() == [Lp + 9 + 4] * qwen2.config.num_hidden_layers
         with pytest.raises(ValueError, match="does not fit the probe's capacity"):
             probe.step_seconds(probe.capacity, steps=4)
+        with pytest.raises(ValueError, match="do not fit the probe's capacity"):
+            probe.set_state(generated=1, held=probe.capacity)
 
 
 def test_probe_detects_a_state_where_nothing_fires(qwen2):
@@ -110,6 +112,14 @@ def test_cli_decode_writes_rows_tables_and_validation(tmp_path, capsys):
     table = (out / "decode.md").read_text()
     assert "| tiny-random-qwen2 | 2 | 30 | fast:rpc |" in table
     assert main(["bench", "report", str(out)]) == 0
+
+
+def test_cli_decode_hf_rows_only(tmp_path):
+    out = tmp_path / "hf"
+    assert main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--batches", "1",
+                 "--new-tokens", "20", "--prompt-len", "8", "--no-fast", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "decode.jsonl").read_text().splitlines()][1:]
+    assert [r["run"] for r in rows] == ["hf-eager:none"] and rows[0]["tokens_per_s"] > 0
 
 
 def test_cli_prefill_writes_ttft_and_decode_rows(tmp_path):
