@@ -432,14 +432,13 @@ def _validate(model, session, batch, n, prompt_len, use_cuda_graph, modelled: fl
 
 
 def _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log) -> list[dict]:
-    """HF's eager loop with the full cache: step times at the prompt length and at the longest run's end,
-    integrated linearly over each run (the loop is host-bound: the two ends barely differ)."""
+    """HF's eager loop with the full cache: step times at the prompt length and at each run's end (as long as the
+    cache fits), integrated linearly over each run."""
     device = next(model.parameters()).device
     rows = []
-    longest = prompt_len + max(new_tokens)
     hf_eager_step_seconds(model, batch, 16, steps=4)  # warm-up
     points, times = [], []
-    for cached in (prompt_len, longest):
+    for cached in [prompt_len] + [prompt_len + n for n in sorted(new_tokens)]:  # up to the longest that fits
         layers = model.config.num_hidden_layers  # DynamicCache's cat holds a second copy of one layer
         if not _fits(device, batch * per_token * cached * (layers + 1) // layers):
             break
