@@ -514,8 +514,9 @@ class FlashBackend(KVBackend):
         kern.check(queries, keys)
         return self._ranged(kern, queries, keys, keys, starts, ends, scale)[1]
 
-    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
-        return self._delegate("window_scores", keys.device, queries, keys, cand_starts, cand_ends, scale, lse)
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None, num_candidates=None):
+        return self._delegate("window_scores", keys.device, queries, keys, cand_starts, cand_ends, scale, lse,
+                              num_candidates)
 
     # ------------------------------------------------------------------ compaction
     def compact(self, keys, values, keep, counts, dest_starts):

@@ -67,12 +67,15 @@ class TorchBackend(KVBackend):
         logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
         return torch.logsumexp(logits, dim=-1).reshape(B, H, W)
 
-    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None, num_candidates=None):
         B, H, W, d = queries.shape
         Hkv = keys.shape[1]
         G = H // Hkv
         counts = (cand_ends - cand_starts).clamp(min=0)
-        N = int(counts.max()) if counts.numel() else 0
+        if num_candidates is not None:
+            N = num_candidates
+        else:
+            N = int(counts.max()) if counts.numel() else 0
         if N == 0:
             return keys.new_zeros(B, Hkv, 0, dtype=torch.float32)
         offsets = torch.arange(N, device=keys.device)

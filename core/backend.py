@@ -17,6 +17,8 @@ Layout conventions (shared by every primitive):
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from typing import ClassVar
 
 import attrs
@@ -168,6 +170,10 @@ class KVBackend(abc.ABC):
             scale: softmax scale.
             lse: optional ``float32 [B, H, W]``.
 
+        A backend may also take a keyword ``num_candidates: int | None = None``: ``N`` when the caller already
+        knows it on the host, so that the backend need not read it from the device (a read waits for the GPU).
+        Callers go through :func:`call_window_scores`, which passes it only to backends that take it.
+
         Returns:
             ``float32 [B, Hkv, N]`` with ``N = max(cand_ends - cand_starts)`` (0 when empty); entries past a row's
             own candidate count are exactly 0.
@@ -199,3 +205,25 @@ class KVBackend(abc.ABC):
             counts: ``int64 [B, Hkv]``, ``counts <= K``.
             dest_starts: ``int64 [B, Hkv]``.
         """
+
+
+@functools.cache
+def _takes_num_candidates(backend_type: type) -> bool:
+    return "num_candidates" in inspect.signature(backend_type.window_scores).parameters
+
+
+def call_window_scores(
+    backend: KVBackend,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    cand_starts: torch.Tensor,
+    cand_ends: torch.Tensor,
+    scale: float,
+    lse: torch.Tensor | None = None,
+    num_candidates: int | None = None,
+) -> torch.Tensor:
+    """``backend.window_scores(...)``, with the host-known ``num_candidates`` (``N``) passed to backends that take
+    it (see :meth:`KVBackend.window_scores`); third-party backends without the keyword are called as before."""
+    if num_candidates is not None and _takes_num_candidates(type(backend)):
+        return backend.window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates=num_candidates)
+    return backend.window_scores(queries, keys, cand_starts, cand_ends, scale, lse)

@@ -72,6 +72,7 @@ class SieveLayer(CacheLayerMixin):
         # set by token propagation (see propagated_append) for the next update only
         self.next_offsets: torch.Tensor | None = None
         self.next_span = 0
+        self._max_end_memo: tuple[torch.Tensor, int] | None = None  # (ends, max(ends)): see max_end
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -87,7 +88,16 @@ class SieveLayer(CacheLayerMixin):
 
     @property
     def max_end(self) -> int:
-        return 0 if self.ends is None else int(self.ends.max())
+        """``max(ends)``: slots in use. Reading it waits for the device, so the value is remembered for the
+        current ``ends`` tensor (this layer never changes ``ends`` in place: every change binds a new tensor)."""
+        if self.ends is None:
+            return 0
+        memo = self._max_end_memo
+        if memo is not None and memo[0] is self.ends:
+            return memo[1]
+        value = int(self.ends.max())
+        self._max_end_memo = (self.ends, value)
+        return value
 
     def prompt_ends(self) -> torch.Tensor:
         """``int64 [B, Hkv]``: end of the prompt region. Prompt tokens (position < ``prompt_len``) sit at the front
@@ -118,6 +128,7 @@ class SieveLayer(CacheLayerMixin):
         self.positions = torch.full((B, Hkv, 0), -1, dtype=torch.long, device=self.device)
         self.starts = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
         self.ends = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
+        self._max_end_memo = (self.ends, 0)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -129,7 +140,8 @@ class SieveLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, Hkv, Q, d = key_states.shape
-        self._reserve(self.max_end + Q)
+        max_end = self.max_end
+        self._reserve(max_end + Q)
         slots = self.ends[..., None] + torch.arange(Q, device=self.device)  # [B, Hkv, Q]
         self.keys.scatter_(2, slots[..., None].expand(B, Hkv, Q, d), key_states)
         self.values.scatter_(2, slots[..., None].expand(B, Hkv, Q, value_states.shape[-1]), value_states)
@@ -141,6 +153,7 @@ class SieveLayer(CacheLayerMixin):
         new_positions = self.seen + offsets  # [Q] or [B, Q]
         self.positions.scatter_(2, slots, new_positions[..., None, :].expand(B, Hkv, Q))
         self.ends = self.ends + Q
+        self._max_end_memo = (self.ends, max_end + Q)  # every row and head grew by Q: known without a read
         self.seen += span
         return self.keys, self.values
 

@@ -149,13 +149,17 @@ def compress_layer(
         raise ValueError(
             f"budget={budget} is smaller than the protected tokens (head {protect_head} + tail {protect_tail})"
         )
-    before = layer.max_live
+    from kvsieve.plugins import has_layer_compressed_observers, notify_layer_compressed
+
+    observed = has_layer_compressed_observers()
+    before = layer.max_live if observed else 0
     ends = layer.ends
     counts = (ends - cand_starts).clamp(min=0)
-    padding_to_drop = region_starts is not None and bool((region_starts != cand_starts).any())
-    if bool((counts <= budget).all()) and not padding_to_drop:
+    # one host read for both facts (each read waits for the GPU: prefill runs this in every layer)
+    padding = (region_starts != cand_starts).any() if region_starts is not None else counts.new_zeros((), dtype=bool)
+    N, padding_to_drop = torch.stack([counts.max(), padding.to(counts.dtype)]).tolist()
+    if N <= budget and not padding_to_drop:
         return  # nothing to evict
-    N = int(counts.max())
     if budget <= protect_head + protect_tail:  # everything kept is protected: no scores needed
         scores = torch.zeros(*counts.shape, N, device=counts.device)
     else:
@@ -173,6 +177,7 @@ def compress_layer(
             scale=event.scale,
             backend=event.backend,
             queries_are_last=queries_are_last,
+            candidate_count=max(N - protect_tail, 0),  # exact: cand_ends = max(ends - protect_tail, cand_starts)
         )
         scores = scoring.score(ctx)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))
@@ -180,6 +185,5 @@ def compress_layer(
     keep_slots = torch.where(chosen.keep >= 0, chosen.keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
     layer.compact(event.backend, keep_slots, chosen.counts, dest, reserve=event.cache.reserve)
-    from kvsieve.plugins import notify_layer_compressed
-
-    notify_layer_compressed(event, before=before, after=layer.max_live)
+    if observed:
+        notify_layer_compressed(event, before=before, after=layer.max_live)

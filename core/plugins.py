@@ -211,6 +211,12 @@ def registry() -> Registry:
     return Registry({kind: _collect(pm, kind) for kind in KINDS})
 
 
+def has_layer_compressed_observers() -> bool:
+    """Whether any plugin implements ``kvsieve_layer_compressed`` (callers skip computing its host-side sizes,
+    which read the device, when none does)."""
+    return bool(plugin_manager().hook.kvsieve_layer_compressed.get_hookimpls())
+
+
 def notify_layer_compressed(event: LayerEvent, before: int, after: int) -> None:
     """Call the ``kvsieve_layer_compressed`` observers."""
     hook: Callable[..., Any] = plugin_manager().hook.kvsieve_layer_compressed

@@ -37,6 +37,8 @@ class ScoringContext:
         backend: the kernel backend to ask for heavy primitives.
         queries_are_last: whether the window queries are those of the last ``W`` live slots (prefill), so a
             policy may normalise over every key they causally see.
+        candidate_count: ``N = max(cand_ends - cand_starts)`` when the caller knows it on the host (``None``:
+            read from the device when needed). Must be exact.
     """
 
     queries: torch.Tensor
@@ -51,6 +53,7 @@ class ScoringContext:
     scale: float
     backend: KVBackend
     queries_are_last: bool = False
+    candidate_count: int | None = None
 
     @property
     def cand_counts(self) -> torch.Tensor:
@@ -59,9 +62,20 @@ class ScoringContext:
 
     @property
     def num_candidates(self) -> int:
-        """``N``: the candidate axis length of score tensors (max candidate count)."""
+        """``N``: the candidate axis length of score tensors (max candidate count); ``candidate_count`` when the
+        caller gave it, else read from the device."""
+        if self.candidate_count is not None:
+            return self.candidate_count
         counts = self.cand_counts
         return int(counts.max()) if counts.numel() else 0
+
+    def window_scores(self, lse: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``float32 [B, Hkv, N]``: :meth:`KVBackend.window_scores` of ``queries`` (default: the context's) over
+        the context's candidates, passing ``candidate_count`` on so that the backend reads nothing on the host."""
+        from kvsieve.backend import call_window_scores
+
+        return call_window_scores(self.backend, self.queries if queries is None else queries, self.keys,
+                                  self.cand_starts, self.cand_ends, self.scale, lse, self.candidate_count)
 
     def candidate_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, valid)``, both ``[B, Hkv, N]``: the cache slot of candidate ``n`` (clamped into the buffer)

@@ -76,6 +76,11 @@ class StaticSieveLayer(SieveLayer):
         layer.reset()
         return static
 
+    @property
+    def max_end(self) -> int:
+        # a static layer changes ends in place (inside the captured step): read it, never remember it
+        return 0 if self.ends is None else int(self.ends.max())
+
     # ------------------------------------------------------------------ inside a decode step (graph-safe)
     def is_prefill(self, num_new: int) -> bool:
         return False  # made from a prefilled layer: every forward is a decode step

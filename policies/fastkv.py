@@ -63,19 +63,11 @@ class HeadPooledWindowScoring(ScoringPolicy):
         Hkv = ctx.keys.shape[1]
         G = H // Hkv
         if self.pooling == "avg" or G == 1:
-            scores = backend.window_scores(queries, ctx.keys, ctx.cand_starts, ctx.cand_ends, ctx.scale, lse)
-            return pool_scores(scores, self.pooling, self.kernel)
+            return pool_scores(ctx.window_scores(lse), self.pooling, self.kernel)
         grouped_q, grouped_lse = queries.reshape(B, Hkv, G, W, d), lse.reshape(B, Hkv, G, W)
         total = None
         for g in range(G):  # one query head per KV head at a time
-            part = backend.window_scores(
-                grouped_q[:, :, g].contiguous(),
-                ctx.keys,
-                ctx.cand_starts,
-                ctx.cand_ends,
-                ctx.scale,
-                grouped_lse[:, :, g].contiguous(),
-            )
+            part = ctx.window_scores(grouped_lse[:, :, g].contiguous(), queries=grouped_q[:, :, g].contiguous())
             part = pool_scores(part, self.pooling, self.kernel)
             total = part if total is None else total + part
         return total

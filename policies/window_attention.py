@@ -71,8 +71,7 @@ class WindowAttentionScoring(ScoringPolicy):
                     "use normalization='candidates' for decode-time compression"
                 )
             lse = ctx.backend.window_lse(ctx.queries, ctx.keys, ctx.starts, ctx.ends, ctx.scale)
-        scores = ctx.backend.window_scores(ctx.queries, ctx.keys, ctx.cand_starts, ctx.cand_ends, ctx.scale, lse)
-        scores = pool_scores(scores, self.pooling, self.kernel)
+        scores = pool_scores(ctx.window_scores(lse), self.pooling, self.kernel)
         if self.aggregation == "all":
             scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
         return scores

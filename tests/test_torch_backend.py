@@ -267,3 +267,29 @@ def test_compact_with_nothing_to_keep_is_a_no_op():
         torch.zeros(1, 1, dtype=torch.long),
     )
     assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+
+
+def test_call_window_scores_passes_the_host_known_count_only_to_backends_that_take_it():
+    """The hint that saves a device read reaches backends whose window_scores take ``num_candidates``; a
+    third-party backend written against the original signature is called as before."""
+    from kvsieve.backend import call_window_scores
+
+    seen = []
+
+    class Original(TorchBackend):
+        def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+            seen.append("original")
+            return super().window_scores(queries, keys, cand_starts, cand_ends, scale, lse)
+
+    class WithHint(TorchBackend):
+        def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None, num_candidates=None):
+            seen.append(num_candidates)
+            return super().window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates)
+
+    q, k, cand_starts, cand_ends = _candidate_case(2, 4, 2, 8, 19, 3, seed=5)
+    n = int((cand_ends - cand_starts).clamp(min=0).max())
+    expected = TorchBackend().window_scores(q, k, cand_starts, cand_ends, 0.3)
+    for backend in (Original(), WithHint()):
+        out = call_window_scores(backend, q, k, cand_starts, cand_ends, 0.3, None, n)
+        torch.testing.assert_close(out, expected, equal_nan=False)
+    assert seen == ["original", n]

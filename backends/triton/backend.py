@@ -99,11 +99,11 @@ class TritonBackend(KVBackend):
 
         return window_lse(queries, keys, starts, ends, scale)
 
-    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None):
+    def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None, num_candidates=None):
         _require_runnable(queries, keys)
         from .window_scores import window_scores
 
-        return window_scores(queries, keys, cand_starts, cand_ends, scale, lse)
+        return window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates=num_candidates)
 
     # ------------------------------------------------------------------ compaction
     def compact(self, keys, values, keep, counts, dest_starts):
