@@ -148,6 +148,8 @@ def _run_generate(model, tokenizer, ids, args, compressor: str, params: dict[str
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if getattr(args, "fast", False):
+        kwargs["fast"] = True  # the static-capacity decode loop (CUDA-graph replay on a GPU), docs/fast-path.md
     ids = ids.to(args.device)
     return generate(model, ids, torch.ones_like(ids), compressor=compressor, backend=args.backend, params=params,
                     **kwargs)
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--fast", action="store_true",
+                   help="decode through the fast path (static cache; CUDA-graph replay on a GPU)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="offline demo on SmolLM2: full cache vs a compressor, side by side")

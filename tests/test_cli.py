@@ -63,6 +63,17 @@ def test_generate_full_vs_compressed_memory(capsys):
     assert small["kv_bytes"] < full["kv_bytes"] / 2
 
 
+def test_generate_fast_gives_the_eager_tokens(capsys):
+    """--fast decodes through the static-capacity loop: same text and cache lengths as the eager loop."""
+    common = ("generate", "--model", "tiny-random-llama", "--compressor", "rpc", "--set", "interval=8",
+              "--set", "window=2", "--prompt", "a prompt for the fast path " * 3, "--max-new-tokens", "20",
+              "--min-new-tokens", "20", "--backend", "torch", "--json")
+    eager = json.loads(run(capsys, *common)[1])
+    fast = json.loads(run(capsys, *common, "--fast")[1])
+    assert fast["text"] == eager["text"] and fast["kv_lengths"] == eager["kv_lengths"]
+    assert fast["generated_tokens"] == 20
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
