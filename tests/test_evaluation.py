@@ -483,7 +483,15 @@ def test_reasoning_mode_prefills_the_whole_prompt_then_decodes(tiny, monkeypatch
     # the full cache: prompt + decoded + answer tokens - 1 (the last answer token is never fed back)
     assert full["kv_tokens"] == len(prompt.input_ids) + 40 + len(reask) + 3 - 1 and full["kv_fraction"] == 1.0
     assert both["kv_tokens"] < fastkv["kv_tokens"] < full["kv_tokens"]  # RPC compresses what FastKV leaves to grow
-    assert {"key", "answer", "correct", "depth", "seconds", "kv_fraction", "reasoning_nll"} <= set(full)
+    assert {"key", "answer", "correct", "depth", "seconds", "kv_fraction"} <= set(full)
+    assert math.isfinite(full["reasoning_nll"])
+    # no reasoning: the prompt, the re-ask and the answer (a control: what the prefill compressor kept)
+    (none,) = fidelity.run_fidelity(
+        model, tokenizer, [], modes=["reasoning"], n=1, lengths=[260], depths=[0.5], reasoning_tokens=0,
+        max_new_tokens=3, progress=False,
+    )  # fmt: skip
+    assert none["decoded_tokens"] == len(reask) and none["reasoning_nll"] is None
+    assert none["kv_tokens"] == len(prompt.input_ids) + len(reask) + 3 - 1
 
 
 def test_reasoning_tokens_must_not_be_negative(tiny, capsys):

@@ -481,7 +481,7 @@ def _measure_reasoning(run: _Run, prompts, reasoning_tokens: int, filler: str, m
                 reasoning_tokens=len(reasoning),
                 reask_tokens=len(reask),
                 decoded_tokens=len(reasoning) + len(reask),
-                reasoning_nll=_mean(result.nll[: len(reasoning)]),
+                reasoning_nll=_mean(result.nll[: len(reasoning)]) if reasoning else None,
             )
 
 
