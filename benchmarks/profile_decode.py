@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvsieve.bench import DecodeProbe, _kv_bytes_per_token, _weight_bytes, copy_bandwidth
+from kvsieve.bench import DecodeProbe, copy_bandwidth, kv_bytes_per_token, weight_bytes
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
 
@@ -52,7 +52,7 @@ def main() -> int:
         with torch.inference_mode(), apply(model, name, "triton", params=params) as session:
             probe = DecodeProbe(model, session, batch, 128, live + 64)
             ms = replay_ms(probe, live)
-            floor = (_weight_bytes(model) + batch * _kv_bytes_per_token(model) * (128 + live)) / bandwidth * 1e3
+            floor = (weight_bytes(model) + batch * kv_bytes_per_token(model) * (128 + live)) / bandwidth * 1e3
             probe.set_state(generated=1, held=live - 1)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

@@ -54,7 +54,9 @@ __all__ = [
     "decode_schedule",
     "hf_eager_step_seconds",
     "interpolate",
+    "kv_bytes_per_token",
     "modelled_decode_seconds",
+    "weight_bytes",
 ]
 
 #: RPC paper, decode throughput in tokens/s (ALGORITHMS.md: synthetic 128-token prompt, greedy, fixed output length,
@@ -238,14 +240,15 @@ def _fits(device: torch.device, nbytes: int, margin: float = 0.92) -> bool:
     return nbytes < margin * free
 
 
-def _kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model) -> int:
     """K and V bytes of one token across every layer."""
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * next(model.parameters()).element_size()
 
 
-def _weight_bytes(model) -> int:
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters (what a decode step reads once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -322,7 +325,7 @@ def bench_decode(
     """Modelled decode throughput and measured peak memory per (batch, output length, compressor); see the module
     docstring. Returns one record per row (``run`` = ``hf-eager:none`` or ``fast:<compressor>``)."""
     device = next(model.parameters()).device
-    weights, per_token = _weight_bytes(model), _kv_bytes_per_token(model)
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     rows: list[dict[str, Any]] = []
     for batch in batches:
@@ -482,7 +485,7 @@ def bench_prefill(
     """Per context: TTFT of plain HF sdpa and of each compressor, then ``new_tokens`` real fast-path decode steps
     (batch 1), and HF's eager decode step at that context."""
     device = next(model.parameters()).device
-    weights, per_token = _weight_bytes(model), _kv_bytes_per_token(model)
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
