@@ -739,7 +739,7 @@ def _validations(text: str) -> list[tuple[int, int]]:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``kvsieve bench {decode,prefill,report}`` to the CLI."""
-    from kvsieve.cli import parse_params
+    from kvsieve.params import parse_params
 
     parser = subparsers.add_parser("bench", help="speed and memory benchmarks on random-weight paper-shaped models")
     sub = parser.add_subparsers(dest="bench", required=True)

@@ -12,37 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "parse_params", "parse_value"]
+from kvsieve.params import parse_params
+
+__all__ = ["main"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def parse_value(text: str) -> Any:
-    """``"8"`` -> 8, ``"0.2"`` -> 0.2, ``"true"``/``"false"`` -> bool, ``"none"`` -> None, else the string."""
-    text = text.strip()
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["ratio=0.2", "window=8"]`` -> ``{"ratio": 0.2, "window": 8}`` (ints, floats, bools, None, strings)."""
-    params: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        params[key.strip()] = parse_value(value.strip())
-    return params
-
-
 def _dtype(name: str):
     import torch
 

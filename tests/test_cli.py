@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from kvsieve.cli import main, parse_params
+from kvsieve.cli import main
+from kvsieve.params import parse_params
 
 
 def run(capsys, *argv):

@@ -98,7 +98,7 @@ def test_parameters_are_addressed_as_part_dot_param():
     hybrid = registry().create("compressor", HYBRID, **{"fastkv.tsp_rate": 0.3, "rpc.interval": 1024})
     assert hybrid.part("fastkv") == FastKV(tsp_rate=0.3) and hybrid.part("rpc") == RPC(interval=1024)
     assert hybrid.reserve == 1024
-    from kvsieve.cli import parse_params
+    from kvsieve.params import parse_params
 
     cli = resolve_compressor(HYBRID, parse_params(["fastkv.tsp_rate=0.3", "rpc.interval=1024"]))
     assert cli == hybrid

@@ -15,7 +15,7 @@ import torch
 
 import kvsieve
 from kvsieve import models, plugins
-from kvsieve.cli import parse_value
+from kvsieve.params import parse_value
 from kvsieve.compressor import Compressor
 from kvsieve.evaluation import cli, fidelity, runner, scoring, tasks
 from kvsieve.evaluation.runner import CompressorConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvsieve.cli import parse_value
+from kvsieve.params import parse_value
 from kvsieve.evaluation.fidelity import MODES, run_fidelity
 from kvsieve.evaluation.runner import expand_configs, load_model, parse_sets, report, run_retrieval
 from kvsieve.evaluation.tasks import FILLERS, TEMPLATES

@@ -33,7 +33,7 @@ import attrs
 import torch
 
 from kvsieve import integration, models
-from kvsieve.cli import parse_value
+from kvsieve.params import parse_value
 from kvsieve.evaluation.scoring import key_prefix
 from kvsieve.evaluation.tasks import Prompt, PromptTooLongError, make_prompts, score
 from kvsieve.plugins import registry
