@@ -38,6 +38,7 @@ import attrs
 import torch
 
 from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.params import UnknownParameterError
 from kvsieve.plugins import UnknownNameError, registry
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ def _create(name: str, params: dict[str, Any], composition: str, key: str) -> Co
         return registry().create("compressor", name, **params)
     except UnknownNameError as exc:
         raise UnknownNameError(f"{composition}: part {key!r}: {exc}") from exc
+    except UnknownParameterError as exc:
+        raise UnknownParameterError(f"{composition}: part {key!r}: {exc}") from exc
     except ValueError as exc:
         raise CompositionError(f"{composition}: part {key!r}: {exc}") from exc
 
@@ -295,7 +298,7 @@ class Preset:
                 else:  # a bare parameter: the parts that take it
                     close = [f"{p.key}.{full}" for p in self.parts if full in _parameters(p.compressor)]
                 hint = f" Did you mean {' or '.join(close)}?" if close else ""
-                raise CompositionError(
+                raise UnknownParameterError(
                     f"{self.name} has no parameter {full!r}.{hint} Address a part's parameter as "
                     f"PART.PARAM; its parts: {', '.join(keys)}."
                 )

@@ -25,7 +25,19 @@ from typing import Any
 
 import attrs
 
-__all__ = ["CompressorSpec", "flatten", "parse_compressor_specs", "parse_params", "parse_size", "parse_value"]
+__all__ = [
+    "CompressorSpec",
+    "UnknownParameterError",
+    "flatten",
+    "parse_compressor_specs",
+    "parse_params",
+    "parse_size",
+    "parse_value",
+]
+
+class UnknownParameterError(ValueError):
+    """A parameter name that the compressor (or policy, or composition part) does not take."""
+
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kKmM])$")
 _MULTIPLIERS = {"k": 1024, "m": 1024 * 1024}

@@ -20,6 +20,7 @@ import attrs
 import pluggy
 
 from kvsieve import hookspecs
+from kvsieve.params import UnknownParameterError
 
 if TYPE_CHECKING:
     from kvsieve.backend import KVBackend
@@ -170,7 +171,7 @@ class Registry:
                 if key not in allowed:
                     close = difflib.get_close_matches(key, allowed, n=1)
                     hint = f" Did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(
+                    raise UnknownParameterError(
                         f"{kind} {name!r} has no parameter {key!r}.{hint} Its parameters: {', '.join(allowed)}."
                     )
         return factory(**params)

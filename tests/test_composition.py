@@ -116,7 +116,7 @@ def test_parameters_are_addressed_as_part_dot_param():
     ],
 )
 def test_bad_parameters_name_the_part_and_the_allowed_ones(params, match):
-    with pytest.raises(CompositionError, match=match):
+    with pytest.raises(ValueError, match=match):
         registry().create("compressor", HYBRID, **params)
 
 
