@@ -1,6 +1,7 @@
-"""SieveCache: a ``transformers.Cache`` whose layers hold compacted K/V at KV-head size.
+"""SieveCache: a ``transformers.Cache`` whose layers hold compacted K/V at KV-head size. It only stores: the
+compressor, the backend and the schedule belong to the :class:`~kvsieve.engine.Engine` that drives it.
 
-Per layer (:class:`SieveLayer`):
+Every layer implements one interface, :class:`SieveLayer`:
 
 * ``keys``, ``values``: ``[B, Hkv, C, d]`` buffers with ``C`` slots of capacity (never repeated to ``H`` heads).
 * ``starts``, ``ends``: ``int64 [B, Hkv]`` the live slot range. Slots ``[0, starts)`` hold left padding (until a
@@ -12,15 +13,21 @@ Per layer (:class:`SieveLayer`):
 * ``seen``: the *logical* length: tokens ever appended, padding included. HF derives positions and masks from it,
   so new tokens always get their true absolute positions however much was evicted.
 
-Compaction (:meth:`SieveLayer.compact`) gathers kept slots to the front of a region in place through the backend,
-then, if the live set fell far below the capacity, moves it into a smaller buffer so the memory is really freed
-(``reserve`` slots of headroom are kept for what the compressor will append before its next compaction).
+Two implementations:
+
+* :class:`DynamicSieveLayer` (the default): grows by amortised reallocation, and after a compaction that left the
+  live set far below the capacity moves it into a smaller buffer, so the memory is really freed (``reserve``
+  slots of headroom are kept for what the compressor appends before its next compaction).
+* :class:`kvsieve.static.StaticSieveLayer` (the fast path): a fixed capacity; every tensor a decode step touches
+  keeps its storage, so the step can be captured in a CUDA graph.
+
+Compaction (:meth:`SieveLayer.compact`) gathers kept slots to the front of a region in place through the backend;
+each implementation then stores the new live range its own way (:meth:`SieveLayer._store_range`).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING
+import abc
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -28,10 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvsieve.backend import KVBackend
 from kvsieve.indexing import compaction_moves, range_mask
 
-if TYPE_CHECKING:
-    from kvsieve.compressor import LayerEvent
-
-__all__ = ["SieveCache", "SieveLayer"]
+__all__ = ["DynamicSieveLayer", "SieveCache", "SieveLayer"]
 
 _ALIGN = 64  # capacity granularity in slots
 
@@ -40,19 +44,13 @@ def _round_up(n: int, multiple: int = _ALIGN) -> int:
     return -(-n // multiple) * multiple
 
 
-class _ActiveLayer(threading.local):
-    """The layer whose ``update`` ran last on this thread: the attention function picks it up from here, since HF
-    passes the cache to ``Cache.update`` but not to the attention function."""
+class SieveLayer(CacheLayerMixin, abc.ABC):
+    """One decoder layer's compacted KV cache (the layout is in the module docstring).
 
-    cache: SieveCache | None = None
-    layer_idx: int = -1
-
-
-active = _ActiveLayer()
-
-
-class SieveLayer(CacheLayerMixin):
-    """One decoder layer's compacted KV cache (see the module docstring for the layout)."""
+    Implementations supply how tokens and queries are appended (:meth:`update`, :meth:`push_queries`), how the
+    live range is stored after a compaction (:meth:`_store_range`), how rows are reordered
+    (:meth:`batch_select_indices`) and ``max_end``.
+    """
 
     is_compileable = False
     is_sliding = False
@@ -69,10 +67,6 @@ class SieveLayer(CacheLayerMixin):
         self.seen = 0
         self.prompt_len = 0
         self.compactions = 0
-        # set by token propagation (see propagated_append) for the next update only
-        self.next_offsets: torch.Tensor | None = None
-        self.next_span = 0
-        self._max_end_memo: tuple[torch.Tensor, int] | None = None  # (ends, max(ends)): see max_end
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -87,17 +81,9 @@ class SieveLayer(CacheLayerMixin):
         return int((self.ends - self.starts).max())
 
     @property
+    @abc.abstractmethod
     def max_end(self) -> int:
-        """``max(ends)``: slots in use. Reading it waits for the device, so the value is remembered for the
-        current ``ends`` tensor (this layer never changes ``ends`` in place: every change binds a new tensor)."""
-        if self.ends is None:
-            return 0
-        memo = self._max_end_memo
-        if memo is not None and memo[0] is self.ends:
-            return memo[1]
-        value = int(self.ends.max())
-        self._max_end_memo = (self.ends, value)
-        return value
+        """``max(ends)``: slots in use (0 before the first append)."""
 
     def prompt_ends(self) -> torch.Tensor:
         """``int64 [B, Hkv]``: end of the prompt region. Prompt tokens (position < ``prompt_len``) sit at the front
@@ -106,18 +92,26 @@ class SieveLayer(CacheLayerMixin):
         in_prompt = live & (self.positions >= 0) & (self.positions < self.prompt_len)
         return self.starts + in_prompt.sum(dim=-1)
 
-    def is_prefill(self, num_new: int) -> bool:
-        """Whether the forward that just appended ``num_new`` tokens is the first into this layer (the prefill).
-
-        (A method so that the static layer of the fast path can answer without reading ``ends`` on the host.)
-        """
-        return self.max_end == num_new and self.compactions == 0
-
     def nbytes(self) -> int:
         """Bytes of storage allocated for keys and values (what the cache really occupies)."""
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def live_nbytes(self) -> int:
+        """Bytes of K/V in live slots (the sum over rows and heads of live lengths)."""
+        if self.keys is None:
+            return 0
+        per_slot = (self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1]
+                    * self.values.element_size())
+        return int((self.ends - self.starts).sum()) * per_slot
+
+    # ------------------------------------------------------------------ the prompt
+    def begin_prompt(self, padding: torch.Tensor) -> None:
+        """Record that the tokens appended so far are the prompt: ``padding`` (``int64 [B, Hkv]``) leading slots
+        of each row are left padding, and the prompt's logical length is ``seen``."""
+        self.starts = padding
+        self.prompt_len = self.seen
 
     # ------------------------------------------------------------------ CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,45 +122,12 @@ class SieveLayer(CacheLayerMixin):
         self.positions = torch.full((B, Hkv, 0), -1, dtype=torch.long, device=self.device)
         self.starts = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
         self.ends = torch.zeros(B, Hkv, dtype=torch.long, device=self.device)
-        self._max_end_memo = (self.ends, 0)
         self.is_initialized = True
 
+    @abc.abstractmethod
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, Hkv, Q, d]`` new keys/values after each row's live range; return the buffers.
-
-        The returned tensors are the whole buffers ``[B, Hkv, C, d]``: only the kvsieve attention function
-        (which knows ``starts``/``ends``) may read them.
-        """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        B, Hkv, Q, d = key_states.shape
-        max_end = self.max_end
-        self._reserve(max_end + Q)
-        slots = self.ends[..., None] + torch.arange(Q, device=self.device)  # [B, Hkv, Q]
-        self.keys.scatter_(2, slots[..., None].expand(B, Hkv, Q, d), key_states)
-        self.values.scatter_(2, slots[..., None].expand(B, Hkv, Q, value_states.shape[-1]), value_states)
-        if self.next_offsets is None:
-            offsets, span = torch.arange(Q, device=self.device), Q
-        else:  # token propagation: only some of the forward's tokens reach this layer (see propagated_append)
-            offsets, span = self.next_offsets.to(self.device), self.next_span
-            self.next_offsets = None
-        new_positions = self.seen + offsets  # [Q] or [B, Q]
-        self.positions.scatter_(2, slots, new_positions[..., None, :].expand(B, Hkv, Q))
-        self.ends = self.ends + Q
-        self._max_end_memo = (self.ends, max_end + Q)  # every row and head grew by Q: known without a read
-        self.seen += span
-        return self.keys, self.values
-
-    def propagated_append(self, offsets: torch.Tensor, span: int) -> None:
-        """Announce that the next :meth:`update` appends only some tokens of a forward of ``span`` tokens.
-
-        Used by token propagation (:mod:`kvsieve.propagation`): after a propagation layer only the kept tokens
-        reach later layers. ``offsets`` (``int64 [B, Q]``, sorted) are their indices among the forward's
-        ``span`` tokens; they are stored at their original positions ``seen + offsets``, and ``seen`` (the
-        logical length) advances by ``span``, so positions and masks of later tokens are those of the full
-        sequence.
-        """
-        self.next_offsets, self.next_span = offsets, span
+        """Append ``[B, Hkv, Q, d]`` new keys/values after each row's live range; return the whole buffers
+        ``[B, Hkv, C, d]`` (only code that knows ``starts``/``ends`` may read them)."""
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -176,9 +137,6 @@ class SieveLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-    def reset(self) -> None:
-        self.__init__(self.query_window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -190,49 +148,14 @@ class SieveLayer(CacheLayerMixin):
                 torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats)
             )
 
+    @abc.abstractmethod
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = indices.to(self.device)
-        for name in ("keys", "values", "positions", "starts", "ends", "queries"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.index_select(0, indices))
-
-    # ------------------------------------------------------------------ storage
-    def _reserve(self, needed: int) -> None:
-        """Grow the buffers so that ``needed`` slots fit (amortised: by at least a quarter of the capacity)."""
-        if needed <= self.capacity:
-            return
-        self._reallocate(_round_up(max(needed, self.capacity + self.capacity // 4)))
-
-    def _reallocate(self, capacity: int) -> None:
-        """Move the slots ``[0, max_end)`` into fresh buffers of ``capacity`` slots; the old storage is freed."""
-        used = self.max_end
-        B, Hkv, _, d = self.keys.shape
-        for name, fill in (("keys", 0.0), ("values", 0.0), ("positions", -1)):
-            old = getattr(self, name)
-            new = old.new_full((B, Hkv, capacity, *old.shape[3:]), fill)
-            new[:, :, :used] = old[:, :, :used]
-            setattr(self, name, new)
-
-    def shrink_to_fit(self, reserve: int = 0) -> None:
-        """Free capacity well beyond ``max_end + reserve`` slots (a quarter of slack is tolerated)."""
-        target = _round_up(self.max_end + reserve)
-        if self.capacity > target + target // 4:
-            self._reallocate(target)
+        """Keep rows ``indices`` (``int64 [B']``, possibly repeated) of every per-row tensor, in that order."""
 
     # ------------------------------------------------------------------ selector window
+    @abc.abstractmethod
     def push_queries(self, queries: torch.Tensor) -> None:
         """Remember the last ``query_window`` of ``[B, H, Q, d]`` post-RoPE queries (ring buffer)."""
-        R = self.query_window
-        if R == 0:
-            return
-        B, H, Q, d = queries.shape
-        if self.queries is None:
-            self.queries = queries.new_zeros(B, H, R, d)
-        take = min(Q, R)
-        ring = (self.num_queries + Q - take + torch.arange(take, device=queries.device)) % R
-        self.queries[:, :, ring] = queries[:, :, Q - take :]
-        self.num_queries += Q
 
     def window_queries(self) -> torch.Tensor:
         """``[B, H, W, d]`` the most recent ``W = min(num_queries, query_window)`` queries, oldest first.
@@ -272,28 +195,148 @@ class SieveLayer(CacheLayerMixin):
         backend.compact(self.keys, self.values, keep_slots, counts, dest_starts)
         src, dst = compaction_moves(keep_slots, counts, dest_starts)
         self.positions.scatter_(2, dst, self.positions.gather(2, src))
-        self.ends = dest_starts + counts
-        self.starts = torch.minimum(self.starts, dest_starts)  # padding inside the region is gone
-        free = ~range_mask(torch.zeros_like(self.ends), self.ends, self.capacity)
+        ends = dest_starts + counts
+        free = ~range_mask(torch.zeros_like(ends), ends, self.capacity)
         self.positions.masked_fill_(free, -1)
         self.compactions += 1
+        # padding inside the region is gone
+        self._store_range(torch.minimum(self.starts, dest_starts), ends, reserve)
+
+    @abc.abstractmethod
+    def _store_range(self, starts: torch.Tensor, ends: torch.Tensor, reserve: int) -> None:
+        """Make ``[starts, ends)`` (``int64 [B, Hkv]``) the live range after a compaction; ``reserve``: slots of
+        headroom the compressor will append before its next compaction."""
+
+
+class DynamicSieveLayer(SieveLayer):
+    """A :class:`SieveLayer` that grows as tokens are appended and frees what a compaction evicted."""
+
+    def __init__(self, query_window: int = 0):
+        super().__init__(query_window)
+        # set by token propagation (see propagated_append) for the next update only
+        self.next_offsets: torch.Tensor | None = None
+        self.next_span = 0
+        self._max_end_memo: tuple[torch.Tensor, int] | None = None  # (ends, max(ends)): see max_end
+
+    @property
+    def max_end(self) -> int:
+        """``max(ends)``. Reading it waits for the device, so the value is remembered for the current ``ends``
+        tensor (this layer never changes ``ends`` in place: every change binds a new tensor)."""
+        if self.ends is None:
+            return 0
+        memo = self._max_end_memo
+        if memo is not None and memo[0] is self.ends:
+            return memo[1]
+        value = int(self.ends.max())
+        self._max_end_memo = (self.ends, value)
+        return value
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._max_end_memo = (self.ends, 0)  # empty: known without a read
+
+    def reset(self) -> None:
+        """Empty the layer; its storage is freed."""
+        self.__init__(self.query_window)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, Hkv, Q, d = key_states.shape
+        max_end = self.max_end
+        self._reserve(max_end + Q)
+        slots = self.ends[..., None] + torch.arange(Q, device=self.device)  # [B, Hkv, Q]
+        self.keys.scatter_(2, slots[..., None].expand(B, Hkv, Q, d), key_states)
+        self.values.scatter_(2, slots[..., None].expand(B, Hkv, Q, value_states.shape[-1]), value_states)
+        if self.next_offsets is None:
+            offsets, span = torch.arange(Q, device=self.device), Q
+        else:  # token propagation: only some of the forward's tokens reach this layer (see propagated_append)
+            offsets, span = self.next_offsets.to(self.device), self.next_span
+            self.next_offsets = None
+        new_positions = self.seen + offsets  # [Q] or [B, Q]
+        self.positions.scatter_(2, slots, new_positions[..., None, :].expand(B, Hkv, Q))
+        self.ends = self.ends + Q
+        self._max_end_memo = (self.ends, max_end + Q)  # every row and head grew by Q: known without a read
+        self.seen += span
+        return self.keys, self.values
+
+    def propagated_append(self, offsets: torch.Tensor, span: int) -> None:
+        """Announce that the next :meth:`update` appends only some tokens of a forward of ``span`` tokens.
+
+        Used by token propagation (:mod:`kvsieve.propagation`): after a propagation layer only the kept tokens
+        reach later layers. ``offsets`` (``int64 [B, Q]``, sorted) are their indices among the forward's
+        ``span`` tokens; they are stored at their original positions ``seen + offsets``, and ``seen`` (the
+        logical length) advances by ``span``, so positions and masks of later tokens are those of the full
+        sequence.
+        """
+        self.next_offsets, self.next_span = offsets, span
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = indices.to(self.device)
+        for name in ("keys", "values", "positions", "starts", "ends", "queries"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, indices))
+
+    def push_queries(self, queries: torch.Tensor) -> None:
+        R = self.query_window
+        if R == 0:
+            return
+        B, H, Q, d = queries.shape
+        if self.queries is None:
+            self.queries = queries.new_zeros(B, H, R, d)
+        take = min(Q, R)
+        ring = (self.num_queries + Q - take + torch.arange(take, device=queries.device)) % R
+        self.queries[:, :, ring] = queries[:, :, Q - take :]
+        self.num_queries += Q
+
+    # ------------------------------------------------------------------ storage
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers so that ``needed`` slots fit (amortised: by at least a quarter of the capacity)."""
+        if needed <= self.capacity:
+            return
+        self._reallocate(_round_up(max(needed, self.capacity + self.capacity // 4)))
+
+    def _reallocate(self, capacity: int) -> None:
+        """Move the slots ``[0, max_end)`` into fresh buffers of ``capacity`` slots; the old storage is freed."""
+        used = self.max_end
+        B, Hkv, _, d = self.keys.shape
+        for name, fill in (("keys", 0.0), ("values", 0.0), ("positions", -1)):
+            old = getattr(self, name)
+            new = old.new_full((B, Hkv, capacity, *old.shape[3:]), fill)
+            new[:, :, :used] = old[:, :, :used]
+            setattr(self, name, new)
+
+    def shrink_to_fit(self, reserve: int = 0) -> None:
+        """Free capacity well beyond ``max_end + reserve`` slots (a quarter of slack is tolerated)."""
+        target = _round_up(self.max_end + reserve)
+        if self.capacity > target + target // 4:
+            self._reallocate(target)
+
+    def _store_range(self, starts: torch.Tensor, ends: torch.Tensor, reserve: int) -> None:
+        self.starts, self.ends = starts, ends
         self.shrink_to_fit(reserve)
 
 
 class SieveCache(Cache):
-    """A ``transformers.Cache`` of :class:`SieveLayer` (created lazily, one per decoder layer)."""
+    """A ``transformers.Cache`` of :class:`SieveLayer` (one per decoder layer).
 
-    def __init__(self, query_window: int = 0, reserve: int = 0, num_layers: int | None = None):
+    Args:
+        query_window: selector queries each layer keeps (:attr:`SieveLayer.query_window`).
+        num_layers: decoder layers; when None, layers are created as HF first touches them.
+        layers: ready-made layers instead (e.g. the static layers of the fast path).
+    """
+
+    def __init__(self, query_window: int = 0, num_layers: int | None = None,
+                 layers: list[SieveLayer] | None = None):
         self.query_window = query_window
-        self.reserve = reserve
         self.peak_nbytes = 0
-        self.compressor = None  # set by kvsieve.apply: the Compressor driving this cache
-        self.backend = None  # the KVBackend its attention and compaction run on
-        self.propagation = None  # the current forward's token-propagation state (kvsieve.propagation)
-        if num_layers is None:
-            super().__init__(layer_class_to_replicate=lambda: SieveLayer(query_window))
+        if layers is not None:
+            super().__init__(layers=list(layers))
+        elif num_layers is None:
+            super().__init__(layer_class_to_replicate=lambda: DynamicSieveLayer(query_window))
         else:
-            super().__init__(layers=[SieveLayer(query_window) for _ in range(num_layers)])
+            super().__init__(layers=[DynamicSieveLayer(query_window) for _ in range(num_layers)])
 
     @property
     def num_layers(self) -> int:
@@ -302,14 +345,7 @@ class SieveCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
-        active.cache, active.layer_idx = self, layer_idx
         return keys, values
-
-    def after_attention(self, event: LayerEvent) -> None:
-        """Hand a layer's :class:`~kvsieve.compressor.LayerEvent` to the compressor (the attention function calls
-        this once per layer and forward). The static cache of the fast path defers decode events instead: its
-        loop runs the compressor between graph replays."""
-        self.compressor.after_attention(event)
 
     # ------------------------------------------------------------------ reporting
     def kv_lengths(self) -> list[int]:
@@ -322,9 +358,4 @@ class SieveCache(Cache):
 
     def live_nbytes(self) -> int:
         """Bytes of K/V in live slots (the sum over rows and heads of live lengths)."""
-        total = 0
-        for layer in self.layers:
-            if layer.keys is not None:
-                per_slot = layer.keys.shape[-1] * layer.keys.element_size() * 2
-                total += int((layer.ends - layer.starts).sum()) * per_slot
-        return total
+        return sum(layer.live_nbytes() for layer in self.layers)

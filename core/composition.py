@@ -35,14 +35,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 
-from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.compressor import Compressor, LayerEvent, build_compressor
 from kvsieve.params import UnknownParameterError
 from kvsieve.plugins import UnknownNameError, registry
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from kvsieve.engine import Engine
 
 
 __all__ = ["PHASES", "Composite", "CompositionError", "Part", "Preset"]
@@ -101,9 +102,9 @@ class Part:
 
 
 def _create(name: str, params: dict[str, Any], composition: str, key: str) -> Compressor:
-    """``registry().create("compressor", name, **params)``; errors name the composition and the part."""
+    """:func:`~kvsieve.compressor.build_compressor`; errors name the composition and the part."""
     try:
-        return registry().create("compressor", name, **params)
+        return build_compressor(name, params)
     except UnknownNameError as exc:
         raise UnknownNameError(f"{composition}: part {key!r}: {exc}") from exc
     except UnknownParameterError as exc:
@@ -113,7 +114,8 @@ def _create(name: str, params: dict[str, Any], composition: str, key: str) -> Co
 
 
 def _parameters(name: str) -> list[str]:
-    """The parameter names of the registered compressor ``name`` (empty when it is not an attrs class)."""
+    """The parameter names of the registered compressor ``name`` (empty when it is not an attrs class; nested
+    policy parameters such as ``scoring.pooling`` are not listed)."""
     factory = registry().get("compressor", name).obj
     if not (isinstance(factory, type) and attrs.has(factory)):
         return []
@@ -227,11 +229,19 @@ class Composite(Compressor):
         for part in self.parts:
             part.compressor.check_prompt(prompt_len)
 
-    def install(self, model: torch.nn.Module) -> list[Any]:
+    def install(self, engine: Engine) -> list[Any]:
         handles: list[Any] = []
         for part in self.parts:
-            handles += part.compressor.install(model)
+            handles += part.compressor.install(engine)
         return handles
+
+    def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int | None:
+        """The largest peak of the decode parts (every appended token on layers no decode part covers)."""
+        decode = [part for part in self.parts if part.phase == "decode"]
+        peaks = [part.compressor.peak_generated(prompt_len, prompt_slots, appends) for part in decode]
+        if not decode or any(part.layers is not None for part in decode):
+            peaks.append(appends)  # layers no decode part touches keep every appended token
+        return None if None in peaks else max(peaks)
 
     def after_attention(self, event: LayerEvent) -> None:
         for part in self.parts:

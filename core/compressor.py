@@ -1,55 +1,72 @@
 """Compressors: the schedule that decides when, where and with what budget a layer's cache is compressed.
 
 A compressor is built from a :class:`~kvsieve.policy.ScoringPolicy` and a
-:class:`~kvsieve.policy.SelectionPolicy`. The kvsieve attention function calls
+:class:`~kvsieve.policy.SelectionPolicy`. The :class:`~kvsieve.engine.Engine` calls
 :meth:`Compressor.after_attention` once per layer and forward pass, after the layer's new K/V were appended and
-its attention was computed; the compressor decides whether to compress and calls :func:`compress_layer`.
+its attention was computed (on the fast path, decode events run between graph replays); the compressor decides
+whether to compress and calls :func:`compress_layer`.
 """
 
 from __future__ import annotations
 
 import abc
+import difflib
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
 
+from kvsieve.budget import Budget
+from kvsieve.params import UnknownParameterError, parse_params
 from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from kvsieve.backend import KVBackend
-    from kvsieve.cache import SieveCache, SieveLayer
+    from kvsieve.cache import SieveLayer
+    from kvsieve.engine import Engine
 
-__all__ = ["Compressor", "LayerEvent", "compress_layer", "resolve_policy"]
+__all__ = [
+    "Compressor",
+    "LayerEvent",
+    "build_compressor",
+    "compress_layer",
+    "configure",
+    "resolve_policy",
+    "scoring_policy",
+    "selection_policy",
+]
 
 
 @attrs.frozen
 class LayerEvent:
-    """One layer's state right after its attention ran.
+    """One layer's state right after its attention ran (made by the :class:`~kvsieve.engine.Engine`).
 
     Attributes:
-        phase: ``"prefill"`` (first forward into an empty cache) or ``"decode"``.
-        layer: the layer's cache (``SieveLayer``).
+        phase: ``"prefill"`` (the forward into an empty cache) or ``"decode"``.
+        layer: the layer's cache (:class:`~kvsieve.cache.SieveLayer`).
         layer_idx: index of the decoder layer; ``num_layers`` the model's count.
-        cache: the whole ``SieveCache``.
+        engine: the :class:`~kvsieve.engine.Engine` running the model (token propagation and observers use it).
         backend: the kernel backend in use.
         scale: the attention softmax scale.
         generated: tokens appended after the prompt so far (0 during prefill).
         query_window: how many of the layer's recent queries this compressor scores with (0: all the layer
             keeps). A composition whose parts use different windows narrows it per part.
+        reserve: slots of headroom a compaction keeps allocated (what is appended before the next one).
     """
 
     phase: str
     layer: SieveLayer
     layer_idx: int
     num_layers: int
-    cache: SieveCache
+    engine: Engine | None
     backend: KVBackend
     scale: float
     generated: int
     query_window: int = 0
+    reserve: int = 0
 
     def window_queries(self) -> torch.Tensor:
         """``[B, H, W, d]`` the most recent ``query_window`` queries of the layer, oldest first."""
@@ -64,6 +81,9 @@ class Compressor(abc.ABC):
         name: the registered name.
         phases: when it acts: a subset of ``{"prefill", "decode"}``.
         propagates: whether it changes which tokens later layers compute on (token-selective propagation).
+
+    A compressor that only acts on the prompt should subclass :class:`kvsieve.prompt.PromptCompressor`, which
+    implements the whole schedule.
     """
 
     name: ClassVar[str] = ""
@@ -88,21 +108,40 @@ class Compressor(abc.ABC):
         """Raise ``ValueError`` if this compressor cannot handle a prompt of ``prompt_len`` tokens."""
         return None
 
-    def install(self, model: torch.nn.Module) -> list[Any]:
-        """Attach model-level machinery (e.g. decoder-layer hooks for token propagation); return removable handles."""
+    def install(self, engine: Engine) -> list[Any]:
+        """Attach model-level machinery to ``engine.model`` (e.g. decoder-layer hooks for token propagation);
+        return removable handles."""
         return []
+
+    def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int | None:
+        """The most slots past the prefilled ``prompt_slots`` one layer holds while ``appends`` tokens are
+        appended after a prompt of ``prompt_len`` tokens, one per decode step, counted just before a compaction
+        (what the fast path's static cache must hold). A compressor that does not act during decode holds every
+        appended token; one that does must override this (``None``: unknown, the fast path then needs an explicit
+        ``static_capacity``)."""
+        return None if "decode" in self.phases else appends
 
     @abc.abstractmethod
     def after_attention(self, event: LayerEvent) -> None:
         """Compress ``event.layer`` if the schedule says so (usually through :func:`compress_layer`)."""
 
     def config(self) -> dict[str, Any]:
-        """The full resolved configuration, JSON-friendly."""
-        out: dict[str, Any] = {"name": self.name}
-        for field in attrs.fields(type(self)):
-            value = getattr(self, field.name)
-            out[field.name] = value.name if isinstance(value, ScoringPolicy | SelectionPolicy) else value
+        """The full resolved configuration, JSON-friendly (policies as ``{"name": ..., parameters}``)."""
+        out = {"name": self.name, **_fields(self)}
+        keep = getattr(self, "keep", None)
+        if isinstance(keep, Budget):  # the budget as resolved (a default ratio when neither was given)
+            out["ratio"], out["budget"] = keep.ratio, keep.budget
         return out
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if isinstance(value, ScoringPolicy | SelectionPolicy):
+            value = {"name": value.name, **(_fields(value) if attrs.has(type(value)) else {})}
+        out[field.name] = value
+    return out
 
 
 def resolve_policy(value: str | ScoringPolicy | SelectionPolicy, kind: str):
@@ -111,12 +150,31 @@ def resolve_policy(value: str | ScoringPolicy | SelectionPolicy, kind: str):
     Args:
         value: a name from the registry or a policy instance.
         kind: ``"scoring"`` or ``"selection"``.
+
+    Raises:
+        TypeError: neither a name nor an instance of the policy kind.
     """
-    if not isinstance(value, str):
+    expected = ScoringPolicy if kind == "scoring" else SelectionPolicy
+    if isinstance(value, expected):
         return value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{kind} must be the name of a registered {kind} policy (see `kvsieve plugins`) or a "
+            f"{expected.__name__} instance, got {value!r}"
+        )
     from kvsieve.plugins import registry
 
     return registry().create(kind, value)
+
+
+def scoring_policy(value: str | ScoringPolicy) -> ScoringPolicy:
+    """attrs converter of a ``scoring`` field: a registered name or a :class:`ScoringPolicy` instance."""
+    return resolve_policy(value, "scoring")
+
+
+def selection_policy(value: str | SelectionPolicy) -> SelectionPolicy:
+    """attrs converter of a ``selection`` field: a registered name or a :class:`SelectionPolicy` instance."""
+    return resolve_policy(value, "selection")
 
 
 def compress_layer(
@@ -149,9 +207,7 @@ def compress_layer(
         raise ValueError(
             f"budget={budget} is smaller than the protected tokens (head {protect_head} + tail {protect_tail})"
         )
-    from kvsieve.plugins import has_layer_compressed_observers, notify_layer_compressed
-
-    observed = has_layer_compressed_observers()
+    observed = event.engine is not None and event.engine.observed
     before = layer.max_live if observed else 0
     ends = layer.ends
     counts = (ends - cand_starts).clamp(min=0)
@@ -184,6 +240,78 @@ def compress_layer(
     chosen = selection.select(scores, counts, budget, protect_head, protect_tail)
     keep_slots = torch.where(chosen.keep >= 0, chosen.keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
-    layer.compact(event.backend, keep_slots, chosen.counts, dest, reserve=event.cache.reserve)
+    layer.compact(event.backend, keep_slots, chosen.counts, dest, reserve=event.reserve)
     if observed:
-        notify_layer_compressed(event, before=before, after=layer.max_live)
+        event.engine.notify_compressed(event, before=before, after=layer.max_live)
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_compressor(name: str, params: Mapping[str, Any] | None = None) -> Compressor:
+    """The registered compressor ``name`` built with ``params`` (:mod:`kvsieve.params` syntax: ``key``,
+    ``scoring.key``, ``selection.key``, ``part.key`` for compositions; a dict, possibly nested).
+
+    Raises:
+        UnknownNameError: no compressor is registered as ``name``.
+        UnknownParameterError: a parameter it does not take (with "did you mean").
+        ValueError, TypeError: a value it rejects (the message names the parameter).
+    """
+    from kvsieve.plugins import registry
+
+    factory = registry().get("compressor", name).obj
+    return configure(factory, parse_params(params, source="params"), f"compressor {name!r}")
+
+
+def configure(factory: Callable[..., Any], params: Mapping[str, Any], label: str) -> Any:
+    """``factory(**params)`` where dotted keys ``field.key`` set parameters of the policy held in ``field``.
+
+    An attrs class is built from its own parameters, then each nested policy is rebuilt with its parameters
+    (``attrs.evolve``), so ``scoring.pooling=max`` changes the compressor's default scoring policy, or the one named
+    by ``scoring=NAME``. A factory that is not an attrs class (a composition preset) gets the parameters as they are.
+    """
+    if not (isinstance(factory, type) and attrs.has(factory)):
+        return factory(**params)
+    fields = [field.name for field in attrs.fields(factory) if field.init]
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    unknown: list[str] = []
+    for key, value in params.items():
+        head, dot, rest = key.partition(".")
+        if head not in fields:
+            unknown.append(key)
+        elif dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            own[key] = value
+    if unknown:
+        raise _unknown_parameter(label, unknown[0], fields, factory, own)
+    obj = factory(**own)
+    for head, sub in nested.items():
+        inner = getattr(obj, head)
+        if not attrs.has(type(inner)):
+            raise UnknownParameterError(f"{label}: {head} is {inner!r}, which has no parameters to set")
+        inner_label = f"{label}: {head} {getattr(inner, 'name', '') or type(inner).__name__!r}"
+        rebuilt = configure(type(inner), {**_init_values(inner), **sub}, inner_label)
+        obj = attrs.evolve(obj, **{head: rebuilt})
+    return obj
+
+
+def _init_values(obj: Any) -> dict[str, Any]:
+    return {field.name: getattr(obj, field.name) for field in attrs.fields(type(obj)) if field.init}
+
+
+def _unknown_parameter(label: str, key: str, fields: list[str], factory: type, own: dict[str, Any]) -> Exception:
+    """The error for ``key``, with a "did you mean" among the fields and the parameters of the default policies."""
+    candidates = list(fields)
+    try:  # the policies it holds by default, so that `pooling` suggests `scoring.pooling`
+        default = factory(**{k: v for k, v in own.items()})
+        for name in fields:
+            inner = getattr(default, name)
+            if isinstance(inner, ScoringPolicy | SelectionPolicy) and attrs.has(type(inner)):
+                candidates += [f"{name}.{f.name}" for f in attrs.fields(type(inner)) if f.init]
+    except Exception:  # noqa: BLE001 - only a hint: the unknown key is the error
+        pass
+    exact = [c for c in candidates if c.rsplit(".", 1)[-1] == key]
+    close = exact or difflib.get_close_matches(key, candidates, n=2)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    takes = f"Its parameters: {', '.join(fields)}." if fields else "It takes no parameters."
+    return UnknownParameterError(f"{label} has no parameter {key!r}.{hint} {takes}")

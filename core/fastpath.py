@@ -1,9 +1,9 @@
 """The fast decode path: a static-capacity compressed cache whose decode step is replayed from a CUDA graph.
 
-HF's eager decode loop is bound by Python overhead (ENVIRONMENT.md), which hides what compression saves. Here
-the prompt is prefilled eagerly (the ordinary kvsieve path, so prefill compressors such as SnapKV and FastKV run
-unchanged), the cache is moved into a :class:`~kvsieve.static.StaticSieveCache`, and every decode step is one
-forward with static inputs (token id and position per row), captured in a CUDA graph after a few eager warm-up
+HF's eager decode loop is bound by Python overhead (about 60 ms a step at any batch size on an H200), which
+hides what compression saves. Here the prompt is prefilled eagerly (the ordinary kvsieve path, so prefill
+compressors such as SnapKV and FastKV run unchanged), the cache is moved into static layers
+(:func:`kvsieve.static.make_static`), and every decode step is one forward with static inputs (token id and position per row), captured in a CUDA graph after a few eager warm-up
 steps and replayed from then on. Between steps the loop advances the cache's host counters and runs the
 compressor's decode schedule (RPC's compaction every P tokens), which changes the data in the buffers, never
 their shapes, so the graph stays valid. Without CUDA (or with ``use_cuda_graph=False``) the same steps run
@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from kvsieve.integration import Session, cache_kwarg
-from kvsieve.static import StaticSieveCache, static_capacity
+from kvsieve.cache import SieveCache
+from kvsieve.engine import Engine
+from kvsieve.static import make_static, static_capacity
 
 __all__ = ["StaticDecoder", "fast_generate"]
 
@@ -34,22 +35,21 @@ class StaticDecoder:
     """Prefill once, then decode one token per :meth:`step` through a static cache (graph replay on CUDA).
 
     Args:
-        model: the model, inside :func:`kvsieve.apply` (``session`` is what it yielded).
-        session: the :class:`~kvsieve.integration.Session`.
+        model: the model, inside :func:`kvsieve.apply` (``engine`` is what it yielded).
+        engine: the :class:`~kvsieve.engine.Engine` attached to the model.
         use_cuda_graph: capture the decode step in a CUDA graph. Default: when the model is on a CUDA device.
         warmup_steps: eager steps before the capture (they warm up kernels, cuBLAS and Triton's compiler).
     """
 
-    def __init__(self, model: torch.nn.Module, session: Session, use_cuda_graph: bool | None = None,
+    def __init__(self, model: torch.nn.Module, engine: Engine, use_cuda_graph: bool | None = None,
                  warmup_steps: int = 2):
         device = next(model.parameters()).device
         if use_cuda_graph is None:
             use_cuda_graph = device.type == "cuda"
         if use_cuda_graph and device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True needs a model on a CUDA device, got {device}")
-        self.model, self.session, self.use_cuda_graph, self.warmup_steps = model, session, use_cuda_graph, warmup_steps
-        self.cache_kw = cache_kwarg(model)
-        self.cache: StaticSieveCache | None = None
+        self.model, self.engine, self.use_cuda_graph, self.warmup_steps = model, engine, use_cuda_graph, warmup_steps
+        self.cache: SieveCache | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
 
@@ -71,14 +71,14 @@ class StaticDecoder:
         mask = None if bool(attention_mask.all()) else attention_mask  # HF drops a mask without padding
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        prefilled = self.session.last_cache
+        prefilled = self.engine.last_cache
         Lp = input_ids.shape[1]
         capacities = [
-            capacity or static_capacity(self.session.compressor, Lp, max_new_tokens, prompt_slots=layer.max_end)
+            capacity or static_capacity(self.engine.compressor, Lp, max_new_tokens, prompt_slots=layer.max_end)
             for layer in prefilled.layers
         ]
-        self.cache = StaticSieveCache.from_cache(prefilled, capacities)
-        self.session.last_cache = self.cache
+        self.cache = make_static(prefilled, capacities)
+        self.engine.use_static(self.cache)
         self.input_ids = input_ids.new_zeros(input_ids.shape[0], 1)  # the static inputs of a step
         self.positions = positions[:, -1:].clone()
         return out.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -89,18 +89,20 @@ class StaticDecoder:
         Runs (or replays) the forward, then the host side of the step: the cache's counters and the compressor's
         decode schedule (which may compact the cache in place).
         """
-        self.cache.ensure_room()
+        for layer in self.cache.layers:
+            layer.ensure_room()
         self.input_ids.copy_(tokens[:, None])
         self.positions += 1
         logits = self._run().to(copy=True, dtype=torch.float32)
-        self.cache.advance()
-        self.cache.compress()
+        for layer in self.cache.layers:
+            layer.advance()
+        self.engine.run_decode_schedule()
         return logits
 
     # ------------------------------------------------------------------ forward, eager or from the graph
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.input_ids, position_ids=self.positions, use_cache=True, logits_to_keep=1,
-                         **{self.cache_kw: self.cache})
+                         **{self.engine.cache_kw: self.cache})
         return out.logits[:, -1]
 
     def _run(self) -> torch.Tensor:
@@ -123,7 +125,7 @@ class StaticDecoder:
                 logits = self._forward()
         except RuntimeError as exc:
             raise RuntimeError(
-                f"capturing the decode step in a CUDA graph failed (backend {self.cache.backend.name!r}): {exc}. "
+                f"capturing the decode step in a CUDA graph failed (backend {self.engine.backend.name!r}): {exc}. "
                 "Pass use_cuda_graph=False to decode without a graph."
             ) from exc
         self.graph, self.graph_logits = graph, logits
@@ -136,7 +138,7 @@ def fast_generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    session: Session,
+    engine: Engine,
     *,
     static_capacity: int | None = None,
     use_cuda_graph: bool | None = None,
@@ -146,7 +148,7 @@ def fast_generate(
     """``model.generate`` for greedy search and sampling, through :class:`StaticDecoder`.
 
     Args:
-        model, session: inside :func:`kvsieve.apply`.
+        model, engine: inside :func:`kvsieve.apply` (``engine`` is what it yielded).
         input_ids, attention_mask: the left-padded prompts.
         static_capacity: slots per layer (default: sized from the compressor, per layer).
         use_cuda_graph: see :class:`StaticDecoder`.
@@ -168,7 +170,7 @@ def fast_generate(
     if max_new < 1:
         raise ValueError(f"nothing to generate: max_new_tokens={max_new}")
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
-    decoder = StaticDecoder(model, session, use_cuda_graph)
+    decoder = StaticDecoder(model, engine, use_cuda_graph)
     logits = decoder.prefill(input_ids, attention_mask, max_new, static_capacity)
     sequences = torch.cat([input_ids, input_ids.new_zeros(B, max_new)], dim=1)
     unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)

@@ -1,17 +1,15 @@
 """HuggingFace integration: the ``kvsieve`` attention function, :func:`apply` and :func:`generate`.
 
 No model class is patched. kvsieve registers an attention function (and a mask function) under the name
-``"kvsieve"`` with transformers' ``AttentionInterface``/``AttentionMaskInterface``, switches the model to it
-inside :func:`apply`, and puts a :class:`~kvsieve.cache.SieveCache` into the model's forward through a forward
-pre-hook whenever a forward starts with an empty cache. The cache carries the compressor and the backend; the
-attention function appends through ``Cache.update`` (as every HF model does), computes attention over the live
-slots with the backend, then lets the compressor compress the layer.
+``"kvsieve"`` with transformers' ``AttentionInterface``/``AttentionMaskInterface``. :func:`apply` builds an
+:class:`~kvsieve.engine.Engine` (compressor, backend, schedule) and attaches it to the model; the attention
+function finds the engine of the module HF hands it and calls :meth:`Engine.attention
+<kvsieve.engine.Engine.attention>`. The :class:`~kvsieve.cache.SieveCache` only stores.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,21 +17,22 @@ from typing import Any
 import attrs
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvsieve.backend import KVBackend
-from kvsieve.cache import SieveCache, SieveLayer, active
 from kvsieve.composition import Preset
-from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.compressor import Compressor, build_compressor
+from kvsieve.engine import ATTENTION_NAME, Engine, cache_kwarg, engine_of
+from kvsieve.fastpath import fast_generate
+from kvsieve.params import parse_params
 from kvsieve.plugins import registry
 
 __all__ = [
     "ATTENTION_NAME",
     "SUPPORTED_MODEL_TYPES",
+    "Engine",
     "GenerationResult",
-    "Session",
     "UnsupportedModelError",
     "apply",
     "cache_kwarg",
@@ -42,7 +41,6 @@ __all__ = [
     "resolve_compressor",
 ]
 
-ATTENTION_NAME = "kvsieve"
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 
@@ -51,20 +49,6 @@ class UnsupportedModelError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _padding_starts(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int, device) -> torch.Tensor:
-    """``int64 [B, Hkv]`` leading padding slots, read off the last query row of the 4D prefill mask."""
-    if attention_mask is None:
-        return torch.zeros(batch, num_kv_heads, dtype=torch.long, device=device)
-    last_row = attention_mask[:, 0, -1, :].to(torch.bool)  # [B, K]
-    pad = (~last_row).long().cumprod(dim=-1).sum(dim=-1)  # leading False entries
-    if bool((last_row.sum(dim=-1) + pad != last_row.shape[-1]).any()):
-        raise ValueError(
-            "kvsieve needs LEFT padding (padding only before each prompt); got an attention_mask with padding "
-            "inside or after a prompt. Set tokenizer.padding_side = 'left'."
-        )
-    return pad[:, None].expand(batch, num_kv_heads).contiguous()
-
-
 def kvsieve_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -75,41 +59,20 @@ def kvsieve_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The attention function registered as ``"kvsieve"`` (HF's signature; returns ``[B, Q, H, d]``)."""
-    cache, layer_idx = active.cache, active.layer_idx
-    active.cache = None
-    if cache is None or cache.compressor is None or layer_idx != module.layer_idx:
-        # no SieveCache in this forward (use_cache=False, a plain DynamicCache): plain SDPA semantics
+    """The attention function registered as ``"kvsieve"`` (HF's signature; returns ``[B, Q, H, d]``): the
+    engine attached to the module's model does the work."""
+    engine = engine_of(module)
+    if engine is None:
+        raise RuntimeError(
+            f"the kvsieve attention ran on {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) of "
+            "a model kvsieve.apply is not active on; use `with kvsieve.apply(model, ...)` instead of setting "
+            "attn_implementation='kvsieve' by hand"
+        )
+    if engine.cache is None:  # this forward runs without a cache (use_cache=False): plain SDPA semantics
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
-    layer: SieveLayer = cache.layers[layer_idx]
-    backend: KVBackend = cache.backend
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    Q = query.shape[2]
-    # prefill = the first forward into this layer (its Q tokens are all it holds). With token propagation a
-    # later layer receives fewer tokens than the prompt has, so ``seen`` (the logical length) may exceed Q.
-    prefill = layer.is_prefill(Q)
-    if prefill:
-        B, Hkv = layer.ends.shape
-        layer.starts = _padding_starts(attention_mask, B, Hkv, query.device)
-        layer.prompt_len = layer.seen  # the logical prompt length (Q unless token propagation thinned it)
-        end = layer.max_end
-        out = backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
-    else:
-        out = backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)
-    layer.push_queries(query)
-    cache.after_attention(
-        LayerEvent(
-            phase="prefill" if prefill else "decode",
-            layer=layer,
-            layer_idx=layer_idx,
-            num_layers=cache.num_layers,
-            cache=cache,
-            backend=backend,
-            scale=scale,
-            generated=layer.seen - layer.prompt_len,
-        )
-    )
+    out = engine.attention(module, query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -140,10 +103,12 @@ def resolve_compressor(compressor: str | Compressor, params: dict[str, Any] | No
         if params:
             raise ValueError("pass parameters either to the compressor instance or as params, not both")
         return compressor
+    if not isinstance(compressor, str):
+        raise TypeError(f"compressor must be a registered name or a Compressor instance, got {compressor!r}")
     if "+" in compressor and compressor not in registry().names("compressor"):
         # "a+b" that no plugin registered as a preset: compose the registered a (prefill) and b (decode)
-        return Preset.parse(compressor)(**(params or {}))
-    return registry().compressor(compressor, **(params or {}))
+        return Preset.parse(compressor)(**parse_params(params, source="params"))
+    return build_compressor(compressor, params)
 
 
 def resolve_backend(backend: str | KVBackend, device: torch.device, dtype: torch.dtype) -> KVBackend:
@@ -200,37 +165,6 @@ def check_model(model: torch.nn.Module, allow_unsupported: bool = False) -> None
 
 
 # ---------------------------------------------------------------------------------------------- apply
-@attrs.define
-class Session:
-    """What :func:`apply` set up: the compressor, the backend, and the cache of the most recent forward."""
-
-    compressor: Compressor
-    backend: KVBackend
-    num_layers: int
-    max_positions: int | None
-    last_cache: SieveCache | None = None
-
-    def new_cache(self) -> SieveCache:
-        cache = SieveCache(
-            query_window=self.compressor.query_window, reserve=self.compressor.reserve, num_layers=self.num_layers
-        )
-        cache.compressor, cache.backend = self.compressor, self.backend
-        return cache
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The name the model's forward uses for the cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _prompt_len(args: tuple, kwargs: dict) -> int | None:
-    for name in ("input_ids", "inputs_embeds"):
-        tensor = kwargs.get(name)
-        if tensor is not None:
-            return tensor.shape[1]
-    return args[0].shape[1] if args and isinstance(args[0], torch.Tensor) else None
-
-
 @contextlib.contextmanager
 def apply(
     model: torch.nn.Module,
@@ -239,67 +173,34 @@ def apply(
     *,
     params: dict[str, Any] | None = None,
     allow_unsupported: bool = False,
-) -> Iterator[Session]:
+) -> Iterator[Engine]:
     """Compress the KV cache of ``model`` while the context is active.
 
     Inside the context every forward that starts with an empty cache (so every ``model.generate`` call) gets a
-    fresh :class:`SieveCache` driven by ``compressor`` over ``backend``. On exit the model is restored.
+    fresh :class:`~kvsieve.cache.SieveCache` driven by ``compressor`` over ``backend``. On exit the model is
+    restored. One ``apply`` per model at a time, from one thread (nesting is refused).
 
     Args:
         model: a HuggingFace decoder-only model (Llama, Qwen2, Qwen3, Mistral families).
         compressor: a registered compressor name (see ``kvsieve plugins``) or a Compressor instance.
         backend: a registered backend name, ``"auto"``, or a KVBackend instance.
-        params: compressor parameters when ``compressor`` is a name.
+        params: compressor parameters when ``compressor`` is a name (:mod:`kvsieve.params`: ``{"ratio": 0.2,
+            "scoring.pooling": "max"}``).
         allow_unsupported: try model types kvsieve has not been tested on.
 
     Yields:
-        the :class:`Session` (``session.last_cache`` is the cache of the latest forward).
+        the :class:`~kvsieve.engine.Engine` (``engine.last_cache`` is the cache of the latest forward).
     """
     check_model(model, allow_unsupported)
     compressor = resolve_compressor(compressor, params)
     compressor.check_model(model.config)
     first = next(model.parameters())
-    backend = resolve_backend(backend, first.device, first.dtype)
-    config = model.config
-    session = Session(
-        compressor, backend, config.num_hidden_layers, getattr(config, "max_position_embeddings", None)
-    )
-    cache_kw = cache_kwarg(model)
-
-    def inject_cache(module, args, kwargs):
-        cache = kwargs.get(cache_kw)
-        if cache is None and kwargs.get("use_cache") is False:
-            return None
-        if isinstance(cache, SieveCache):
-            if cache.compressor is None:
-                cache.compressor, cache.backend = session.compressor, session.backend
-            session.last_cache = cache
-            return None
-        if cache is not None and (not isinstance(cache, Cache) or cache.get_seq_length() > 0):
-            raise ValueError("kvsieve.apply: the model was given a non-empty cache kvsieve did not create")
-        prompt_len = _prompt_len(args, kwargs)
-        if prompt_len is not None:
-            if session.max_positions is not None and prompt_len > session.max_positions:
-                raise ValueError(
-                    f"prompt of {prompt_len} tokens is longer than the model's context "
-                    f"(max_position_embeddings={session.max_positions})"
-                )
-            session.compressor.check_prompt(prompt_len)
-        session.last_cache = session.new_cache()
-        kwargs[cache_kw] = session.last_cache
-        return args, kwargs
-
-    previous_impl = config._attn_implementation
-    handles = []
+    engine = Engine(model, compressor, resolve_backend(backend, first.device, first.dtype))
+    engine.attach()
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
-        handles.append(model.register_forward_pre_hook(inject_cache, with_kwargs=True))
-        handles += compressor.install(model)
-        yield session
+        yield engine
     finally:
-        for handle in handles:
-            handle.remove()
-        model.set_attn_implementation(previous_impl)
+        engine.detach()
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -354,20 +255,18 @@ def generate(
     """
     if not fast and (static_capacity is not None or use_cuda_graph is not None):
         raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
-    with apply(model, compressor, backend, params=params) as session:
+    with apply(model, compressor, backend, params=params) as engine:
         start = time.perf_counter()
         with torch.inference_mode():
             if fast:
-                from kvsieve.fastpath import fast_generate  # imports this module
-
-                sequences = fast_generate(model, input_ids, attention_mask, session, static_capacity=static_capacity,
+                sequences = fast_generate(model, input_ids, attention_mask, engine, static_capacity=static_capacity,
                                           use_cuda_graph=use_cuda_graph, **generate_kwargs)
             else:
                 sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    cache = session.last_cache
+    cache = engine.last_cache
     prompt = input_ids.shape[1]
     new = sequences.shape[1] - prompt
     return GenerationResult(
@@ -379,6 +278,6 @@ def generate(
         kv_bytes_peak=cache.peak_nbytes,
         seconds=seconds,
         tokens_per_s=sequences.shape[0] * new / seconds if seconds > 0 else float("inf"),
-        compressor=session.compressor.config(),
-        backend=session.backend.name,
+        compressor=engine.compressor.config(),
+        backend=engine.backend.name,
     )

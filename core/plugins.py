@@ -24,7 +24,7 @@ from kvsieve.params import UnknownParameterError
 
 if TYPE_CHECKING:
     from kvsieve.backend import KVBackend
-    from kvsieve.compressor import Compressor, LayerEvent
+    from kvsieve.compressor import Compressor
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -218,14 +218,8 @@ def has_layer_compressed_observers() -> bool:
     return bool(plugin_manager().hook.kvsieve_layer_compressed.get_hookimpls())
 
 
-def notify_layer_compressed(event: LayerEvent, before: int, after: int) -> None:
-    """Call the ``kvsieve_layer_compressed`` observers."""
+def notify_layer_compressed(layer_idx: int, phase: str, before: int, after: int, info: dict[str, Any]) -> None:
+    """Call the ``kvsieve_layer_compressed`` observers (the arguments are the hook spec's)."""
     hook: Callable[..., Any] = plugin_manager().hook.kvsieve_layer_compressed
     if hook.get_hookimpls():
-        hook(
-            layer_idx=event.layer_idx,
-            phase=event.phase,
-            before=before,
-            after=after,
-            info={"compressor": event.cache.compressor.name, "generated": event.generated},
-        )
+        hook(layer_idx=layer_idx, phase=phase, before=before, after=after, info=info)

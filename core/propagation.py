@@ -3,15 +3,15 @@
 FastKV's Token-Selective Propagation (ALGORITHMS.md, "FastKV") is the first user; the mechanism is general. A
 compressor sets it up in :meth:`Compressor.install <kvsieve.compressor.Compressor.install>`::
 
-    def install(self, model):
-        return TokenPropagation.install(model)
+    def install(self, engine):
+        return TokenPropagation.install(engine)
 
 and, while some layer's attention runs (in ``after_attention``), calls :func:`propagate` with the tokens to
 keep. What happens then, without patching any model class:
 
-1. At the start of every forward, the first decoder layer's forward pre-hook puts a fresh
-   :class:`PropagationState` on the :class:`~kvsieve.cache.SieveCache` (``cache.propagation``): all tokens
-   live.
+1. At the start of every forward that runs with a :class:`~kvsieve.cache.SieveCache`, the first decoder layer's
+   forward pre-hook puts a fresh :class:`PropagationState` on the :class:`~kvsieve.engine.Engine`
+   (``engine.propagation``): all tokens live.
 2. :func:`propagate` records the selection (``int64 [B, K]``, sorted, indices into the tokens that layer
    computed on: a per-row set of a common size ``K``).
 3. That layer's forward hook gathers its output hidden states to the ``K`` tokens, so every later layer (and
@@ -20,8 +20,8 @@ keep. What happens then, without patching any model class:
    forward: the position embeddings ``(cos, sin)`` (so RoPE uses the ORIGINAL positions of the kept tokens),
    ``position_ids``, and the 4D attention mask (rows and columns: causality and padding of the kept tokens).
    It also tells the layer's cache to store the tokens at their original positions and to count the full
-   forward in its logical length (:meth:`kvsieve.cache.SieveLayer.propagated_append`), so the tokens generated
-   next continue from the original prompt length.
+   forward in its logical length (:meth:`kvsieve.cache.DynamicSieveLayer.propagated_append`), so the tokens
+   generated next continue from the original prompt length.
 
 A later layer may propagate again; selections compose (indices are always relative to the tokens the calling
 layer saw). The state lives for one forward: a decode step (a new forward) runs every layer on its new token.
@@ -36,14 +36,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import attrs
 import torch
 
-from kvsieve.cache import SieveCache
+if TYPE_CHECKING:
+    from kvsieve.compressor import LayerEvent
+    from kvsieve.engine import Engine
 
 __all__ = ["PropagationState", "TokenPropagation", "decoder_layers", "propagate"]
-
-_CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.24 / 5.17
 
 
 @attrs.define
@@ -78,11 +80,11 @@ class PropagationState:
         return hit[1]
 
 
-def propagate(cache: SieveCache, keep: torch.Tensor) -> None:
+def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
     """Keep only the tokens ``keep`` for every layer after the calling one (call it during a layer's forward).
 
     Args:
-        cache: the forward's cache (``event.cache`` in ``Compressor.after_attention``).
+        event: the layer event of ``Compressor.after_attention``.
         keep: ``int64 [B, K]``: per row, the sorted, unique indices (among the tokens the calling layer
             computed on) of the tokens later layers compute on. Every row keeps the same number ``K``; the
             last token must be kept (generation reads its logits).
@@ -91,11 +93,11 @@ def propagate(cache: SieveCache, keep: torch.Tensor) -> None:
         RuntimeError: no :class:`TokenPropagation` is installed on the model (``Compressor.install``).
         ValueError: ``keep`` is malformed.
     """
-    state = getattr(cache, "propagation", None)
+    state = None if event.engine is None else event.engine.propagation
     if state is None:
         raise RuntimeError(
-            "propagate() needs token propagation hooks on the model: return TokenPropagation.install(model) "
-            "from the compressor's install(model)"
+            "propagate() needs token propagation hooks on the model: return TokenPropagation.install(engine) "
+            "from the compressor's install(engine)"
         )
     n = state.num_live
     if keep.dim() != 2 or keep.dtype != torch.long or keep.shape[1] == 0:
@@ -144,29 +146,22 @@ def _gather_mask(mask: torch.Tensor, index: torch.Tensor, num_tokens: int) -> to
     return rows.gather(3, col_index[:, None, None, :].expand(B, heads, K, past + K))
 
 
-def _cache_of(kwargs: dict) -> SieveCache | None:
-    for name in _CACHE_KWARGS:
-        cache = kwargs.get(name)
-        if isinstance(cache, SieveCache):
-            return cache
-    return None
-
-
 class TokenPropagation:
     """The decoder-layer hooks of token propagation (see the module docstring).
 
     Args:
+        engine: the engine running the model: the hooks act in forwards that run with its cache.
         layers: the model's decoder layers, in order.
     """
 
-    def __init__(self, layers: torch.nn.ModuleList):
-        self.layers = layers
+    def __init__(self, engine: Engine, layers: torch.nn.ModuleList):
+        self.engine, self.layers = engine, layers
 
     @classmethod
-    def install(cls, model: torch.nn.Module) -> list[Any]:
-        """Register the hooks on ``model``'s decoder layers; return their removable handles. Install it once
-        per model (one propagating compressor at a time)."""
-        return cls(decoder_layers(model)).register()
+    def install(cls, engine: Engine) -> list[Any]:
+        """Register the hooks on the decoder layers of ``engine.model``; return their removable handles. Install
+        it once per model (one propagating compressor at a time)."""
+        return cls(engine, decoder_layers(engine.model)).register()
 
     def register(self) -> list[Any]:
         handles = []
@@ -179,17 +174,19 @@ class TokenPropagation:
             handles.append(layer.register_forward_hook(self._post_hook(last), with_kwargs=True))
         return handles
 
-    @staticmethod
-    def _pre_hook(first: bool, layer_idx: int):
+    def _pre_hook(self, first: bool, layer_idx: int):
+        engine = self.engine
+
         def hook(module, args, kwargs):
-            cache = _cache_of(kwargs)
-            if cache is None:
+            cache = engine.cache
+            if cache is None:  # a forward without kvsieve's cache (use_cache=False): nothing to propagate
+                engine.propagation = None
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             if first:  # a new forward: every token is live
-                cache.propagation = PropagationState(num_tokens=hidden.shape[1])
+                engine.propagation = PropagationState(num_tokens=hidden.shape[1])
                 return None
-            state: PropagationState | None = cache.propagation
+            state: PropagationState | None = engine.propagation
             if state is None or state.index is None:
                 return None
             if hidden.shape[1] != state.num_live:
@@ -215,11 +212,11 @@ class TokenPropagation:
 
         return hook
 
-    @staticmethod
-    def _post_hook(last: bool):
+    def _post_hook(self, last: bool):
+        engine = self.engine
+
         def hook(module, args, kwargs, output):
-            cache = _cache_of(kwargs)
-            state: PropagationState | None = None if cache is None else cache.propagation
+            state: PropagationState | None = engine.propagation
             if state is None:
                 return None
             if last:  # the forward's decoder layers are done: free the gathered inputs

@@ -1,6 +1,6 @@
 """FastKV (Jo et al., 2025): Token-Selective Propagation plus per-layer SnapKV-style KV selection.
 
-ALGORITHMS.md, "FastKV". During prefill:
+During prefill (the paper's algorithm, docs/policies/fastkv.md):
 
 * every layer keeps its own salient KV: the window attention of the last ``window`` prompt tokens (softmax
   over every key they causally see, fp32), summed over the window, pooled along the tokens per query head,
@@ -21,9 +21,11 @@ import attrs
 import torch
 
 import kvsieve
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
+from kvsieve.budget import Budget
+from kvsieve.compressor import LayerEvent
 from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy
+from kvsieve.prompt import PromptCompressor
 from kvsieve.propagation import TokenPropagation, propagate
 from kvsieve.validators import nonnegative_int, odd_positive_int, optional, positive_int, unit_ratio
 
@@ -36,7 +38,7 @@ POOLINGS = ("max", "avg")
 class HeadPooledWindowScoring(ScoringPolicy):
     """Window attention over every visible key, pooled per QUERY head, then summed over the GQA group.
 
-    The order of FastKV's reference (and of ALGORITHMS.md's scoring steps): softmax over all keys each window
+    The order of FastKV's reference (and of window-attention scoring in general): softmax over all keys each window
     query causally sees (prefill only), summed over the window, pooled per query head (kernel ``k``, stride 1,
     zero padding), then summed over the ``G`` query heads of each KV head. With ``avg`` pooling (linear) this
     equals pooling the group sum; with ``max`` pooling it does not, so the backend is asked once per group
@@ -73,15 +75,15 @@ class HeadPooledWindowScoring(ScoringPolicy):
         return total
 
 
-@attrs.frozen
-class FastKV(Compressor):
+@attrs.frozen(kw_only=True)
+class FastKV(PromptCompressor):
     """FastKV: token-selective propagation at layer ``tsp_layer``, SnapKV-style KV selection in every layer.
 
     Two modes, as in the reference:
 
     * proportional (default): ``tsp_len = floor(tsp_rate * Lp)``; layers up to ``tsp_layer`` keep
-      ``floor(retain_rate * Lp)`` KV entries, later layers ``floor(retain_rate / tsp_rate * propagated)``
-      (about ``retain_rate * Lp``; no further compression when ``retain_rate >= tsp_rate``);
+      ``floor(ratio * Lp)`` KV entries, later layers ``floor(ratio / tsp_rate * propagated)`` (about
+      ``ratio * Lp``; no further compression when ``ratio >= tsp_rate``);
     * constant: fixed ``tsp_len`` and KV ``budget`` per layer; a layer holding fewer tokens than ``budget`` is
       left alone, so a prompt shorter than the budget is not compressed and TSP does not fire.
 
@@ -92,40 +94,34 @@ class FastKV(Compressor):
         tsp_rate: fraction of the prompt propagated past ``tsp_layer``, in (0, 1]. Default 0.2.
         tsp_len: a constant number of propagated tokens (constant mode, with ``budget``). Must exceed
             ``window``.
-        retain_rate: fraction of the prompt each layer keeps in its KV cache, in (0, 1]. Default 0.1.
+        ratio: fraction of the prompt each layer keeps in its KV cache, in (0, 1] (the paper's KV retention
+            rate). Default 0.1.
         budget: a constant number of KV entries per layer (constant mode, with ``tsp_len``). Must exceed
             ``window``.
         window: last prompt tokens: the observation window, always kept and always propagated. Default 8.
-        kernel: odd pooling kernel. Default 7.
-        pooling: ``"max"`` or ``"avg"``. Default ``"max"``.
-        scoring: a scoring policy (name or instance) instead of :class:`HeadPooledWindowScoring`.
+        scoring: a scoring policy (name or instance). Default :class:`HeadPooledWindowScoring` (max pooling,
+            kernel 7; ``scoring.pooling=avg`` for FastKV before v3).
         selection: a selection policy (name or instance) for both the KV and the propagated tokens. Default
             ``"topk"``.
     """
 
     name: ClassVar[str] = "fastkv"
-    phases: ClassVar[frozenset[str]] = frozenset({"prefill"})
     propagates: ClassVar[bool] = True
+    default_ratio: ClassVar[float] = 0.1
+    default_window: ClassVar[int] = 8
+    rounding: ClassVar[str] = "floor"  # as the reference
 
     tsp_layer: int | None = attrs.field(default=None, validator=optional(nonnegative_int))
     tsp_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
     tsp_len: int | None = attrs.field(default=None, validator=optional(positive_int))
-    retain_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
-    budget: int | None = attrs.field(default=None, validator=optional(positive_int))
-    window: int = attrs.field(default=8, validator=positive_int)
-    kernel: int = attrs.field(default=7, validator=odd_positive_int)
-    pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
-    scoring: object = None
-    selection: object = "topk"
 
     def __attrs_post_init__(self):
-        given = {k: getattr(self, k) for k in ("tsp_rate", "retain_rate", "tsp_len", "budget")}
-        proportional = {k: v for k, v in given.items() if k in ("tsp_rate", "retain_rate") and v is not None}
-        constant = {k: v for k, v in given.items() if k in ("tsp_len", "budget") and v is not None}
+        proportional = {k: getattr(self, k) for k in ("tsp_rate", "ratio") if getattr(self, k) is not None}
+        constant = {k: getattr(self, k) for k in ("tsp_len", "budget") if getattr(self, k) is not None}
         if proportional and constant:
             raise ValueError(
-                "fastkv takes either the proportional parameters (tsp_rate, retain_rate) or the constant "
-                f"ones (tsp_len, budget), not a mix: got {proportional | constant}"
+                "fastkv takes either the proportional parameters (tsp_rate, ratio) or the constant ones "
+                f"(tsp_len, budget), not a mix: got {proportional | constant}"
             )
         if constant:
             if len(constant) != 2:
@@ -135,18 +131,20 @@ class FastKV(Compressor):
                     raise ValueError(
                         f"{key}={value} must exceed window={self.window} (the window is always kept)"
                     )
-        else:
-            object.__setattr__(self, "tsp_rate", 0.2 if self.tsp_rate is None else self.tsp_rate)
-            object.__setattr__(self, "retain_rate", 0.1 if self.retain_rate is None else self.retain_rate)
-        scoring = self.scoring or HeadPooledWindowScoring(self.pooling, self.kernel)
-        object.__setattr__(self, "scoring", resolve_policy(scoring, "scoring"))
-        object.__setattr__(self, "selection", resolve_policy(self.selection, "selection"))
+
+    def default_scoring(self) -> ScoringPolicy:
+        return HeadPooledWindowScoring(pooling="max", kernel=7)
 
     # ------------------------------------------------------------------ configuration
     @property
     def constant(self) -> bool:
-        """Constant mode (``tsp_len``, ``budget``), not proportional (``tsp_rate``, ``retain_rate``)."""
+        """Constant mode (``tsp_len``, ``budget``), not proportional (``tsp_rate``, ``ratio``)."""
         return self.budget is not None
+
+    @property
+    def propagated_rate(self) -> float:
+        """``tsp_rate`` (default 0.2) in proportional mode."""
+        return 0.2 if self.tsp_rate is None else self.tsp_rate
 
     @property
     def query_window(self) -> int:
@@ -167,12 +165,12 @@ class FastKV(Compressor):
                 f"(allowed 0..{num_layers - 1})"
             )
 
-    def install(self, model: torch.nn.Module) -> list:
-        return TokenPropagation.install(model)
+    def install(self, engine) -> list:
+        return TokenPropagation.install(engine)
 
     def propagated_length(self, length: int) -> int:
         """Tokens propagated past the TSP layer from a layer of ``length`` tokens (``length``: no TSP)."""
-        tsp_len = self.tsp_len if self.constant else int(length * self.tsp_rate)  # floor, as the reference
+        tsp_len = self.tsp_len if self.constant else int(length * self.propagated_rate)  # floor, as the reference
         tsp_len = max(tsp_len, self.window)
         return tsp_len if length > tsp_len else length
 
@@ -180,33 +178,26 @@ class FastKV(Compressor):
         """KV entries kept by a layer holding ``length`` tokens; ``None``: the layer is left alone."""
         if self.constant:
             return None if length < self.budget else self.budget
-        rate = self.retain_rate / self.tsp_rate if after_tsp else self.retain_rate
-        return max(int(length * rate), self.window)  # floor, as the reference
+        keep = self.keep.tokens(length)
+        if after_tsp:  # the propagated tokens are tsp_rate of the prompt: keep ratio / tsp_rate of them
+            keep = Budget(min(self.keep.ratio / self.propagated_rate, 1.0), rounding="floor").tokens(length)
+        return max(keep, self.window)
 
     # ------------------------------------------------------------------ the schedule
+    def layer_budget(self, event: LayerEvent) -> int | None:
+        # the tokens this layer computed on (padding included): fewer than the prompt after the TSP layer
+        after_tsp = event.layer_idx > self.resolve_tsp_layer(event.num_layers)
+        return self.kv_budget(event.layer.max_end, after_tsp)
+
     def after_attention(self, event: LayerEvent) -> None:
-        if event.phase != "prefill":
+        if event.phase != "prefill" or self.layer_budget(event) is None:
             return
-        layer = event.layer
-        length = layer.max_end  # tokens this layer computed on (padding included)
-        tsp_layer = self.resolve_tsp_layer(event.num_layers)
-        budget = self.kv_budget(length, after_tsp=event.layer_idx > tsp_layer)
-        if budget is None:
-            return
-        if event.layer_idx == tsp_layer:
+        if event.layer_idx == self.resolve_tsp_layer(event.num_layers):
+            length = event.layer.max_end
             propagated = self.propagated_length(length)
             if propagated < length:
-                propagate(event.cache, self.select_propagated(event, propagated))
-        compress_layer(
-            event,
-            scoring=self.scoring,
-            selection=self.selection,
-            cand_starts=layer.starts,
-            region_starts=layer.starts.new_zeros(layer.starts.shape),
-            budget=budget,
-            protect_tail=self.window,
-            queries_are_last=True,
-        )
+                propagate(event, self.select_propagated(event, propagated))
+        super().after_attention(event)
 
     def token_scores(self, event: LayerEvent) -> torch.Tensor:
         """``float32 [B, L]``: each of the layer's ``L`` tokens' score summed over KV heads (TSP's ranking).

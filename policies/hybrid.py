@@ -7,8 +7,8 @@ see docs/composition.md. Parameters are the parts' own, addressed as ``fastkv.<p
 
     kvsieve generate --compressor fastkv+rpc --set fastkv.tsp_rate=0.2 --set rpc.interval=1024
 
-Each layer ends up with the prompt KV FastKV kept in it (``K_l``: ``retain_rate * Lp`` per layer at the
-defaults, more where ``retain_rate >= tsp_rate``) followed by what RPC keeps of the ``g`` generated tokens, so
+Each layer ends up with the prompt KV FastKV kept in it (``K_l``: ``ratio * Lp`` per layer at the
+defaults, more where ``ratio >= tsp_rate``) followed by what RPC keeps of the ``g`` generated tokens, so
 a layer holds ``K_l + RPC.cache_length(0, g)`` entries: ``K_l + g`` before the first compression at
 ``g = P + R``, then ``K_l + k * floor(P / c) + R`` after the k-th.
 """

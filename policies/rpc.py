@@ -1,43 +1,48 @@
 """RPC, Reasoning Path Compression (Song et al., 2025): periodic decode-time compression of generated tokens.
 
-ALGORITHMS.md, "RPC": every ``interval`` (P) generated tokens, the generated tokens except the last ``window``
-(R) are re-scored by the attention the R most recent queries pay them (softmax over those candidates only, in
-fp32, summed over the queries, avg-pooled, one ranking shared by all heads) and only the best ``k * (P // c)``
-survive the k-th compression; the last R tokens are always kept and the prompt is never touched. The first
-compression fires once P + R generated tokens are cached, then every P tokens, so after k compressions a
-layer holds ``Lp + k * (P // c) + R`` entries.
+Every ``interval`` (P) generated tokens, the generated tokens except the last ``window`` (R) are re-scored by the
+attention the R most recent queries pay them (softmax over those candidates only, in fp32, summed over the
+queries, avg-pooled, one ranking shared by all heads) and only the best ``k * T`` survive the k-th compression,
+``T = floor(ratio * P)`` (the paper's compression factor is ``c = 1 / ratio``: ``ratio=0.25`` is ``c = 4``); the
+last R tokens are always kept and the prompt is never touched. The first compression fires once P + R generated
+tokens are cached, then every P tokens, so after k compressions a layer holds ``Lp + k * T + R`` entries.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import attrs
 
 import kvsieve
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.policies.window_attention import AGGREGATIONS, POOLINGS, WindowAttentionScoring
-from kvsieve.validators import compression_ratio, odd_positive_int, positive_int
+from kvsieve.budget import Budget, budget_field, ratio_field
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer, scoring_policy, selection_policy
+from kvsieve.policies.window_attention import WindowAttentionScoring
+from kvsieve.policy import ScoringPolicy, SelectionPolicy
+from kvsieve.validators import positive_int
 
 __all__ = ["RPC"]
 
 
-@attrs.frozen
+def _default_scoring() -> ScoringPolicy:
+    # softmax over the candidates only: the prompt and the recent window are left out of the normalisation
+    return WindowAttentionScoring(pooling="avg", kernel=7, aggregation="all", normalization="candidates")
+
+
+@attrs.frozen(kw_only=True)
 class RPC(Compressor):
-    """Reasoning Path Compression: every P generated tokens, keep 1/c of them, chosen by recent attention.
+    """Reasoning Path Compression: every P generated tokens, keep a ``ratio`` of them, chosen by recent attention.
 
     Args:
         interval: P, generated tokens between compressions. Default 4096 (the paper also runs 1024).
         window: R, selector window: the R most recent queries score the candidates and the last R tokens are
             always kept. Default 32. Must be smaller than ``interval``.
-        ratio: c, compression ratio (an int or a float >= 1). Each interval keeps ``T = floor(P / c)`` tokens,
-            at least 1. Default 4.
-        kernel: odd avg-pooling kernel along the tokens. Default 7.
-        pooling: ``"avg"`` (RPC), ``"max"`` or ``"none"``. Default ``"avg"``.
-        aggregation: ``"all"`` (one ranking per layer shared by every KV head: RPC) or ``"group"`` (per KV
-            head). Default ``"all"``.
-        scoring: a scoring policy (name or instance) to use instead of window attention.
+        ratio: the kept fraction of each interval, in (0, 1]: ``T = floor(ratio * P)`` tokens, at least 1.
+            Default 0.25 (the paper's ``c = 4``).
+        budget: ``T`` itself: tokens kept per interval (instead of ratio), at most ``interval``.
+        scoring: a scoring policy (name or instance). Default ``window_attention`` with avg pooling, kernel 7,
+            ``aggregation="all"`` (one ranking per layer shared by every KV head: RPC's) and softmax over the
+            candidates; ``scoring.aggregation=group`` ranks per KV head.
         selection: a selection policy (name or instance). Default ``"topk"``.
     """
 
@@ -46,12 +51,10 @@ class RPC(Compressor):
 
     interval: int = attrs.field(default=4096, validator=positive_int)
     window: int = attrs.field(default=32, validator=positive_int)
-    ratio: int | float = attrs.field(default=4, validator=compression_ratio)
-    kernel: int = attrs.field(default=7, validator=odd_positive_int)
-    pooling: str = attrs.field(default="avg", validator=attrs.validators.in_(POOLINGS))
-    aggregation: str = attrs.field(default="all", validator=attrs.validators.in_(AGGREGATIONS))
-    scoring: object = None
-    selection: object = "topk"
+    ratio: float | None = ratio_field()
+    budget: int | None = budget_field()
+    scoring: ScoringPolicy = attrs.field(factory=_default_scoring, converter=scoring_policy)
+    selection: SelectionPolicy = attrs.field(default="topk", converter=selection_policy)
 
     def __attrs_post_init__(self):
         if self.window >= self.interval:
@@ -59,20 +62,23 @@ class RPC(Compressor):
                 f"window={self.window} must be smaller than interval={self.interval} "
                 "(R < P: the recent window is kept whole inside each interval)"
             )
+        if self.budget is not None and self.budget > self.interval:
+            raise ValueError(f"budget={self.budget} keeps more than an interval holds (interval={self.interval})")
         if self.keep_per_interval < 1:
             raise ValueError(
-                f"ratio={self.ratio} keeps no token of an interval of {self.interval} (floor(P / c) = 0); "
-                f"use a ratio in [1, {self.interval}]"
+                f"ratio={self.ratio} keeps no token of an interval of {self.interval} (floor(ratio * P) = 0); "
+                f"use a ratio of at least 1/{self.interval}"
             )
-        # softmax over the candidates only: the prompt and the recent window are left out of the normalisation
-        default_scoring = WindowAttentionScoring(self.pooling, self.kernel, self.aggregation, "candidates")
-        object.__setattr__(self, "scoring", resolve_policy(self.scoring or default_scoring, "scoring"))
-        object.__setattr__(self, "selection", resolve_policy(self.selection, "selection"))
+
+    @property
+    def keep(self) -> Budget:
+        """Kept tokens per interval: ``ratio`` (default 0.25, rounded down) or ``budget``."""
+        return Budget.of(self, default_ratio=0.25, rounding="floor")
 
     @property
     def keep_per_interval(self) -> int:
-        """``T = floor(P / c)``: generated tokens each compression adds to the kept set."""
-        return math.floor(self.interval / self.ratio)
+        """``T = floor(ratio * P)`` (or ``budget``): generated tokens each compression adds to the kept set."""
+        return self.keep.tokens(self.interval)
 
     @property
     def query_window(self) -> int:
@@ -99,6 +105,10 @@ class RPC(Compressor):
         if k == 0:
             return prompt_len + generated
         return prompt_len + k * self.keep_per_interval + generated - k * self.interval
+
+    def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int:
+        # the most entries held, plus the token appended before the next compaction runs
+        return max((self.cache_length(0, g) for g in range(appends)), default=-1) + 1
 
     def after_attention(self, event: LayerEvent) -> None:
         # model.generate appends one token per decode forward, so every firing step is seen

@@ -1,8 +1,8 @@
 """StreamingLLM (Xiao et al., 2024): attention sinks plus a sliding window of recent tokens; no scoring.
 
-ALGORITHMS.md, "StreamingLLM": keep the first ``sinks`` tokens and the most recent ones, ``budget`` in all.
-kvsieve applies it after every forward (prefill included) whose cache outgrew the budget, so the cache never
-holds more than ``budget`` tokens between steps. Prefill attention itself sees the whole prompt.
+Keep the first ``sinks`` tokens and the most recent ones, ``budget`` in all (or ``ratio`` of the prompt). kvsieve
+applies it after every forward (prefill included) whose cache outgrew the budget, so the cache never holds more
+than the budget between steps. Prefill attention itself sees the whole prompt.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from typing import ClassVar
 import attrs
 
 import kvsieve
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, resolve_policy
-from kvsieve.validators import budget_from, nonnegative_int, optional, positive_int, ratio_or_budget, unit_ratio
+from kvsieve.budget import Budget, budget_field, ratio_field
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer, selection_policy
+from kvsieve.policy import SelectionPolicy
+from kvsieve.validators import nonnegative_int
 
 __all__ = ["StreamingLLM"]
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class StreamingLLM(Compressor):
     """Sinks + recent window.
 
@@ -26,30 +28,36 @@ class StreamingLLM(Compressor):
         budget: total cached tokens (sinks included). Default 256 when no ratio is given.
         ratio: instead of budget, a fraction of the prompt length (fixed at prefill), in (0, 1].
         sinks: initial tokens always kept. Default 4.
+        selection: a selection policy (name or instance). Default ``"topk"``.
     """
 
     name: ClassVar[str] = "streamingllm"
     phases: ClassVar[frozenset[str]] = frozenset({"prefill", "decode"})
 
-    budget: int | None = attrs.field(default=None, validator=optional(positive_int))
-    ratio: float | None = attrs.field(default=None, validator=optional(unit_ratio))
+    ratio: float | None = ratio_field()
+    budget: int | None = budget_field()
     sinks: int = attrs.field(default=4, validator=nonnegative_int)
-    selection: object = "topk"
+    selection: SelectionPolicy = attrs.field(default="topk", converter=selection_policy)
 
     def __attrs_post_init__(self):
-        ratio_or_budget(self)
-        if self.ratio is None and self.budget is None:
-            object.__setattr__(self, "budget", 256)
         if self.budget is not None and self.budget <= self.sinks:
             raise ValueError(f"budget={self.budget} must exceed sinks={self.sinks}")
-        object.__setattr__(self, "selection", resolve_policy(self.selection, "selection"))
+
+    @property
+    def keep(self) -> Budget:
+        return Budget(self.ratio, 256 if self.ratio is None and self.budget is None else self.budget)
 
     @property
     def reserve(self) -> int:
         return 1  # one decode token is appended before the next compaction: no grow/shrink churn per step
 
     def cache_budget(self, prompt_len: int) -> int:
-        return max(budget_from(self.ratio, self.budget, prompt_len), self.sinks + 1)
+        """Tokens a layer holds after each compaction, for a prompt of ``prompt_len`` tokens."""
+        return max(self.keep.tokens(prompt_len), self.sinks + 1)
+
+    def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int:
+        # the budget, plus the token appended before the next compaction
+        return min(appends, max(self.cache_budget(prompt_len) - prompt_slots, 0) + 1)
 
     def after_attention(self, event: LayerEvent) -> None:
         layer = event.layer

@@ -1,6 +1,6 @@
 """Window-attention scoring: how much attention the most recent queries pay to each candidate.
 
-Shared by SnapKV, FastKV and RPC (ALGORITHMS.md, "Window-attention scoring"):
+Shared by SnapKV, FastKV and RPC (docs/policies/window_attention.md):
 
 1. ``A = softmax(Q_win K^T / sqrt(d))`` in fp32, normalised over the candidates only (``"candidates"``, RPC) or
    over every key each window query causally sees (``"visible"``, SnapKV/FastKV; needs the window queries to be

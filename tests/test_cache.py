@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsieve.backends.torch_ref import TorchBackend
-from kvsieve.cache import SieveCache, SieveLayer
+from kvsieve.cache import DynamicSieveLayer, SieveCache
 
 BACKEND = TorchBackend()
 D = 4
@@ -21,7 +21,7 @@ def kv(B: int, Hkv: int, Q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def filled_layer(B: int, Hkv: int, chunks: list[int], query_window: int = 0, seed: int = 0):
     """A layer fed ``chunks`` appends; returns it and the concatenated keys/values ``[B, Hkv, L, D]``."""
-    layer = SieveLayer(query_window)
+    layer = DynamicSieveLayer(query_window)
     keys, values = [], []
     for i, q in enumerate(chunks):
         k, v = kv(B, Hkv, q, seed + i)
@@ -46,7 +46,7 @@ def test_append_with_growth_keeps_data_and_positions():
 
 
 def test_update_returns_whole_buffers_and_growth_is_amortised():
-    layer = SieveLayer()
+    layer = DynamicSieveLayer()
     capacities = []
     for step in range(400):
         k, v = kv(1, 1, 1, step)
@@ -198,7 +198,7 @@ def test_prompt_ends_after_prefill_compaction_and_decode():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.lists(st.integers(1, 9), min_size=1, max_size=6))
 def test_window_queries_are_the_last_r_in_chronological_order(R, chunks):
-    layer = SieveLayer(query_window=R)
+    layer = DynamicSieveLayer(query_window=R)
     total = sum(chunks)
     pushed = torch.arange(total, dtype=torch.float32)[None, None, :, None].expand(1, 2, total, 3)
     offset = 0
@@ -214,13 +214,13 @@ def test_window_queries_are_the_last_r_in_chronological_order(R, chunks):
 
 def test_window_queries_are_in_chronological_order():
     """A prefill of 45 tokens into an 8-query ring (what SnapKV does): the 8 window queries, oldest first."""
-    layer = SieveLayer(query_window=8)
+    layer = DynamicSieveLayer(query_window=8)
     layer.push_queries(torch.arange(45, dtype=torch.float32).reshape(1, 1, 45, 1))
     assert layer.window_queries().flatten().tolist() == list(range(37, 45))
 
 
 def test_window_queries_without_a_window_is_an_error():
-    layer = SieveLayer(query_window=0)
+    layer = DynamicSieveLayer(query_window=0)
     layer.push_queries(torch.zeros(1, 1, 3, 2))
     with pytest.raises(RuntimeError, match="query_window is 0"):
         layer.window_queries()

@@ -22,9 +22,9 @@ from conftest import FAMILIES, left_padded, random_prompt
 from kvsieve import models
 from kvsieve.fastpath import StaticDecoder
 from kvsieve.integration import apply, generate, resolve_compressor
-from kvsieve.static import StaticCapacityError, StaticSieveCache, static_capacity
+from kvsieve.static import StaticCapacityError, StaticSieveLayer, make_static, static_capacity
 
-RPC = dict(interval=16, window=4, ratio=4)  # P=16, R=4, c=4: compressions at 20, 36, 52, 68, 84 generated
+RPC = dict(interval=16, window=4, ratio=0.25)  # P=16, R=4, c=4: compressions at 20, 36, 52, 68, 84 generated
 NEW = 86
 LENGTHS = [30, 17, 24]
 
@@ -59,7 +59,7 @@ def test_rpc_greedy_tokens_equal_the_eager_path(tiny_models, family):
         ("none", {}),
         ("snapkv", dict(budget=12, window=4)),
         ("streamingllm", dict(budget=20, sinks=4)),  # compacts after every step, between steps
-        ("fastkv", dict(tsp_layer=0, tsp_rate=0.5, retain_rate=0.3, window=4)),  # prefill propagation
+        ("fastkv", dict(tsp_layer=0, tsp_rate=0.5, ratio=0.3, window=4)),  # prefill propagation
         ("fastkv+rpc", {"fastkv.tsp_layer": 0, "fastkv.window": 4, **{f"rpc.{k}": v for k, v in RPC.items()}}),
     ],
 )
@@ -113,7 +113,7 @@ def test_eos_and_padding_as_model_generate(llama):
     free = generate(model, ids, mask, backend="torch", fast=True, **exactly(30, do_sample=False)).sequences
     eos = int(free[0, 22 + 4])  # row 0 stops at its 5th token; other rows when (if) they produce it
     kwargs = dict(max_new_tokens=30, do_sample=False, eos_token_id=eos)
-    eager, fast = both_paths(model, ids, mask, "rpc", dict(interval=8, window=2, ratio=2), **kwargs)
+    eager, fast = both_paths(model, ids, mask, "rpc", dict(interval=8, window=2, ratio=0.5), **kwargs)
     assert torch.equal(fast.sequences, eager.sequences)
     assert (fast.sequences[0, 22 + 5 :] == tok.pad_token_id).all()  # finished rows emit the pad token
     every_row = dict(max_new_tokens=30, do_sample=False, eos_token_id=[int(t) for t in free[:, 22 + 2]])
@@ -142,11 +142,11 @@ def test_static_capacity_is_the_compressors_peak():
 def test_buffers_are_written_in_place_while_rpc_compacts(llama):
     model, tok = llama
     ids, mask, _ = left_padded(tok, LENGTHS, seed=46)
-    with torch.inference_mode(), apply(model, "rpc", "torch", params=RPC) as session:
-        decoder = StaticDecoder(model, session)
+    with torch.inference_mode(), apply(model, "rpc", "torch", params=RPC) as engine:
+        decoder = StaticDecoder(model, engine)
         logits = decoder.prefill(ids, mask, NEW)
         cache = decoder.cache
-        assert isinstance(cache, StaticSieveCache)
+        assert all(isinstance(layer, StaticSieveLayer) for layer in cache.layers)
         assert [layer.capacity for layer in cache.layers] == [30 + 36] * len(cache.layers)
         buffers = [[t.data_ptr() for t in (x.keys, x.values, x.positions, x.starts, x.ends, x.queries)]
                    for x in cache.layers]
@@ -155,7 +155,7 @@ def test_buffers_are_written_in_place_while_rpc_compacts(llama):
         assert [x.compactions for x in cache.layers] == [5] * len(cache.layers)
         assert buffers == [[t.data_ptr() for t in (x.keys, x.values, x.positions, x.starts, x.ends, x.queries)]
                            for x in cache.layers]
-        rpc = session.compressor
+        rpc = engine.compressor
         for layer in cache.layers:  # the host counters followed the device ones
             assert layer.seen == 30 + NEW - 1 and int(layer.device_seen) == layer.seen
             assert layer.num_queries == int(layer.device_queries) and layer.end_bound == layer.max_end
@@ -199,16 +199,17 @@ def no_host_reads():
 def test_a_decode_step_reads_no_device_value_on_the_host(tiny_models, family):
     model, tok = tiny_models[family]
     ids, mask, _ = left_padded(tok, [18, 9], seed=48)
-    with torch.inference_mode(), apply(model, "rpc", "torch", params=dict(interval=8, window=4)) as session:
-        decoder = StaticDecoder(model, session)
+    with torch.inference_mode(), apply(model, "rpc", "torch", params=dict(interval=8, window=4)) as engine:
+        decoder = StaticDecoder(model, engine)
         logits = decoder.prefill(ids, mask, 30)
         for _ in range(14):  # across the first compression (at 12 generated)
             decoder.input_ids.copy_(logits.argmax(-1)[:, None])
             decoder.positions += 1
             with no_host_reads():
                 logits = decoder._forward()  # exactly what a CUDA graph captures
-            decoder.cache.advance()
-            decoder.cache.compress()
+            for layer in decoder.cache.layers:
+                layer.advance()
+            engine.run_decode_schedule()
         assert decoder.cache.layers[0].compactions == 1
         with no_host_reads(), pytest.raises(AssertionError, match="read a tensor on the host"):
             bool(logits.sum() > 0)  # the guard does catch a host read
@@ -221,8 +222,8 @@ def test_freed_slots_are_never_read(llama):
     ids, mask, _ = left_padded(tok, [26, 12], seed=49)
 
     def run(poison: bool):
-        with torch.inference_mode(), apply(model, "rpc", "torch", params=RPC) as session:
-            decoder = StaticDecoder(model, session)
+        with torch.inference_mode(), apply(model, "rpc", "torch", params=RPC) as engine:
+            decoder = StaticDecoder(model, engine)
             logits, tokens = decoder.prefill(ids, mask, 60), []
             for _ in range(59):
                 tokens.append(logits.argmax(-1))
@@ -234,7 +235,7 @@ def test_freed_slots_are_never_read(llama):
     assert torch.equal(run(poison=True), run(poison=False))
 
 
-def poison_outside_live(cache: StaticSieveCache) -> None:
+def poison_outside_live(cache) -> None:
     for layer in cache.layers:
         slots = torch.arange(layer.capacity, device=layer.keys.device)
         dead = (slots < layer.starts[..., None]) | (slots >= layer.ends[..., None])  # [B, Hkv, C]
@@ -251,14 +252,14 @@ def test_the_static_cache_is_freed_without_the_garbage_collector(llama, monkeypa
 
     model, tok = llama
     made = []
-    build = StaticSieveCache.from_cache.__func__
+    from kvsieve import fastpath
 
-    def from_cache(cls, *args):
-        cache = build(cls, *args)
+    def counting_make_static(*args):
+        cache = make_static(*args)
         made.append(weakref.ref(cache))
         return cache
 
-    monkeypatch.setattr(StaticSieveCache, "from_cache", classmethod(from_cache))
+    monkeypatch.setattr(fastpath, "make_static", counting_make_static)
     ids, mask, _ = left_padded(tok, [9, 6], seed=56)
     gc.disable()
     try:
@@ -288,7 +289,7 @@ def test_refusals(llama):
 def test_triton_backend_greedy_tokens_equal_the_eager_path(llama):
     model, tok = llama
     ids, mask, _ = left_padded(tok, [12, 5], seed=51)
-    params = dict(interval=4, window=2, ratio=2)  # the first compression at 6 generated
+    params = dict(interval=4, window=2, ratio=0.5)  # the first compression at 6 generated
     eager, fast = both_paths(model, ids, mask, "rpc", params, backend="triton", **exactly(8, do_sample=False))
     assert torch.equal(fast.sequences, eager.sequences)
 
@@ -334,8 +335,8 @@ def test_replays_after_a_compaction_read_the_compacted_cache(cuda_llama, backend
     model, tok = cuda_llama
     ids, mask, _ = left_padded(tok, LENGTHS, seed=53)
     ids, mask = ids.cuda(), mask.cuda()
-    with torch.inference_mode(), apply(model, "rpc", backend, params=RPC) as session:
-        graphed, eager = StaticDecoder(model, session, use_cuda_graph=True), StaticDecoder(model, session, False)
+    with torch.inference_mode(), apply(model, "rpc", backend, params=RPC) as engine:
+        graphed, eager = StaticDecoder(model, engine, use_cuda_graph=True), StaticDecoder(model, engine, False)
         graphed_logits, eager_logits = graphed.prefill(ids, mask, NEW), eager.prefill(ids, mask, NEW)
         for step in range(NEW - 1):
             tokens = eager_logits.argmax(-1)
@@ -352,8 +353,8 @@ def test_graph_replays_do_not_synchronise(cuda_llama):
     """Steps of a compressor with no decode schedule enqueue work and return: no host<->device sync."""
     model, tok = cuda_llama
     ids = random_prompt(24, batch=2, seed=54).cuda()
-    with torch.inference_mode(), apply(model, "none", "torch") as session:
-        decoder = StaticDecoder(model, session, use_cuda_graph=True)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        decoder = StaticDecoder(model, engine, use_cuda_graph=True)
         logits = decoder.prefill(ids, None, 40)
         for _ in range(4):  # warm-up and capture
             logits = decoder.step(logits.argmax(-1))
@@ -393,7 +394,7 @@ def test_bf16_graph_replays_equal_eager_steps(backend):
 
 @pytest.mark.parametrize("compressor, params, per_layer",
                          [("none", {}, 1), ("snapkv", dict(ratio=0.2, window=4), 3),
-                          ("fastkv", dict(tsp_rate=0.5, retain_rate=0.2, window=4), 3)])
+                          ("fastkv", dict(tsp_rate=0.5, ratio=0.2, window=4), 3)])
 def test_prefill_host_reads_per_layer_are_bounded(tiny_models, compressor, params, per_layer):
     """Each host read of a device value stalls the GPU during prefill (docs/benchmarks.md, the 8K profile): the
     selection path may read at most a few values per layer (the eviction check and the size after compaction),

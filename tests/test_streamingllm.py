@@ -13,7 +13,7 @@ import torch
 from conftest import FAMILIES, left_padded, random_prompt
 from transformers import DynamicCache, LogitsProcessorList
 
-from kvsieve.cache import SieveLayer
+from kvsieve.cache import DynamicSieveLayer
 from kvsieve.integration import apply
 
 
@@ -159,13 +159,13 @@ def test_ratio_fixes_the_budget_at_prefill(llama):
 def test_decoding_does_not_reallocate_every_step(llama, monkeypatch):
     model, _ = llama
     calls = []
-    original = SieveLayer._reallocate
+    original = DynamicSieveLayer._reallocate
 
     def counting(self, capacity):
         calls.append(capacity)
         return original(self, capacity)
 
-    monkeypatch.setattr(SieveLayer, "_reallocate", counting)
+    monkeypatch.setattr(DynamicSieveLayer, "_reallocate", counting)
     new = 12
     with apply(model, "streamingllm", backend="torch", params=dict(budget=64, sinks=4)) as session:
         model.generate(random_prompt(100, seed=44), max_new_tokens=new, do_sample=False)

@@ -1,0 +1,268 @@
+"""The engine: what :func:`kvsieve.apply` attaches to a model, and what the ``kvsieve`` attention function calls.
+
+One :class:`Engine` per model owns the compressor, the backend, the observers and the schedule; the
+:class:`~kvsieve.cache.SieveCache` only stores. Its lifecycle:
+
+1. :meth:`Engine.attach` registers the engine for each attention module of the model (the attention function
+   looks it up by the module HF hands it), switches the model to the ``kvsieve`` attention, adds a forward
+   pre-hook that gives every forward its cache (a fresh :class:`~kvsieve.cache.SieveCache` when the forward
+   starts with an empty one), and lets the compressor install model-level machinery (:meth:`Compressor.install
+   <kvsieve.compressor.Compressor.install>`: token propagation).
+2. Each forward: :meth:`Engine.begin_forward` decides, once, whether it is the prefill (a forward into an empty
+   cache) or a decode step. HF appends each layer's new K/V through ``Cache.update``, then calls the attention
+   function, which calls :meth:`Engine.attention`: backend attention over the live slots, the selector queries
+   pushed, and the compressor's :meth:`~kvsieve.compressor.Compressor.after_attention` with a
+   :class:`~kvsieve.compressor.LayerEvent`.
+3. On the fast path (:mod:`kvsieve.fastpath`) a decode step is replayed from a CUDA graph, which runs no Python:
+   :meth:`Engine.use_static` makes decode events wait, and the decode loop calls
+   :meth:`Engine.run_decode_schedule` between steps.
+4. :meth:`Engine.detach` restores the model.
+
+An engine belongs to one model and one thread: attaching a second engine to a model (a nested ``apply``) or
+running the model from another thread is refused with a message that says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvsieve.cache import SieveCache
+from kvsieve.compressor import LayerEvent
+from kvsieve.plugins import has_layer_compressed_observers, notify_layer_compressed
+
+if TYPE_CHECKING:
+    from kvsieve.backend import KVBackend
+    from kvsieve.compressor import Compressor
+    from kvsieve.propagation import PropagationState
+
+__all__ = ["ATTENTION_NAME", "Engine", "cache_kwarg", "engine_of"]
+
+ATTENTION_NAME = "kvsieve"
+
+# attention module -> the engine attached to its model (weak: a model that is garbage collected leaves no entry)
+_ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, Engine] = weakref.WeakKeyDictionary()
+
+
+def engine_of(module: torch.nn.Module) -> Engine | None:
+    """The engine attached to the model that owns attention ``module`` (None outside :func:`kvsieve.apply`)."""
+    return _ENGINES.get(module)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name the model's forward uses for the cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules HF passes to the attention function: those with an integer ``layer_idx``."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    if not found:
+        raise ValueError(f"kvsieve cannot find the attention modules of {type(model).__name__} (no layer_idx)")
+    return found
+
+
+def padding_starts(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int, device) -> torch.Tensor:
+    """``int64 [B, Hkv]`` leading padding slots, read off the last query row of the 4D prefill mask."""
+    if attention_mask is None:
+        return torch.zeros(batch, num_kv_heads, dtype=torch.long, device=device)
+    last_row = attention_mask[:, 0, -1, :].to(torch.bool)  # [B, K]
+    pad = (~last_row).long().cumprod(dim=-1).sum(dim=-1)  # leading False entries
+    if bool((last_row.sum(dim=-1) + pad != last_row.shape[-1]).any()):
+        raise ValueError(
+            "kvsieve needs LEFT padding (padding only before each prompt); got an attention_mask with padding "
+            "inside or after a prompt. Set tokenizer.padding_side = 'left'."
+        )
+    return pad[:, None].expand(batch, num_kv_heads).contiguous()
+
+
+class Engine:
+    """Runs a compressor over a backend for one model (see the module docstring).
+
+    Args:
+        model: a HuggingFace decoder-only model.
+        compressor: the compressor (already built).
+        backend: the kernel backend (already resolved for the model's device and dtype).
+
+    Attributes:
+        cache: the cache of the forward that runs (or ran last); ``None`` while a forward runs without one
+            (``use_cache=False``: plain SDPA attention).
+        last_cache: the latest :class:`~kvsieve.cache.SieveCache` a forward used (what results report).
+        phase: ``"prefill"`` or ``"decode"``: the current forward's phase.
+        propagation: the current forward's token-propagation state (:mod:`kvsieve.propagation`), if any.
+        observed: whether a plugin observes compactions (``kvsieve_layer_compressed``).
+    """
+
+    def __init__(self, model: torch.nn.Module, compressor: Compressor, backend: KVBackend):
+        config = model.config
+        self.model, self.compressor, self.backend = model, compressor, backend
+        self.num_layers: int = config.num_hidden_layers
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.cache: SieveCache | None = None
+        self.last_cache: SieveCache | None = None
+        self.phase = "prefill"
+        self.propagation: PropagationState | None = None
+        self.decode_between_steps = False
+        self.scales: dict[int, float] = {}
+        self.thread = threading.get_ident()
+        self.cache_kw = cache_kwarg(model)
+        self._handles: list[Any] = []
+        self._previous_attention: str | None = None
+        self.observed = has_layer_compressed_observers()
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> None:
+        """Attach to the model (refused if another engine is attached to it)."""
+        modules = _attention_modules(self.model)
+        for module in modules:
+            other = _ENGINES.get(module)
+            if other is not None:
+                raise RuntimeError(
+                    f"kvsieve.apply is already active on this model (compressor {other.compressor.name!r}); nested "
+                    "apply on one model is not supported: exit the outer one first, or compose compressors in one "
+                    "apply (e.g. compressor='fastkv+rpc')"
+                )
+        self._previous_attention = self.model.config._attn_implementation
+        try:
+            for module in modules:
+                _ENGINES[module] = self
+            self.model.set_attn_implementation(ATTENTION_NAME)
+            self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+            self._handles += self.compressor.install(self)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Restore the model: its attention implementation, no hooks, no engine."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in list(_ENGINES):
+            if _ENGINES.get(module) is self:
+                del _ENGINES[module]
+        if self._previous_attention is not None:
+            self.model.set_attn_implementation(self._previous_attention)
+            self._previous_attention = None
+        self.cache, self.propagation = None, None
+
+    # ------------------------------------------------------------------ forwards
+    def new_cache(self) -> SieveCache:
+        """An empty cache sized for the model and the compressor's selector window."""
+        return SieveCache(query_window=self.compressor.query_window, num_layers=self.num_layers)
+
+    def _before_forward(self, module, args, kwargs):
+        cache = kwargs.get(self.cache_kw)
+        if cache is None and kwargs.get("use_cache") is False:
+            self.begin_forward(None)
+            return None
+        if isinstance(cache, SieveCache):
+            self.begin_forward(cache)
+            return None
+        if cache is not None and (not isinstance(cache, Cache) or cache.get_seq_length() > 0):
+            raise ValueError("kvsieve.apply: the model was given a non-empty cache kvsieve did not create")
+        prompt_len = _prompt_len(args, kwargs)
+        if prompt_len is not None:
+            if self.max_positions is not None and prompt_len > self.max_positions:
+                raise ValueError(
+                    f"prompt of {prompt_len} tokens is longer than the model's context "
+                    f"(max_position_embeddings={self.max_positions})"
+                )
+            self.compressor.check_prompt(prompt_len)
+        cache = self.new_cache()
+        kwargs[self.cache_kw] = cache
+        self.begin_forward(cache)
+        return args, kwargs
+
+    def begin_forward(self, cache: SieveCache | None) -> None:
+        """Start a forward that uses ``cache`` (None: no kvsieve cache); decide its phase."""
+        if threading.get_ident() != self.thread:
+            raise RuntimeError(
+                "a model inside kvsieve.apply was run from another thread than the one that called apply; one model "
+                "instance cannot be shared between threads: give each thread its own model (and apply)"
+            )
+        self.cache = cache
+        if cache is not None:
+            self.last_cache = cache
+            self.phase = "prefill" if cache.get_seq_length() == 0 else "decode"
+
+    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """One layer's attention over its live slots, then the compressor's turn.
+
+        Args:
+            module: the attention module (its ``layer_idx`` names the layer).
+            query: ``[B, H, Q, d]`` post-RoPE queries.
+            key, value: ``[B, Hkv, C, d]``: the whole buffers ``Cache.update`` returned.
+            attention_mask: the 4D prefill mask, or None.
+            scale: the softmax scale.
+
+        Returns:
+            ``[B, H, Q, d]``.
+        """
+        layer_idx = module.layer_idx
+        layer = self.cache.layers[layer_idx]
+        self.scales[layer_idx] = scale
+        if self.phase == "prefill":
+            B, Hkv = layer.ends.shape
+            layer.begin_prompt(padding_starts(attention_mask, B, Hkv, query.device))
+            end = layer.max_end
+            out = self.backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
+        else:
+            out = self.backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)
+        layer.push_queries(query)
+        if self.phase == "prefill" or not self.decode_between_steps:
+            self.compressor.after_attention(self.layer_event(layer_idx))
+        return out
+
+    def layer_event(self, layer_idx: int) -> LayerEvent:
+        """The :class:`~kvsieve.compressor.LayerEvent` of layer ``layer_idx`` in the current phase."""
+        layer = self.cache.layers[layer_idx]
+        return LayerEvent(
+            phase=self.phase,
+            layer=layer,
+            layer_idx=layer_idx,
+            num_layers=self.num_layers,
+            engine=self,
+            backend=self.backend,
+            scale=self.scales[layer_idx],
+            generated=layer.seen - layer.prompt_len,
+            reserve=self.compressor.reserve,
+        )
+
+    # ------------------------------------------------------------------ the fast path
+    def use_static(self, cache: SieveCache) -> None:
+        """From now on the model decodes from ``cache`` (static layers) in replayed steps: decode events wait for
+        :meth:`run_decode_schedule`, which the decode loop calls between steps."""
+        self.cache = self.last_cache = cache
+        self.decode_between_steps = True
+
+    def run_decode_schedule(self) -> None:
+        """Run the compressor's decode schedule for the step that just ran (host code, between replays)."""
+        if "decode" not in self.compressor.phases:
+            return
+        self.phase = "decode"
+        for layer_idx in range(len(self.cache.layers)):
+            self.compressor.after_attention(self.layer_event(layer_idx))
+
+    # ------------------------------------------------------------------ observers
+    def notify_compressed(self, event: LayerEvent, before: int, after: int) -> None:
+        """Tell the ``kvsieve_layer_compressed`` observers that ``event``'s layer went from ``before`` to ``after``
+        live slots."""
+        notify_layer_compressed(
+            layer_idx=event.layer_idx, phase=event.phase, before=before, after=after,
+            info={"compressor": self.compressor.name, "generated": event.generated},
+        )
+
+
+def _prompt_len(args: tuple, kwargs: dict) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        tensor = kwargs.get(name)
+        if tensor is not None:
+            return tensor.shape[1]
+    return args[0].shape[1] if args and isinstance(args[0], torch.Tensor) else None

@@ -1,0 +1,108 @@
+"""PromptCompressor: the base of every compressor that compresses the prompt once, after prefill.
+
+It implements the whole schedule: once a layer's prompt has been prefilled, its scoring policy scores every prompt
+token but the last ``window`` ones, its selection policy keeps the budget's worth of them, the last ``window``
+tokens are always kept, the left padding of a batch is dropped, and decoding appends without eviction. A new
+method is then its scoring policy and a few lines::
+
+    @attrs.frozen
+    class TOVA(PromptCompressor):
+        name: ClassVar[str] = "tova"
+
+        def default_scoring(self) -> ScoringPolicy:
+            return LastQueryScoring()
+
+Parameters every prompt compressor takes (:mod:`kvsieve.budget` has the vocabulary):
+
+* ``ratio``: fraction of the prompt kept per layer and KV head, in (0, 1] (default: :attr:`default_ratio`);
+* ``budget``: a constant number of kept prompt tokens instead;
+* ``window``: the last prompt tokens, always kept; their queries are the scoring policy's selector window
+  (default: :attr:`default_window`);
+* ``scoring``: a scoring policy (registered name or instance; default :meth:`default_scoring`), whose own
+  parameters are set as ``scoring.key=value``;
+* ``selection``: a selection policy (default ``"topk"``), ``selection.key=value``.
+
+Subclasses may add fields of their own (attrs, keyword-only) and override :meth:`layer_budget` (e.g. a budget
+per layer) or :meth:`after_attention` (e.g. FastKV's token propagation, before calling this one).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import attrs
+
+from kvsieve.budget import Budget, budget_field, ratio_field
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer, scoring_policy, selection_policy
+from kvsieve.policy import ScoringPolicy, SelectionPolicy
+from kvsieve.validators import nonnegative_int
+
+__all__ = ["PromptCompressor"]
+
+
+def _budget_exceeds_window(instance: PromptCompressor, attribute: attrs.Attribute, window: int) -> None:
+    if instance.budget is not None and instance.budget <= window:
+        raise ValueError(f"budget={instance.budget} must exceed window={window} (the window is always kept)")
+
+
+@attrs.frozen(kw_only=True)
+class PromptCompressor(Compressor):
+    """Compress each layer's prompt KV once, after prefill (see the module docstring).
+
+    Class attributes a subclass may set: ``name`` (required), ``default_ratio`` (0.2), ``default_window`` (32),
+    ``rounding`` of ``ratio * length`` (``"ceil"``).
+    """
+
+    phases: ClassVar[frozenset[str]] = frozenset({"prefill"})
+    default_ratio: ClassVar[float] = 0.2
+    default_window: ClassVar[int] = 32
+    rounding: ClassVar[str] = "ceil"
+
+    ratio: float | None = ratio_field()
+    budget: int | None = budget_field()
+    window: int = attrs.field(
+        default=attrs.Factory(lambda self: self.default_window, takes_self=True),
+        validator=[nonnegative_int, _budget_exceeds_window],
+    )
+    scoring: ScoringPolicy = attrs.field(
+        default=attrs.Factory(lambda self: self.default_scoring(), takes_self=True), converter=scoring_policy
+    )
+    selection: SelectionPolicy = attrs.field(default="topk", converter=selection_policy)
+
+    @abc.abstractmethod
+    def default_scoring(self) -> ScoringPolicy:
+        """The scoring policy used when none is given (``scoring=NAME`` replaces it)."""
+
+    @property
+    def keep(self) -> Budget:
+        """What each layer keeps: ``ratio`` or ``budget`` (``default_ratio`` when neither was given)."""
+        return Budget.of(self, self.default_ratio, self.rounding)
+
+    @property
+    def query_window(self) -> int:
+        return self.window if self.scoring.needs_queries else 0
+
+    def layer_budget(self, event: LayerEvent) -> int | None:
+        """Prompt tokens the layer of ``event`` keeps per KV head (``None``: leave it alone): the budget of its
+        prompt length, and never fewer than the window."""
+        prompt_len = event.layer.prompt_len
+        return max(self.keep.tokens(prompt_len), min(self.window, prompt_len))
+
+    def after_attention(self, event: LayerEvent) -> None:
+        if event.phase != "prefill":
+            return
+        budget = self.layer_budget(event)
+        if budget is None:
+            return
+        layer = event.layer
+        compress_layer(
+            event,
+            scoring=self.scoring,
+            selection=self.selection,
+            cand_starts=layer.starts,  # every real prompt token is a candidate
+            region_starts=layer.starts.new_zeros(layer.starts.shape),  # the left padding before them is dropped
+            budget=budget,
+            protect_tail=min(self.window, budget),  # a prompt shorter than the window is kept whole
+            queries_are_last=True,
+        )
