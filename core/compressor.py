@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from kvsieve.budget import Budget
+from kvsieve.contracts import ContractGuard, checks_enabled
 from kvsieve.params import UnknownParameterError, parse_params
 from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
 
@@ -207,13 +208,16 @@ def compress_layer(
         raise ValueError(
             f"budget={budget} is smaller than the protected tokens (head {protect_head} + tail {protect_tail})"
         )
-    observed = event.engine is not None and event.engine.observed
+    engine = event.engine
+    guard = engine.guard if engine is not None else ContractGuard(checks_enabled(), immediate=True)
+    observed = engine is not None and engine.observed
     before = layer.max_live if observed else 0
     ends = layer.ends
     counts = (ends - cand_starts).clamp(min=0)
-    # one host read for both facts (each read waits for the GPU: prefill runs this in every layer)
+    # one host read for both facts and the pending contract faults (each read waits for the GPU: prefill runs this
+    # in every layer)
     padding = (region_starts != cand_starts).any() if region_starts is not None else counts.new_zeros((), dtype=bool)
-    N, padding_to_drop = torch.stack([counts.max(), padding.to(counts.dtype)]).tolist()
+    N, padding_to_drop = guard.read(counts.max(), padding)
     if N <= budget and not padding_to_drop:
         return  # nothing to evict
     if budget <= protect_head + protect_tail:  # everything kept is protected: no scores needed
@@ -235,12 +239,15 @@ def compress_layer(
             queries_are_last=queries_are_last,
             candidate_count=max(N - protect_tail, 0),  # exact: cand_ends = max(ends - protect_tail, cand_starts)
         )
-        scores = scoring.score(ctx)
-        scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))
-    chosen = selection.select(scores, counts, budget, protect_head, protect_tail)
-    keep_slots = torch.where(chosen.keep >= 0, chosen.keep + cand_starts[..., None], 0)
+        fingerprint = guard.fingerprint(layer)
+        scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.candidate_count, scoring, layer,
+                                    fingerprint)
+        scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway
+    keep, kept = guard.check_selection(selection.select(scores, counts, budget, protect_head, protect_tail), counts,
+                                       budget, protect_head, protect_tail, selection)
+    keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
-    layer.compact(event.backend, keep_slots, chosen.counts, dest, reserve=event.reserve)
+    layer.compact(event.backend, keep_slots, kept, dest, reserve=event.reserve)
     if observed:
         event.engine.notify_compressed(event, before=before, after=layer.max_live)
 

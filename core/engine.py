@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache
 
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
+from kvsieve.contracts import ContractGuard, checks_enabled
 from kvsieve.plugins import has_layer_compressed_observers, notify_layer_compressed
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class Engine:
         model: a HuggingFace decoder-only model.
         compressor: the compressor (already built).
         backend: the kernel backend (already resolved for the model's device and dtype).
+        checks: run the device-side contract checks on plugin output (:mod:`kvsieve.contracts`). Default: on,
+            unless ``KVSIEVE_CHECKS=off``.
 
     Attributes:
         cache: the cache of the forward that runs (or ran last); ``None`` while a forward runs without one
@@ -96,9 +99,11 @@ class Engine:
         phase: ``"prefill"`` or ``"decode"``: the current forward's phase.
         propagation: the current forward's token-propagation state (:mod:`kvsieve.propagation`), if any.
         observed: whether a plugin observes compactions (``kvsieve_layer_compressed``).
+        guard: the :class:`~kvsieve.contracts.ContractGuard` every compaction's plugin output goes through.
     """
 
-    def __init__(self, model: torch.nn.Module, compressor: Compressor, backend: KVBackend):
+    def __init__(self, model: torch.nn.Module, compressor: Compressor, backend: KVBackend,
+                 checks: bool | None = None):
         config = model.config
         self.model, self.compressor, self.backend = model, compressor, backend
         self.num_layers: int = config.num_hidden_layers
@@ -114,6 +119,7 @@ class Engine:
         self._handles: list[Any] = []
         self._previous_attention: str | None = None
         self.observed = has_layer_compressed_observers()
+        self.guard = ContractGuard(checks_enabled(checks))
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -133,6 +139,7 @@ class Engine:
                 _ENGINES[module] = self
             self.model.set_attn_implementation(ATTENTION_NAME)
             self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._after_forward))
             self._handles += self.compressor.install(self)
         except BaseException:
             self.detach()
@@ -178,6 +185,9 @@ class Engine:
         kwargs[self.cache_kw] = cache
         self.begin_forward(cache)
         return args, kwargs
+
+    def _after_forward(self, module, args, output):
+        self.guard.flush()  # a contract fault of this forward's last compactions (one read, only if pending)
 
     def begin_forward(self, cache: SieveCache | None) -> None:
         """Start a forward that uses ``cache`` (None: no kvsieve cache); decide its phase."""
@@ -249,6 +259,7 @@ class Engine:
         self.phase = "decode"
         for layer_idx in range(len(self.cache.layers)):
             self.compressor.after_attention(self.layer_event(layer_idx))
+        self.guard.flush()
 
     # ------------------------------------------------------------------ observers
     def notify_compressed(self, event: LayerEvent, before: int, after: int) -> None:

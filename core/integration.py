@@ -173,6 +173,7 @@ def apply(
     *,
     params: dict[str, Any] | None = None,
     allow_unsupported: bool = False,
+    checks: bool | None = None,
 ) -> Iterator[Engine]:
     """Compress the KV cache of ``model`` while the context is active.
 
@@ -187,6 +188,8 @@ def apply(
         params: compressor parameters when ``compressor`` is a name (:mod:`kvsieve.params`: ``{"ratio": 0.2,
             "scoring.pooling": "max"}``).
         allow_unsupported: try model types kvsieve has not been tested on.
+        checks: check plugin output on the device before it enters the cache (:mod:`kvsieve.contracts`).
+            Default: on, unless the environment sets ``KVSIEVE_CHECKS=off``.
 
     Yields:
         the :class:`~kvsieve.engine.Engine` (``engine.last_cache`` is the cache of the latest forward).
@@ -195,7 +198,7 @@ def apply(
     compressor = resolve_compressor(compressor, params)
     compressor.check_model(model.config)
     first = next(model.parameters())
-    engine = Engine(model, compressor, resolve_backend(backend, first.device, first.dtype))
+    engine = Engine(model, compressor, resolve_backend(backend, first.device, first.dtype), checks=checks)
     engine.attach()
     try:
         yield engine
@@ -241,6 +244,7 @@ def generate(
     fast: bool = False,
     static_capacity: int | None = None,
     use_cuda_graph: bool | None = None,
+    checks: bool | None = None,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """``model.generate`` with a compressed KV cache; returns the sequences and the cache's measurements.
@@ -251,11 +255,11 @@ def generate(
     ``fast=True`` decodes through the fast path instead (:func:`kvsieve.fastpath.fast_generate`, docs/fast-path.md):
     a static-capacity cache whose decode step is replayed from a CUDA graph (``use_cuda_graph``, default on CUDA),
     ``static_capacity`` slots per layer (default: sized from the compressor); greedy search and sampling (a
-    ``generator=`` may be passed), same tokens as the eager path.
+    ``generator=`` may be passed), same tokens as the eager path. ``checks``: see :func:`apply`.
     """
     if not fast and (static_capacity is not None or use_cuda_graph is not None):
         raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
-    with apply(model, compressor, backend, params=params) as engine:
+    with apply(model, compressor, backend, params=params, checks=checks) as engine:
         start = time.perf_counter()
         with torch.inference_mode():
             if fast:

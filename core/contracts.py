@@ -1,0 +1,190 @@
+"""Run-time checks where plugin output enters the cache: a faulty scoring or selection policy cannot corrupt it.
+
+:func:`kvsieve.compressor.compress_layer` passes every score tensor and every selection through a
+:class:`ContractGuard` before the cache is compacted. What is checked (docs/reliability.md):
+
+* scores: a tensor of exactly ``[B, Hkv, N]`` (``N`` the candidate count), floating point, finite on every valid
+  candidate; the scoring call left the layer's cache unchanged (a fingerprint of keys, values, positions and
+  the live range, taken before and after the call);
+* a selection: a :class:`~kvsieve.policy.Selection` whose ``keep`` is ``int64 [B, Hkv, K]`` and ``counts``
+  ``int64 [B, Hkv]``; per row and KV head exactly ``min(budget, n)`` kept, ``counts <= K``, the kept indices
+  strictly increasing (sorted, unique), inside ``[0, n)``, the protected head and tail among them.
+
+Shape and type faults are known on the host and raised at once. Value faults live on the device: reading them
+would stall the GPU, so they are recorded as device flags and raised at the next host read the run already
+makes (the next layer's eviction check, the end of the forward, or the end of a decode step's schedule); until
+then a faulty selection is replaced, on the device, by a valid one (the first candidates), so the cache stays
+consistent. The error is a :class:`PluginContractError` naming the policy, its distribution and entry point.
+
+The checks are on by default. ``KVSIEVE_CHECKS=off`` in the environment (or ``apply(..., checks=False)``) turns
+the device checks off for a plugin that passed the conformance kit; the shape checks cost nothing and always run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvsieve.policy import Selection
+
+if TYPE_CHECKING:
+    from kvsieve.cache import SieveLayer
+
+__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "describe_plugin"]
+
+_OFF = ("0", "off", "false", "no")
+
+
+class PluginContractError(RuntimeError):
+    """A scoring or selection policy broke its contract (the message names the plugin and what it did)."""
+
+
+def checks_enabled(default: bool | None = None) -> bool:
+    """``default`` when given, else whether ``KVSIEVE_CHECKS`` is unset or not one of 0/off/false/no."""
+    if default is not None:
+        return default
+    return os.environ.get("KVSIEVE_CHECKS", "on").strip().lower() not in _OFF
+
+
+def describe_plugin(policy: Any, kind: str) -> str:
+    """``scoring policy 'x' (distribution 'd 1.0', entry point 'x = mod')``; a policy that no plugin registered
+    is named by its class."""
+    name = getattr(policy, "name", "") or type(policy).__name__
+    try:
+        from kvsieve.plugins import registry
+
+        for entry in registry().entries(kind):
+            if entry.obj is type(policy):
+                return f"{kind} policy {name!r} ({entry.source})"
+    except Exception:  # noqa: BLE001 - naming the plugin must never hide the fault being reported
+        pass
+    return f"{kind} policy {name!r} (class {type(policy).__module__}.{type(policy).__qualname__}, not registered)"
+
+
+def _fingerprint(layer: SieveLayer) -> torch.Tensor:
+    """``float64 [5]``: sums of keys, values (fp32 accumulation, no copy), positions, starts and ends."""
+    parts = [layer.keys.sum(dtype=torch.float32), layer.values.sum(dtype=torch.float32),
+             layer.positions.sum(), layer.starts.sum(), layer.ends.sum()]
+    return torch.stack([p.to(torch.float64) for p in parts])
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Device bool: some entry differs (NaN equals NaN: poisoned free slots are not a change)."""
+    return ((a != b) & ~(a.isnan() & b.isnan())).any()
+
+
+class ContractGuard:
+    """Checks plugin output and holds the device-side faults until the next host read (module docstring).
+
+    Args:
+        enabled: run the device checks (the host-side shape checks always run).
+        immediate: raise device faults at once (one host read per check) instead of deferring them; for code
+            that drives a compressor without an engine (unit tests).
+    """
+
+    def __init__(self, enabled: bool = True, immediate: bool = False):
+        self.enabled, self.immediate = enabled, immediate
+        self._pending: list[tuple[torch.Tensor, str]] = []
+
+    # ------------------------------------------------------------------ host reads
+    def read(self, *values: torch.Tensor) -> list[int]:
+        """Read ``values`` (device scalars) in one host read, together with the pending fault flags; raise the
+        first fault found."""
+        flags = [flag for flag, _ in self._pending]
+        got = torch.stack([v.to(torch.long) for v in (*values, *flags)]).tolist() if values or flags else []
+        self._raise_first(got[len(values):])
+        return got[: len(values)]
+
+    def flush(self) -> None:
+        """Raise a pending fault, if any (one host read; nothing when none is pending)."""
+        if self._pending:
+            self.read()
+
+    def _defer(self, broken: torch.Tensor, message: str) -> None:
+        self._pending.append((broken, message))
+        if self.immediate:
+            self.flush()
+
+    def _raise_first(self, values: list[int]) -> None:
+        pending, self._pending = self._pending, []
+        for (_, message), broken in zip(pending, values, strict=True):
+            if broken:
+                raise PluginContractError(message)
+
+    # ------------------------------------------------------------------ scores
+    def fingerprint(self, layer: SieveLayer) -> torch.Tensor | None:
+        """The layer's fingerprint before a scoring call (None when the checks are off)."""
+        return _fingerprint(layer) if self.enabled else None
+
+    def check_scores(self, scores: Any, counts: torch.Tensor, num_candidates: int, policy: Any,
+                     layer: SieveLayer, before: torch.Tensor | None) -> torch.Tensor:
+        """``scores`` from ``policy`` for candidates ``counts`` (``int64 [B, Hkv]``, at most ``num_candidates``),
+        checked; returns them as float32."""
+        who = describe_plugin(policy, "scoring")
+        expected = (*counts.shape, num_candidates)
+        if not isinstance(scores, torch.Tensor):
+            raise PluginContractError(f"{who} returned {type(scores).__name__}, not a tensor of shape {expected}")
+        if tuple(scores.shape) != expected or not scores.is_floating_point():
+            raise PluginContractError(
+                f"{who} returned scores of shape {tuple(scores.shape)} and dtype {scores.dtype}; expected a floating "
+                f"tensor of shape {expected} ([B, Hkv, N], N = {num_candidates} candidates)"
+            )
+        if self.enabled:
+            valid = torch.arange(num_candidates, device=scores.device) < counts[..., None]
+            self._defer((valid & ~scores.isfinite()).any(), f"{who} returned a non-finite score for a candidate")
+            self._defer(_differs(before, _fingerprint(layer)),
+                        f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
+        return scores.float()
+
+    # ------------------------------------------------------------------ selections
+    def check_selection(self, chosen: Any, counts: torch.Tensor, budget: int, protect_head: int,
+                        protect_tail: int, policy: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, kept)`` of ``chosen`` (a :class:`~kvsieve.policy.Selection` from ``policy`` over candidates
+        ``counts``), checked; when a device check fails, a valid stand-in (the first candidates) is returned and
+        the fault raised at the next host read."""
+        who = describe_plugin(policy, "selection")
+        if not isinstance(chosen, Selection):
+            raise PluginContractError(f"{who} returned {type(chosen).__name__}, not a kvsieve.policy.Selection")
+        keep, kept = chosen.keep, chosen.counts
+        shape = tuple(counts.shape)
+        for what, tensor, dims in (("keep", keep, 3), ("counts", kept, 2)):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.long or tensor.dim() != dims \
+                    or tuple(tensor.shape[:2]) != shape:
+                got = (tensor.dtype, tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else type(tensor)
+                raise PluginContractError(
+                    f"{who} returned {what} {got}; expected int64 [{', '.join(map(str, shape))}"
+                    f"{', K' if dims == 3 else ''}]"
+                )
+        if not self.enabled:
+            return keep, kept
+        K = keep.shape[-1]
+        expected = counts.clamp(max=budget)
+        idx = torch.arange(K, device=keep.device)
+        real = idx < kept[..., None]
+        in_range = (keep >= 0) & (keep < counts[..., None])
+        increasing = keep[..., 1:] > keep[..., :-1]
+        faults = [
+            (kept != expected).any() | (kept > K).any(),
+            (real & ~in_range).any(),
+            (real[..., 1:] & ~increasing).any(),
+        ]
+        # the protected candidates are kept: with sorted unique indices, the first ones are 0.. and the last ones
+        # end at n - 1 (where fewer than the budget exist, everything is kept and the count check covers it)
+        evicting = counts > budget
+        if protect_head:
+            head = idx[:protect_head]
+            faults.append((evicting[..., None] & (keep[..., : len(head)] != head)).any())
+        if protect_tail:
+            tail = torch.arange(protect_tail, device=keep.device)
+            at = (kept[..., None] - protect_tail + tail).clamp(0, max(K - 1, 0))
+            want = counts[..., None] - protect_tail + tail
+            faults.append((evicting[..., None] & (keep.gather(2, at) != want)).any())
+        broken = torch.stack(faults).any()
+        self._defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
+                            f"candidates, exactly min(budget={budget}, candidates) per row and KV head, with the "
+                            f"first {protect_head} and last {protect_tail} candidates kept)")
+        stand_in_counts = expected.clamp(max=K)
+        stand_in = torch.where(idx < stand_in_counts[..., None], idx, -1)
+        return torch.where(broken, stand_in, keep), torch.where(broken, stand_in_counts, kept)
