@@ -50,8 +50,8 @@ def forced_logits(model, ids, mask, comp, params, backend, fast, tokens) -> torc
         generate(model, ids, mask, compressor=comp, params=params, backend=backend, max_new_tokens=NEW,
                  min_new_tokens=NEW, do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([force]))
         return torch.stack(force.scores, dim=1)
-    with torch.inference_mode(), apply(model, comp, backend, params=params) as session:
-        decoder = StaticDecoder(model, session)
+    with torch.inference_mode(), apply(model, comp, backend, params=params) as engine:
+        decoder = StaticDecoder(model, engine)
         logits = [decoder.prefill(ids, mask, NEW)]
         logits += [decoder.step(tokens[:, t]) for t in range(NEW - 1)]
     return torch.stack(logits, dim=1)
@@ -74,8 +74,8 @@ def compare_logits(run: torch.Tensor, ref: torch.Tensor) -> dict:
 RUNS = [
     ("none", {}),
     ("snapkv", dict(ratio=0.2, window=8)),
-    ("rpc", dict(interval=32, window=8, ratio=4)),
-    ("fastkv", dict(tsp_rate=0.2, retain_rate=0.1)),
+    ("rpc", dict(interval=32, window=8, ratio=0.25)),
+    ("fastkv", dict(tsp_rate=0.2, ratio=0.1)),
 ]
 
 

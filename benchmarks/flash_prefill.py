@@ -117,8 +117,8 @@ def main(argv=None) -> int:
     rows = []
     with torch.inference_mode():
         rows.append(timed("HF sdpa"))
-        with integration.apply(model, "none", backend="flash") as session:
-            assert session.backend.name == "flash"
+        with integration.apply(model, "none", backend="flash") as engine:
+            assert engine.backend.name == "flash"
             rows.append(timed("kvsieve flash"))
         # FlashAttention-2 also for the dense prefill (default: SDPA's dispatcher, cuDNN on Hopper)
         with integration.apply(model, "none", backend=FlashBackend(dense_prefill="flash")):

@@ -49,8 +49,8 @@ def main() -> int:
     lines = [f"## Decode step profiles ({torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s)"]
     for shape, batch, live, name, params in CASES:
         model = random_paper_model(shape)
-        with torch.inference_mode(), apply(model, name, "triton", params=params) as session:
-            probe = DecodeProbe(model, session, batch, 128, live + 64)
+        with torch.inference_mode(), apply(model, name, "triton", params=params) as engine:
+            probe = DecodeProbe(model, engine, batch, 128, live + 64)
             ms = replay_ms(probe, live)
             floor = (weight_bytes(model) + batch * kv_bytes_per_token(model) * (128 + live)) / bandwidth * 1e3
             probe.set_state(generated=1, held=live - 1)
@@ -70,7 +70,7 @@ def main() -> int:
                   f"{e.self_device_time_total / 5 / 1e3 / total:.1%} | {e.count // 5} |" for e in top]
         lines.append("")
         print("\n".join(lines[-18:]), flush=True)
-        del probe, model, session
+        del probe, model, engine
         torch.cuda.empty_cache()
     (out / "profile_decode.md").write_text("\n".join(lines) + "\n")
     return 0

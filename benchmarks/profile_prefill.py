@@ -21,8 +21,8 @@ from kvsieve.fastpath import StaticDecoder
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
 
-RUNS = [("none", {}), ("snapkv", dict(ratio=0.1, window=8, pooling="max")),
-        ("fastkv", dict(tsp_rate=0.2, retain_rate=0.1))]
+RUNS = [("none", {}), ("snapkv", dict(ratio=0.1, window=8, **{"scoring.pooling": "max"})),
+        ("fastkv", dict(tsp_rate=0.2, ratio=0.1))]
 
 
 def main() -> int:
@@ -39,12 +39,12 @@ def main() -> int:
     ids = torch.randint(100, 128000, (1, args.context), device="cuda")
     lines = [f"## Prefill profile at {args.context} tokens, backend {args.backend} ({torch.cuda.get_device_name()})"]
     for name, params in RUNS:
-        with torch.inference_mode(), apply(model, name, args.backend, params=params) as session:
-            StaticDecoder(model, session).prefill(ids, None, 4)  # warm-up at the same length
+        with torch.inference_mode(), apply(model, name, args.backend, params=params) as engine:
+            StaticDecoder(model, engine).prefill(ids, None, 4)  # warm-up at the same length
             torch.cuda.synchronize()
             start = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                StaticDecoder(model, session).prefill(ids, None, 4)
+                StaticDecoder(model, engine).prefill(ids, None, 4)
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         table_cuda = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)

@@ -53,7 +53,7 @@ def bench_rpc(args) -> list[dict]:
     ids = torch.randint(100, 150000, (args.batch, 128), device="cuda")
     mask = torch.ones_like(ids)
     rows = []
-    runs = [("none", {}), ("rpc", dict(interval=1024, window=32, ratio=4))]
+    runs = [("none", {}), ("rpc", dict(interval=1024, window=32, ratio=0.25))]
     # the fast path (static cache, CUDA-graph replay) for the full --gen tokens; HF's eager loop
     # (kvsieve.generate without fast=True) for --eager-gen tokens: it is host-bound, a short run shows its rate
     loops = [("fast path", True, args.gen), ("HF eager loop", False, args.eager_gen)]
@@ -93,8 +93,8 @@ def bench_fastkv(args) -> list[dict]:
     runs = [
         ("hf-sdpa", None, {}),
         ("none", "none", {}),
-        ("snapkv", "snapkv", dict(ratio=0.1, window=8, pooling="max")),
-        ("fastkv", "fastkv", dict(tsp_rate=0.2, retain_rate=0.1)),
+        ("snapkv", "snapkv", dict(ratio=0.1, window=8, **{"scoring.pooling": "max"})),
+        ("fastkv", "fastkv", dict(tsp_rate=0.2, ratio=0.1)),
     ]
     rows = []
     for label, comp, params in runs:

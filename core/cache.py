@@ -12,6 +12,8 @@ Every layer implements one interface, :class:`SieveLayer`:
 * a ring buffer of the most recent ``query_window`` post-RoPE queries ``[B, H, R, d]`` (the selector window).
 * ``seen``: the *logical* length: tokens ever appended, padding included. HF derives positions and masks from it,
   so new tokens always get their true absolute positions however much was evicted.
+* ``row_lengths``: the real (not padding) tokens of each row that the layer's prefill computed on, on the host:
+  budgets given as a ratio resolve against them, so a row is compressed as it would be alone.
 
 Two implementations:
 
@@ -66,6 +68,7 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         self.num_queries = 0  # queries pushed so far (ring index = num_queries % R)
         self.seen = 0
         self.prompt_len = 0
+        self.row_lengths: tuple[int, ...] = ()
         self.compactions = 0
 
     # ------------------------------------------------------------------ shape facts
@@ -107,10 +110,13 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         return int((self.ends - self.starts).sum()) * per_slot
 
     # ------------------------------------------------------------------ the prompt
-    def begin_prompt(self, padding: torch.Tensor) -> None:
+    def begin_prompt(self, padding: torch.Tensor, row_lengths: tuple[int, ...]) -> None:
         """Record that the tokens appended so far are the prompt: ``padding`` (``int64 [B, Hkv]``) leading slots
-        of each row are left padding, and the prompt's logical length is ``seen``."""
+        of each row are left padding, ``row_lengths[b]`` real (not padding) tokens of row ``b`` reached this layer
+        (the prompt's real length, or fewer after token propagation), and the prompt's logical length is
+        ``seen``."""
         self.starts = padding
+        self.row_lengths = tuple(row_lengths)
         self.prompt_len = self.seen
 
     # ------------------------------------------------------------------ CacheLayerMixin
@@ -151,6 +157,10 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
     @abc.abstractmethod
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices`` (``int64 [B']``, possibly repeated) of every per-row tensor, in that order."""
+
+    def _reorder_row_lengths(self, indices: torch.Tensor) -> None:
+        if self.row_lengths:
+            self.row_lengths = tuple(self.row_lengths[i] for i in indices.tolist())
 
     # ------------------------------------------------------------------ selector window
     @abc.abstractmethod
@@ -273,6 +283,7 @@ class DynamicSieveLayer(SieveLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         indices = indices.to(self.device)
+        self._reorder_row_lengths(indices)
         for name in ("keys", "values", "positions", "starts", "ends", "queries"):
             tensor = getattr(self, name)
             if tensor is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -20,7 +20,7 @@ import torch
 from kvsieve.budget import Budget
 from kvsieve.contracts import ContractGuard, checks_enabled
 from kvsieve.params import UnknownParameterError, parse_params
-from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
+from kvsieve.policy import ScoringContext, ScoringPolicy, Selection, SelectionPolicy
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -37,6 +37,7 @@ __all__ = [
     "configure",
     "resolve_policy",
     "scoring_policy",
+    "select_rows",
     "selection_policy",
 ]
 
@@ -181,12 +182,12 @@ def selection_policy(value: str | SelectionPolicy) -> SelectionPolicy:
 def compress_layer(
     event: LayerEvent,
     *,
-    scoring: ScoringPolicy,
+    scoring: ScoringPolicy | None,
     selection: SelectionPolicy,
     cand_starts: torch.Tensor,
-    budget: int,
+    budget: int | Sequence[int],
     protect_head: int = 0,
-    protect_tail: int = 0,
+    protect_tail: int | Sequence[int] = 0,
     region_starts: torch.Tensor | None = None,
     queries_are_last: bool = False,
 ) -> None:
@@ -194,20 +195,23 @@ def compress_layer(
 
     Args:
         event: the layer event.
-        scoring, selection: the policies.
+        scoring, selection: the policies (``scoring`` may be None when the protected candidates fill the budget).
         cand_starts: ``int64 [B, Hkv]`` first candidate slot; candidates run to the live end.
-        budget: candidates kept per row and KV head (protected ones included).
-        protect_head, protect_tail: the first / last candidates always kept. The protected tail is left out
-            of scoring: the scoring context's candidates end ``protect_tail`` slots before the live end.
+        budget: candidates kept per row and KV head (protected ones included): one for every row, or one per row
+            (a padded batch whose ratio resolves against each row's real length).
+        protect_head, protect_tail: the first / last candidates always kept (``protect_tail`` also per row). The
+            protected tail is left out of scoring: the scoring context's candidates end ``protect_tail`` slots
+            before the live end.
         region_starts: ``int64 [B, Hkv]`` where the compacted region begins (default ``cand_starts``); slots in
             ``[region_starts, cand_starts)`` must hold only padding, which is dropped.
         queries_are_last: the layer's window queries are those of the last live slots (prefill).
     """
     layer = event.layer
-    if protect_head + protect_tail > budget:
-        raise ValueError(
-            f"budget={budget} is smaller than the protected tokens (head {protect_head} + tail {protect_tail})"
-        )
+    rows = cand_starts.shape[0]
+    budgets, tails = _per_row(budget, rows, "budget"), _per_row(protect_tail, rows, "protect_tail")
+    for b, t in zip(budgets, tails, strict=True):
+        if protect_head + t > b:
+            raise ValueError(f"budget={b} is smaller than the protected tokens (head {protect_head} + tail {t})")
     engine = event.engine
     guard = engine.guard if engine is not None else ContractGuard(checks_enabled(), immediate=True)
     observed = engine is not None and engine.observed
@@ -218,9 +222,12 @@ def compress_layer(
     # in every layer)
     padding = (region_starts != cand_starts).any() if region_starts is not None else counts.new_zeros((), dtype=bool)
     N, padding_to_drop = guard.read(counts.max(), padding)
-    if N <= budget and not padding_to_drop:
+    if N <= min(budgets) and not padding_to_drop:
         return  # nothing to evict
-    if budget <= protect_head + protect_tail:  # everything kept is protected: no scores needed
+    uniform = len(set(budgets)) == 1 and len(set(tails)) == 1
+    budget_arg = budgets[0] if uniform else _row_tensor(budgets, counts)
+    tail_arg = tails[0] if uniform else _row_tensor(tails, counts)
+    if all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True)):  # all kept is protected: no scores
         scores = torch.zeros(*counts.shape, N, device=counts.device)
     else:
         # the protected tail is not scored: candidates for scoring end before it (RPC: softmax over [Lp, L-R))
@@ -231,25 +238,58 @@ def compress_layer(
             starts=layer.starts,
             ends=ends,
             cand_starts=cand_starts,
-            cand_ends=torch.maximum(ends - protect_tail, cand_starts),
+            cand_ends=torch.maximum(ends - tail_arg, cand_starts),
             positions=layer.positions,
             layer_idx=event.layer_idx,
             scale=event.scale,
             backend=event.backend,
             queries_are_last=queries_are_last,
-            candidate_count=max(N - protect_tail, 0),  # exact: cand_ends = max(ends - protect_tail, cand_starts)
+            # exact (cand_ends = max(ends - tail, cand_starts)); unknown on the host when the tails differ per row
+            candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else None,
         )
         fingerprint = guard.fingerprint(layer)
-        scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.candidate_count, scoring, layer,
+        scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,
                                     fingerprint)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway
-    keep, kept = guard.check_selection(selection.select(scores, counts, budget, protect_head, protect_tail), counts,
-                                       budget, protect_head, protect_tail, selection)
+    chosen = select_rows(selection, scores, counts, budgets, protect_head, tails)
+    keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection)
     keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
     layer.compact(event.backend, keep_slots, kept, dest, reserve=event.reserve)
     if observed:
         event.engine.notify_compressed(event, before=before, after=layer.max_live)
+
+
+def _per_row(value: int | Sequence[int], rows: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * rows
+    values = [int(v) for v in value]
+    if len(values) != rows:
+        raise ValueError(f"{name} has {len(values)} per-row values for a batch of {rows} rows")
+    return values
+
+
+def _row_tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
+    """``int64 [B, Hkv]`` from one value per row (a host-to-device copy, no read)."""
+    return torch.tensor(values, dtype=torch.long, device=like.device)[:, None].expand_as(like)
+
+
+def select_rows(selection: SelectionPolicy, scores: torch.Tensor, counts: torch.Tensor, budgets: list[int],
+                protect_head: int, tails: list[int]) -> Selection:
+    """``selection.select`` with one budget and protected tail per row (``budgets[b]``, ``tails[b]``): one call
+    with integers when every row has the same, one call with ``int64 [B, Hkv]`` tensors for a policy with
+    ``per_row_budgets``, else one call per row (``keep`` padded with -1 to the widest row)."""
+    if len(set(budgets)) == 1 and len(set(tails)) == 1:
+        return selection.select(scores, counts, budgets[0], protect_head, tails[0])
+    if selection.per_row_budgets:
+        return selection.select(scores, counts, _row_tensor(budgets, counts), protect_head, _row_tensor(tails, counts))
+    parts = [selection.select(scores[b : b + 1], counts[b : b + 1], budgets[b], protect_head, tails[b])
+             for b in range(len(budgets))]
+    if not all(isinstance(part, Selection) for part in parts):
+        return next(part for part in parts if not isinstance(part, Selection))  # the guard reports it
+    width = max(part.keep.shape[-1] for part in parts)
+    keep = torch.cat([torch.nn.functional.pad(p.keep, (0, width - p.keep.shape[-1]), value=-1) for p in parts])
+    return Selection(keep=keep, counts=torch.cat([part.counts for part in parts]))
 
 
 # ---------------------------------------------------------------------------------------------- building

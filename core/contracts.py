@@ -139,11 +139,12 @@ class ContractGuard:
         return scores.float()
 
     # ------------------------------------------------------------------ selections
-    def check_selection(self, chosen: Any, counts: torch.Tensor, budget: int, protect_head: int,
-                        protect_tail: int, policy: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_selection(self, chosen: Any, counts: torch.Tensor, budget: int | torch.Tensor, protect_head: int,
+                        protect_tail: int | torch.Tensor, policy: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keep, kept)`` of ``chosen`` (a :class:`~kvsieve.policy.Selection` from ``policy`` over candidates
-        ``counts``), checked; when a device check fails, a valid stand-in (the first candidates) is returned and
-        the fault raised at the next host read."""
+        ``counts``, ``int64 [B, Hkv]``; ``budget`` and ``protect_tail`` an int or one per row and KV head),
+        checked; when a device check fails, a valid stand-in (the first candidates) is returned and the fault
+        raised at the next host read."""
         who = describe_plugin(policy, "selection")
         if not isinstance(chosen, Selection):
             raise PluginContractError(f"{who} returned {type(chosen).__name__}, not a kvsieve.policy.Selection")
@@ -170,21 +171,19 @@ class ContractGuard:
             (real & ~in_range).any(),
             (real[..., 1:] & ~increasing).any(),
         ]
-        # the protected candidates are kept: with sorted unique indices, the first ones are 0.. and the last ones
-        # end at n - 1 (where fewer than the budget exist, everything is kept and the count check covers it)
-        evicting = counts > budget
-        if protect_head:
-            head = idx[:protect_head]
-            faults.append((evicting[..., None] & (keep[..., : len(head)] != head)).any())
-        if protect_tail:
-            tail = torch.arange(protect_tail, device=keep.device)
-            at = (kept[..., None] - protect_tail + tail).clamp(0, max(K - 1, 0))
-            want = counts[..., None] - protect_tail + tail
-            faults.append((evicting[..., None] & (keep.gather(2, at) != want)).any())
+        # the protected candidates are kept: with sorted unique indices, entry p < protect_head is p, and the entries
+        # of the last protect_tail positions are the last candidates (where no more than the budget exist,
+        # everything is kept and the count check covers it)
+        evicting = (counts > budget)[..., None] & real
+        tail = protect_tail[..., None] if isinstance(protect_tail, torch.Tensor) else protect_tail
+        in_tail = idx >= kept[..., None] - tail
+        faults.append((evicting & (idx < protect_head) & (keep != idx)).any())
+        faults.append((evicting & in_tail & (keep != counts[..., None] - kept[..., None] + idx)).any())
         broken = torch.stack(faults).any()
+        rule = "budget" if isinstance(budget, torch.Tensor) else f"budget={budget}"
         self._defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
-                            f"candidates, exactly min(budget={budget}, candidates) per row and KV head, with the "
-                            f"first {protect_head} and last {protect_tail} candidates kept)")
+                            f"candidates, exactly min({rule}, candidates) per row and KV head, with the protected "
+                            f"first {protect_head} and last candidates kept)")
         stand_in_counts = expected.clamp(max=K)
         stand_in = torch.where(idx < stand_in_counts[..., None], idx, -1)
         return torch.where(broken, stand_in, keep), torch.where(broken, stand_in_counts, kept)

@@ -68,18 +68,22 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def padding_starts(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int, device) -> torch.Tensor:
-    """``int64 [B, Hkv]`` leading padding slots, read off the last query row of the 4D prefill mask."""
+def padding_starts(attention_mask: torch.Tensor | None, batch: int, num_kv_heads: int,
+                   device) -> tuple[torch.Tensor, list[int]]:
+    """Leading padding slots per row, read off the last query row of the 4D prefill mask: ``int64 [B, Hkv]`` on
+    the device and the same per row on the host (one host read, which also checks the padding is on the left)."""
     if attention_mask is None:
-        return torch.zeros(batch, num_kv_heads, dtype=torch.long, device=device)
+        return torch.zeros(batch, num_kv_heads, dtype=torch.long, device=device), [0] * batch
     last_row = attention_mask[:, 0, -1, :].to(torch.bool)  # [B, K]
     pad = (~last_row).long().cumprod(dim=-1).sum(dim=-1)  # leading False entries
-    if bool((last_row.sum(dim=-1) + pad != last_row.shape[-1]).any()):
+    right_or_inner = (last_row.sum(dim=-1) + pad != last_row.shape[-1]).any()
+    *pad_list, bad = torch.cat([pad, right_or_inner[None].long()]).tolist()
+    if bad:
         raise ValueError(
             "kvsieve needs LEFT padding (padding only before each prompt); got an attention_mask with padding "
             "inside or after a prompt. Set tokenizer.padding_side = 'left'."
         )
-    return pad[:, None].expand(batch, num_kv_heads).contiguous()
+    return pad[:, None].expand(batch, num_kv_heads).contiguous(), pad_list
 
 
 class Engine:
@@ -220,8 +224,9 @@ class Engine:
         self.scales[layer_idx] = scale
         if self.phase == "prefill":
             B, Hkv = layer.ends.shape
-            layer.begin_prompt(padding_starts(attention_mask, B, Hkv, query.device))
+            padding, pad_list = padding_starts(attention_mask, B, Hkv, query.device)
             end = layer.max_end
+            layer.begin_prompt(padding, tuple(end - pad for pad in pad_list))
             out = self.backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
         else:
             out = self.backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)

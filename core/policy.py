@@ -120,29 +120,37 @@ class Selection:
 class SelectionPolicy(abc.ABC):
     """Which candidates to keep, given their scores, a budget and the protected set.
 
-    Contract (checked by :mod:`kvsieve.testing`): for each row and KV head with ``n`` valid candidates it keeps
-    exactly ``min(budget, n)`` of them, unique and sorted, all inside ``[0, n)``; the first ``protect_head`` and
-    the last ``protect_tail`` valid candidates are always kept (the compressor guarantees
-    ``protect_head + protect_tail <= budget``); deterministic.
+    Contract (checked by :mod:`kvsieve.testing`, and at run time where the selection enters the cache): for each
+    row and KV head with ``n`` valid candidates it keeps exactly ``min(budget, n)`` of them, unique and sorted, all
+    inside ``[0, n)``; the first ``protect_head`` and the last ``protect_tail`` valid candidates are always kept
+    (the compressor guarantees ``protect_head + protect_tail <= budget``); deterministic.
+
+    Per-row budgets: in a padded batch, a budget given as a ratio differs per row (each row is compressed as it
+    would be alone). A policy that sets ``per_row_budgets = True`` receives ``budget`` and ``protect_tail`` as
+    ``int64 [B, Hkv]`` tensors then; otherwise kvsieve calls it once per row with integers.
     """
 
     name: ClassVar[str] = ""
+    #: Whether :meth:`select` accepts ``budget`` and ``protect_tail`` as ``int64 [B, Hkv]`` tensors.
+    per_row_budgets: ClassVar[bool] = False
 
     @abc.abstractmethod
     def select(
         self,
         scores: torch.Tensor,
         counts: torch.Tensor,
-        budget: int,
+        budget: int | torch.Tensor,
         protect_head: int = 0,
-        protect_tail: int = 0,
+        protect_tail: int | torch.Tensor = 0,
     ) -> Selection:
         """Choose kept candidates.
 
         Args:
             scores: ``float32 [B, Hkv, N]``; entries at or past ``counts`` are padding and never kept.
             counts: ``int64 [B, Hkv]`` valid candidates per row and KV head (``<= N``).
-            budget: how many candidates to keep per row and KV head (fewer when fewer exist).
+            budget: how many candidates to keep per row and KV head (fewer when fewer exist); an ``int64 [B, Hkv]``
+                tensor only for a policy with ``per_row_budgets``.
             protect_head: the first ``protect_head`` valid candidates are always kept (e.g. attention sinks).
-            protect_tail: the last ``protect_tail`` valid candidates are always kept (e.g. the recent window).
+            protect_tail: the last ``protect_tail`` valid candidates are always kept (e.g. the recent window); a
+                tensor like ``budget``.
         """

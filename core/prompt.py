@@ -36,12 +36,16 @@ import attrs
 from kvsieve.budget import Budget, budget_field, ratio_field
 from kvsieve.compressor import Compressor, LayerEvent, compress_layer, scoring_policy, selection_policy
 from kvsieve.policy import ScoringPolicy, SelectionPolicy
-from kvsieve.validators import nonnegative_int
+from kvsieve.validators import nonnegative_int, positive_int
 
 __all__ = ["PromptCompressor"]
 
 
-def _budget_exceeds_window(instance: PromptCompressor, attribute: attrs.Attribute, window: int) -> None:
+def _window_rules(instance: PromptCompressor, attribute: attrs.Attribute, window: int) -> None:
+    if instance.scoring.needs_queries:  # a window of queries to score with: at least one
+        positive_int(instance, attribute, window)
+    else:
+        nonnegative_int(instance, attribute, window)
     if instance.budget is not None and instance.budget <= window:
         raise ValueError(f"budget={instance.budget} must exceed window={window} (the window is always kept)")
 
@@ -63,7 +67,7 @@ class PromptCompressor(Compressor):
     budget: int | None = budget_field()
     window: int = attrs.field(
         default=attrs.Factory(lambda self: self.default_window, takes_self=True),
-        validator=[nonnegative_int, _budget_exceeds_window],
+        validator=_window_rules,
     )
     scoring: ScoringPolicy = attrs.field(
         default=attrs.Factory(lambda self: self.default_scoring(), takes_self=True), converter=scoring_policy
@@ -83,11 +87,11 @@ class PromptCompressor(Compressor):
     def query_window(self) -> int:
         return self.window if self.scoring.needs_queries else 0
 
-    def layer_budget(self, event: LayerEvent) -> int | None:
-        """Prompt tokens the layer of ``event`` keeps per KV head (``None``: leave it alone): the budget of its
-        prompt length, and never fewer than the window."""
-        prompt_len = event.layer.prompt_len
-        return max(self.keep.tokens(prompt_len), min(self.window, prompt_len))
+    def layer_budget(self, event: LayerEvent) -> list[int] | None:
+        """Prompt tokens the layer of ``event`` keeps per row and KV head (``None``: leave it alone): the budget of
+        each row's real prompt length (``layer.row_lengths``, so a padded row is compressed as it would be alone),
+        never fewer than the window."""
+        return [max(self.keep.tokens(n), min(self.window, n)) for n in event.layer.row_lengths]
 
     def after_attention(self, event: LayerEvent) -> None:
         if event.phase != "prefill":
@@ -103,6 +107,6 @@ class PromptCompressor(Compressor):
             cand_starts=layer.starts,  # every real prompt token is a candidate
             region_starts=layer.starts.new_zeros(layer.starts.shape),  # the left padding before them is dropped
             budget=budget,
-            protect_tail=min(self.window, budget),  # a prompt shorter than the window is kept whole
+            protect_tail=[min(self.window, b) for b in budget],  # a prompt shorter than the window is kept whole
             queries_are_last=True,
         )

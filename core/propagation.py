@@ -1,6 +1,6 @@
 """Token propagation: a compressor lets later decoder layers compute on a subset of the tokens.
 
-FastKV's Token-Selective Propagation (ALGORITHMS.md, "FastKV") is the first user; the mechanism is general. A
+FastKV's Token-Selective Propagation (docs/policies/fastkv.md) is the first user; the mechanism is general. A
 compressor sets it up in :meth:`Compressor.install <kvsieve.compressor.Compressor.install>`::
 
     def install(self, engine):

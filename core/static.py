@@ -66,6 +66,7 @@ class StaticSieveLayer(SieveLayer):
         static.starts, static.ends = layer.starts.contiguous().clone(), layer.ends.contiguous().clone()
         static.queries, static.num_queries = layer.queries, layer.num_queries
         static.seen, static.prompt_len, static.compactions = layer.seen, layer.prompt_len, layer.compactions
+        static.row_lengths = layer.row_lengths
         static.device_seen = torch.tensor([layer.seen], dtype=torch.long, device=layer.device)
         static.device_queries = torch.tensor([layer.num_queries], dtype=torch.long, device=layer.device)
         static.end_bound = used
@@ -129,6 +130,7 @@ class StaticSieveLayer(SieveLayer):
                 f"a static cache keeps its batch size ({self.keys.shape[0]} rows); got {indices.shape[0]} indices"
             )
         indices = indices.to(self.device)
+        self._reorder_row_lengths(indices)
         for tensor in (self.keys, self.values, self.positions, self.starts, self.ends, self.queries):
             if tensor is not None:
                 tensor.copy_(tensor.index_select(0, indices))

@@ -22,7 +22,7 @@ import torch
 
 import kvsieve
 from kvsieve.budget import Budget
-from kvsieve.compressor import LayerEvent
+from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy
 from kvsieve.prompt import PromptCompressor
@@ -112,20 +112,23 @@ class FastKV(PromptCompressor):
     rounding: ClassVar[str] = "floor"  # as the reference
 
     tsp_layer: int | None = attrs.field(default=None, validator=optional(nonnegative_int))
-    tsp_rate: float | None = attrs.field(default=None, validator=optional(unit_ratio))
     tsp_len: int | None = attrs.field(default=None, validator=optional(positive_int))
+    tsp_rate: float | None = attrs.field(  # 0.2 in proportional mode (neither budget nor tsp_len given)
+        default=attrs.Factory(lambda self: None if self.budget is not None or self.tsp_len else 0.2, takes_self=True),
+        validator=optional(unit_ratio),
+    )
 
     def __attrs_post_init__(self):
-        proportional = {k: getattr(self, k) for k in ("tsp_rate", "ratio") if getattr(self, k) is not None}
         constant = {k: getattr(self, k) for k in ("tsp_len", "budget") if getattr(self, k) is not None}
+        proportional = {k: getattr(self, k) for k in ("tsp_rate", "ratio") if getattr(self, k) is not None}
         if proportional and constant:
             raise ValueError(
                 "fastkv takes either the proportional parameters (tsp_rate, ratio) or the constant ones "
                 f"(tsp_len, budget), not a mix: got {proportional | constant}"
             )
+        if len(constant) == 1:
+            raise ValueError(f"fastkv's constant mode needs both tsp_len and budget, got only {constant}")
         if constant:
-            if len(constant) != 2:
-                raise ValueError(f"fastkv's constant mode needs both tsp_len and budget, got only {constant}")
             for key, value in constant.items():
                 if value <= self.window:
                     raise ValueError(
@@ -140,11 +143,6 @@ class FastKV(PromptCompressor):
     def constant(self) -> bool:
         """Constant mode (``tsp_len``, ``budget``), not proportional (``tsp_rate``, ``ratio``)."""
         return self.budget is not None
-
-    @property
-    def propagated_rate(self) -> float:
-        """``tsp_rate`` (default 0.2) in proportional mode."""
-        return 0.2 if self.tsp_rate is None else self.tsp_rate
 
     @property
     def query_window(self) -> int:
@@ -170,7 +168,7 @@ class FastKV(PromptCompressor):
 
     def propagated_length(self, length: int) -> int:
         """Tokens propagated past the TSP layer from a layer of ``length`` tokens (``length``: no TSP)."""
-        tsp_len = self.tsp_len if self.constant else int(length * self.propagated_rate)  # floor, as the reference
+        tsp_len = self.tsp_len if self.constant else int(length * self.tsp_rate)  # floor, as the reference
         tsp_len = max(tsp_len, self.window)
         return tsp_len if length > tsp_len else length
 
@@ -180,22 +178,27 @@ class FastKV(PromptCompressor):
             return None if length < self.budget else self.budget
         keep = self.keep.tokens(length)
         if after_tsp:  # the propagated tokens are tsp_rate of the prompt: keep ratio / tsp_rate of them
-            keep = Budget(min(self.keep.ratio / self.propagated_rate, 1.0), rounding="floor").tokens(length)
+            keep = Budget(min(self.keep.ratio / self.tsp_rate, 1.0), rounding="floor").tokens(length)
         return max(keep, self.window)
 
     # ------------------------------------------------------------------ the schedule
-    def layer_budget(self, event: LayerEvent) -> int | None:
-        # the tokens this layer computed on (padding included): fewer than the prompt after the TSP layer
+    def layer_budget(self, event: LayerEvent) -> list[int] | None:
+        # per row, from the real tokens this layer computed on (fewer than the prompt after the TSP layer); a row
+        # shorter than a constant budget keeps everything (alone, its layer would be left alone)
         after_tsp = event.layer_idx > self.resolve_tsp_layer(event.num_layers)
-        return self.kv_budget(event.layer.max_end, after_tsp)
+        lengths = event.layer.row_lengths
+        budgets = [self.kv_budget(n, after_tsp) for n in lengths]
+        if all(b is None for b in budgets):
+            return None
+        return [n if b is None else b for b, n in zip(budgets, lengths, strict=True)]
 
     def after_attention(self, event: LayerEvent) -> None:
         if event.phase != "prefill" or self.layer_budget(event) is None:
             return
         if event.layer_idx == self.resolve_tsp_layer(event.num_layers):
-            length = event.layer.max_end
-            propagated = self.propagated_length(length)
-            if propagated < length:
+            lengths = event.layer.row_lengths
+            propagated = [self.propagated_length(n) for n in lengths]
+            if any(p < n for p, n in zip(propagated, lengths, strict=True)):
                 propagate(event, self.select_propagated(event, propagated))
         super().after_attention(event)
 
@@ -232,14 +235,25 @@ class FastKV(PromptCompressor):
         padding = torch.arange(length, device=scores.device) < starts[:, None]
         return scores.masked_fill(padding, torch.finfo(torch.float32).min)
 
-    def select_propagated(self, event: LayerEvent, propagated: int) -> torch.Tensor:
-        """``int64 [B, propagated]``: sorted indices of the tokens that go on past the TSP layer (per row, the
-        top ``propagated - window`` by :meth:`token_scores`, then the last ``window``)."""
+    def select_propagated(self, event: LayerEvent, propagated: list[int]) -> torch.Tensor:
+        """``int64 [B, K]``, ``K = max(propagated)``: sorted indices of the tokens that go on past the TSP layer.
+
+        Row ``b`` propagates its top ``propagated[b] - window`` real tokens by :meth:`token_scores` and its last
+        ``window`` (what it would propagate alone); a row that propagates fewer than ``K`` fills up with its
+        leading padding tokens, which stay masked in every later layer.
+        """
         scores = self.token_scores(event)
         B, length = scores.shape
+        K = max(propagated)
+        padding = [length - n for n in event.layer.row_lengths]
+        budgets = [max(p, K - pad) for p, pad in zip(propagated, padding, strict=True)]  # never more fill than padding
         counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
-        chosen = self.selection.select(scores[:, None], counts, propagated, protect_tail=self.window)
-        return chosen.keep[:, 0]
+        tails = [min(self.window, b, n) for b, n in zip(budgets, event.layer.row_lengths, strict=True)]
+        real = select_rows(self.selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
+        fill = torch.tensor([K - b for b in budgets], device=scores.device)[:, None]  # [B, 1]
+        j = torch.arange(K, device=scores.device)
+        from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))
+        return torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)
 
 
 @kvsieve.hookimpl

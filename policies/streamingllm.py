@@ -61,8 +61,9 @@ class StreamingLLM(Compressor):
 
     def after_attention(self, event: LayerEvent) -> None:
         layer = event.layer
-        budget = self.cache_budget(layer.prompt_len)
-        if layer.max_live <= budget and layer.compactions:
+        # per row: a ratio resolves against each row's real prompt length (as if the row ran alone)
+        budgets = [self.cache_budget(n) for n in layer.row_lengths]
+        if layer.compactions and layer.max_live <= min(budgets):
             return
         compress_layer(
             event,
@@ -70,9 +71,9 @@ class StreamingLLM(Compressor):
             selection=self.selection,
             cand_starts=layer.starts,
             region_starts=layer.starts.new_zeros(layer.starts.shape),
-            budget=budget,
+            budget=budgets,
             protect_head=self.sinks,
-            protect_tail=budget - self.sinks,
+            protect_tail=[b - self.sinks for b in budgets],
         )
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,9 +50,9 @@ def hybrid_params(fastkv: dict, rpc: dict) -> dict:
 def cached(model, ids, n, compressor, params=None, mask=None):
     """The SieveCache at the end of ``model.generate`` with exactly ``n`` greedy tokens."""
     mask = torch.ones_like(ids) if mask is None else mask
-    with apply(model, compressor, "torch", params=params) as session, torch.inference_mode():
+    with apply(model, compressor, "torch", params=params) as engine, torch.inference_mode():
         sequences = model.generate(input_ids=ids, attention_mask=mask, **greedy(n))
-    return sequences, session.last_cache
+    return sequences, engine.last_cache
 
 
 def live(layer, b: int, j: int) -> torch.Tensor:
@@ -168,12 +169,12 @@ def test_unknown_part_is_refused_with_did_you_mean():
 
 def test_ad_hoc_composition_of_registered_parts(llama):
     model, _ = llama
-    params = {"snapkv.budget": 20, "snapkv.window": 4, "rpc.interval": 8, "rpc.window": 4, "rpc.ratio": 2}
+    params = {"snapkv.budget": 20, "snapkv.window": 4, "rpc.interval": 8, "rpc.window": 4, "rpc.ratio": 0.5}
     adhoc = resolve_compressor("snapkv+rpc", params)
     assert adhoc.name == "snapkv+rpc" and adhoc.part("snapkv") == SnapKV(budget=20, window=4)
     assert [(p.key, p.phase) for p in adhoc.parts] == [("snapkv", "prefill"), ("rpc", "decode")]
     result = run(model, random_prompt(50), 30, "snapkv+rpc", params)
-    assert result.kv_lengths == [20 + RPC(interval=8, window=4, ratio=2).cache_length(0, 29)] * 3
+    assert result.kv_lengths == [20 + RPC(interval=8, window=4, ratio=0.5).cache_length(0, 29)] * 3
 
 
 # ------------------------------------------------------------------------------------------ the hybrid
@@ -183,8 +184,8 @@ def test_equals_fastkv_before_the_first_rpc_compression(tiny_models, recorder):
     model, tok = tiny_models["llama"]
     ids, mask, _ = left_padded(tok, [80, 57], seed=4)
     P, R = 16, 12
-    fastkv = dict(tsp_rate=0.25, retain_rate=0.15)
-    params = hybrid_params(fastkv, dict(interval=P, window=R, ratio=4))
+    fastkv = dict(tsp_rate=0.25, ratio=0.15)
+    params = hybrid_params(fastkv, dict(interval=P, window=R, ratio=0.25))
     n = P + R  # the last token is not fed back: P + R - 1 generated tokens are cached
     hybrid, hybrid_cache = cached(model, ids, n, HYBRID, params, mask)
     assert {(phase, name) for _, phase, *_, name in recorder.events} == {("prefill", HYBRID)}
@@ -208,9 +209,9 @@ def test_equals_rpc_when_fastkv_keeps_everything(tiny_models, family):
     smaller than FastKV's, 8: each part sees its own queries)."""
     model, _ = tiny_models[family]
     ids = random_prompt(30, batch=2, seed=1)
-    rpc = dict(interval=8, window=4, ratio=2)
+    rpc = dict(interval=8, window=4, ratio=0.5)
     n = 40
-    hybrid = run(model, ids, n, HYBRID, hybrid_params(dict(tsp_rate=1.0, retain_rate=1.0), rpc))
+    hybrid = run(model, ids, n, HYBRID, hybrid_params(dict(tsp_rate=1.0, ratio=1.0), rpc))
     alone = run(model, ids, n, "rpc", rpc)
     assert torch.equal(hybrid.sequences, alone.sequences)
     assert hybrid.kv_lengths == alone.kv_lengths == [30 + RPC(**rpc).cache_length(0, n - 1)] * 3
@@ -220,10 +221,10 @@ def test_equals_rpc_when_fastkv_keeps_everything(tiny_models, family):
 @pytest.mark.parametrize(
     "fastkv, rpc, n",
     [
-        (dict(tsp_rate=0.2, retain_rate=0.1), dict(interval=8, window=4, ratio=2), 45),
-        # retain_rate >= tsp_rate: the TSP layer keeps 0.5 * Lp, the later ones all 0.2 * Lp they receive
-        (dict(tsp_rate=0.2, retain_rate=0.5), dict(interval=12, window=3, ratio=3), 50),
-        (dict(tsp_len=30, budget=20), dict(interval=10, window=4, ratio=2.5), 33),  # FastKV's constant mode
+        (dict(tsp_rate=0.2, ratio=0.1), dict(interval=8, window=4, ratio=0.5), 45),
+        # ratio >= tsp_rate: the TSP layer keeps 0.5 * Lp, the later ones all 0.2 * Lp they receive
+        (dict(tsp_rate=0.2, ratio=0.5), dict(interval=12, window=3, ratio=1 / 3), 50),
+        (dict(tsp_len=30, budget=20), dict(interval=10, window=4, ratio=0.4), 33),  # FastKV's constant mode
     ],
 )
 def test_per_layer_lengths_follow_the_combined_formula(llama, recorder, fastkv, rpc, n):
@@ -248,7 +249,7 @@ def test_per_layer_lengths_follow_the_combined_formula(llama, recorder, fastkv, 
         assert torch.equal(layer.ends - layer.starts, kept[layer_idx] + schedule.cache_length(0, g))
         assert bool((kept[layer_idx][0] == min(budgets[layer_idx], Lp)).all())
         assert bool((kept[layer_idx][1] <= lengths[1]).all())
-    if fastkv.get("retain_rate") == 0.5:
+    if fastkv.get("ratio") == 0.5:
         assert len({int(k.max()) for k in kept}) == 2, "the layers hold prompt regions of different lengths"
     steps = list(range(schedule.interval + schedule.window, g + 1, schedule.interval))
     decode = [e for e in recorder.events if e[1] == "decode"]
@@ -263,26 +264,26 @@ def test_per_layer_lengths_follow_the_combined_formula(llama, recorder, fastkv, 
 @given(
     real=st.lists(st.integers(12, 70), min_size=1, max_size=2),
     tsp_rate=st.floats(0.1, 1.0),
-    retain_rate=st.floats(0.1, 1.0),
+    ratio=st.floats(0.1, 1.0),
     P=st.integers(3, 12),
     R_frac=st.floats(0, 0.99),
-    c=st.one_of(st.integers(1, 6), st.floats(1, 6)),
+    rpc_ratio=st.one_of(st.integers(1, 6).map(lambda c: 1 / c), st.floats(1 / 6, 1)),  # 1 / c for c in [1, 6]
     n=st.integers(1, 45),
     seed=st.integers(0, 2**16),
 )
-def test_composed_selection_properties(llama, real, tsp_rate, retain_rate, P, R_frac, c, n, seed):
+def test_composed_selection_properties(llama, real, tsp_rate, ratio, P, R_frac, rpc_ratio, n, seed):
     """Whatever the rates, schedule and padding, in every layer, row and KV head: positions increase; the
     prompt entries are exactly those FastKV kept in that layer (RPC never touches them); the generated entries
     are true positions, as many as RPC's schedule says, the last R among them, one set shared by the KV
     heads."""
     R = 1 + int(R_frac * (P - 1))
-    if int(P / c) < 1:
+    if math.floor(round(rpc_ratio * P, 9)) < 1:  # T = floor(ratio * P) = 0: refused (test_rpc.py)
         return
     model, tok = llama
     ids, mask, _ = left_padded(tok, real, seed=seed)
     Lp, g = ids.shape[1], n - 1
-    fastkv = dict(tsp_rate=tsp_rate, retain_rate=retain_rate)
-    rpc = dict(interval=P, window=R, ratio=c)
+    fastkv = dict(tsp_rate=tsp_rate, ratio=ratio)
+    rpc = dict(interval=P, window=R, ratio=rpc_ratio)
     _, prefilled = cached(model, ids, 1, "fastkv", fastkv, mask)
     _, cache = cached(model, ids, n, HYBRID, hybrid_params(fastkv, rpc), mask)
     generated_kept = RPC(**rpc).cache_length(0, g)
@@ -305,7 +306,7 @@ def test_composed_selection_properties(llama, real, tsp_rate, retain_rate, P, R_
 # ------------------------------------------------------------------------------------------ layer ranges
 def test_parts_act_only_on_their_layer_ranges(llama):
     model, _ = llama
-    rpc = RPC(interval=8, window=4, ratio=2)
+    rpc = RPC(interval=8, window=4, ratio=0.5)
     composite = Composite("early-snapkv+late-rpc", [
         Part(SnapKV(budget=16, window=4), "prefill", layers=(0, 2)),
         Part(rpc, "decode", layers=(1, 3)),

@@ -105,7 +105,7 @@ def test_example_runs_through_the_public_api(keynorm_installed, tiny_model, tiny
     assert out.sequences.shape == (2, out.prompt_tokens + new)
     assert out.compressor["name"] == compressor
     if compressor == "snapkv":
-        assert out.compressor["scoring"] == "keynorm"
+        assert out.compressor["scoring"] == {"name": "keynorm"}  # a policy's config: its name and parameters
 
 
 def test_example_own_tests_pass(keynorm_installed, tmp_path):

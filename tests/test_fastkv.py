@@ -22,7 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
-from kvsieve.integration import apply, generate
+from kvsieve.engine import Engine
+from kvsieve.integration import apply, generate, resolve_compressor
+from kvsieve.params import UnknownParameterError
 from kvsieve.plugins import registry
 from kvsieve.policies.fastkv import FastKV, HeadPooledWindowScoring
 from kvsieve.policies.window_attention import WindowAttentionScoring
@@ -43,7 +45,7 @@ def greedy(n: int) -> dict:
 
 
 def assert_keep_all_matches_full(model, ids, mask, n: int) -> None:
-    """FastKV with ``tsp_rate = retain_rate = 1`` generates the same ``n`` greedy tokens as the full cache."""
+    """FastKV with ``tsp_rate = ratio = 1`` generates the same ``n`` greedy tokens as the full cache."""
     full = generate(model, ids, mask, compressor="none", backend="torch", **greedy(n))
     same = generate(
         model,
@@ -51,7 +53,7 @@ def assert_keep_all_matches_full(model, ids, mask, n: int) -> None:
         mask,
         compressor="fastkv",
         backend="torch",
-        params=dict(tsp_rate=1.0, retain_rate=1.0),
+        params=dict(tsp_rate=1.0, ratio=1.0),
         **greedy(n),
     )
     assert torch.equal(same.sequences, full.sequences)
@@ -88,7 +90,14 @@ def test_defaults_and_registration():
     assert registry().get("compressor", "fastkv").obj is FastKV
     assert registry().get("scoring", HeadPooledWindowScoring.name).obj is HeadPooledWindowScoring
     fkv = FastKV()
-    assert (fkv.tsp_rate, fkv.retain_rate, fkv.window, fkv.kernel, fkv.pooling) == (0.2, 0.1, 8, 7, "max")
+    assert (fkv.tsp_rate, fkv.keep.ratio, fkv.window, fkv.scoring.kernel, fkv.scoring.pooling) == (
+        0.2,
+        0.1,
+        8,
+        7,
+        "max",
+    )
+    assert fkv.scoring == HeadPooledWindowScoring(pooling="max", kernel=7)
     assert fkv.tsp_layer is None and not fkv.constant and fkv.propagates and fkv.query_window == 8
     assert (
         fkv.resolve_tsp_layer(32) == 15
@@ -96,8 +105,9 @@ def test_defaults_and_registration():
         and fkv.resolve_tsp_layer(40) == 19
     )
     config = fkv.config()
-    assert config["name"] == "fastkv" and config["scoring"] == HeadPooledWindowScoring.name
-    assert config["selection"] == "topk"
+    assert config["name"] == "fastkv"
+    assert config["scoring"] == {"name": HeadPooledWindowScoring.name, "pooling": "max", "kernel": 7}
+    assert config["selection"] == {"name": "topk"}
     assert FastKV(tsp_len=2048, budget=512).constant
 
 
@@ -105,18 +115,16 @@ def test_defaults_and_registration():
     "params, match",
     [
         (dict(tsp_rate=0.2, budget=512), "not a mix"),
-        (dict(tsp_len=2048, retain_rate=0.1), "not a mix"),
+        (dict(tsp_len=2048, ratio=0.1), "not a mix"),
         (dict(tsp_len=2048), "needs both tsp_len and budget"),
         (dict(budget=512), "needs both tsp_len and budget"),
         (dict(tsp_len=8, budget=512), "tsp_len=8 must exceed window=8"),
         (dict(tsp_len=2048, budget=4), "budget=4 must exceed window=8"),
         (dict(tsp_rate=0), "tsp_rate must be a ratio in \\(0, 1\\]"),
         (dict(tsp_rate=1.5), "tsp_rate must be a ratio"),
-        (dict(retain_rate=-0.1), "retain_rate must be a ratio"),
+        (dict(ratio=-0.1), "ratio must be the kept fraction, in \\(0, 1\\]"),
         (dict(tsp_len=0, budget=512), "tsp_len must be a positive integer"),
         (dict(window=0), "window must be a positive integer"),
-        (dict(kernel=4), "kernel must be a positive odd integer"),
-        (dict(pooling="min"), "pooling"),
         (dict(tsp_layer=-1), "tsp_layer must be an integer >= 0"),
         (dict(tsp_layer=True), "tsp_layer must be an integer >= 0"),
         (dict(selection="nope"), "unknown selection 'nope'"),
@@ -125,6 +133,25 @@ def test_defaults_and_registration():
 def test_bad_parameters_are_refused_clearly(params, match):
     with pytest.raises(ValueError, match=match):
         FastKV(**params)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"scoring.kernel": 4}, "kernel must be a positive odd integer"),
+        ({"scoring": {"pooling": "min"}}, "pooling"),
+    ],
+)
+def test_bad_scoring_parameters_are_refused_clearly(params, match):
+    """The pooling parameters are the scoring policy's (``scoring.key``); the policy validates them."""
+    with pytest.raises(ValueError, match=match):
+        resolve_compressor("fastkv", params)
+
+
+def test_pooling_parameters_of_the_compressor_point_to_the_scoring_policy():
+    match = r"compressor 'fastkv' has no parameter 'pooling'\. Did you mean 'scoring\.pooling'\?"
+    with pytest.raises(UnknownParameterError, match=match):
+        resolve_compressor("fastkv", {"pooling": "avg"})
 
 
 def test_tsp_layer_is_checked_against_the_model(model4):
@@ -151,15 +178,15 @@ def test_tsp_layer_is_checked_against_the_model(model4):
 def test_length_rules():
     fkv = FastKV()  # proportional 0.2 / 0.1
     assert fkv.propagated_length(1000) == 200 and fkv.kv_budget(1000, after_tsp=False) == 100
-    assert fkv.kv_budget(200, after_tsp=True) == 100  # retain_rate / tsp_rate of the propagated length
-    assert FastKV(tsp_rate=0.2, retain_rate=0.2).kv_budget(200, after_tsp=True) == 200  # no further eviction
-    assert FastKV(tsp_rate=0.2, retain_rate=0.4).kv_budget(200, after_tsp=True) >= 200
+    assert fkv.kv_budget(200, after_tsp=True) == 100  # ratio / tsp_rate of the propagated length
+    assert FastKV(tsp_rate=0.2, ratio=0.2).kv_budget(200, after_tsp=True) == 200  # no further eviction
+    assert FastKV(tsp_rate=0.2, ratio=0.4).kv_budget(200, after_tsp=True) >= 200
     assert fkv.propagated_length(1003) == 200 and fkv.kv_budget(1009, after_tsp=False) == 100  # floor
     assert (
         fkv.propagated_length(20) == 8 and fkv.kv_budget(20, after_tsp=False) == 8
     )  # never below the window
     assert fkv.propagated_length(8) == 8  # nothing to drop: TSP does not fire
-    assert FastKV(tsp_rate=1.0, retain_rate=1.0).propagated_length(77) == 77
+    assert FastKV(tsp_rate=1.0, ratio=1.0).propagated_length(77) == 77
     const = FastKV(tsp_len=40, budget=20)
     assert const.kv_budget(19, after_tsp=False) is None  # shorter than the budget: left alone
     assert const.kv_budget(20, after_tsp=False) == const.kv_budget(500, after_tsp=True) == 20
@@ -174,7 +201,7 @@ def stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def straightforward_fastkv(queries, keys, pad, window, kernel, pooling, budget, tsp_len):
-    """FastKV's layer step for one row, written from ALGORITHMS.md with dense tensors.
+    """FastKV's layer step for one row, written from the paper's description with dense tensors.
 
     Args:
         queries: ``[H, W, d]`` the last ``window`` tokens' queries; keys ``[Hkv, L, d]`` (the first ``pad``
@@ -209,24 +236,27 @@ def straightforward_fastkv(queries, keys, pad, window, kernel, pooling, budget, 
     return kv + pad, tsp
 
 
-def run_layer(fkv, layer_idx, pads, heads, kv_heads, L, d, seed, num_layers=4):
+def run_layer(model, fkv, layer_idx, pads, heads, kv_heads, L, d, seed):
     """Feed one layer of a fresh SieveCache a prefill of random K/V and queries (as the attention function
-    would) and run the compressor on it. Returns ``(keys, queries, cache)``."""
+    would) and run the compressor on it. ``model`` (not attached, never run) gives the engine its layer count;
+    the engine holds the propagation state. Returns ``(keys, queries, cache, engine)``."""
     gen = torch.Generator().manual_seed(seed)
     B = len(pads)
     keys = torch.randn(B, kv_heads, L, d, generator=gen) * 2
     queries = torch.randn(B, heads, L, d, generator=gen)
-    cache = SieveCache(query_window=fkv.query_window, num_layers=num_layers)
-    cache.propagation = PropagationState(num_tokens=L)
+    backend = TorchBackend()
+    engine = Engine(model, fkv, backend)
+    cache = SieveCache(query_window=fkv.query_window, num_layers=engine.num_layers)
+    engine.cache = cache
+    engine.propagation = PropagationState(num_tokens=L)
     layer = cache.layers[layer_idx]
     layer.update(keys, torch.randn(B, kv_heads, L, d, generator=gen))
-    layer.starts = torch.tensor(pads)[:, None].expand(B, kv_heads).contiguous()
-    layer.prompt_len = L
+    layer.begin_prompt(torch.tensor(pads)[:, None].expand(B, kv_heads).contiguous(), tuple(L - p for p in pads))
     layer.push_queries(queries)
     fkv.after_attention(
-        LayerEvent("prefill", layer, layer_idx, num_layers, cache, TorchBackend(), d**-0.5, 0)
+        LayerEvent("prefill", layer, layer_idx, engine.num_layers, engine, backend, d**-0.5, 0, reserve=fkv.reserve)
     )
-    return keys, queries, cache
+    return keys, queries, cache, engine
 
 
 @settings(max_examples=40, deadline=None)
@@ -235,29 +265,33 @@ def run_layer(fkv, layer_idx, pads, heads, kv_heads, L, d, seed, num_layers=4):
     pad_fracs=st.lists(st.floats(0, 0.95), min_size=1, max_size=3),
     window=st.integers(1, 6),
     tsp_rate=st.floats(0.05, 1.0),
-    retain_rate=st.floats(0.05, 1.0),
+    ratio=st.floats(0.05, 1.0),
     layer_idx=st.integers(0, 3),
     seed=st.integers(0, 2**16),
 )
-def test_selection_invariants(L, pad_fracs, window, tsp_rate, retain_rate, layer_idx, seed):
-    """Whatever the lengths: a common propagated size, sorted, the window in, padding only where real tokens
-    run out; each layer's KV per head is min(budget, real) of its real tokens, window included."""
+def test_selection_invariants(model4, L, pad_fracs, window, tsp_rate, ratio, layer_idx, seed):
+    """Whatever the lengths: a common propagated size (the largest row's), sorted, the window in, each row's
+    own propagated count of real tokens (as alone) and padding only to fill up; each layer's KV per head is
+    min(budget, real) of its real tokens with the budget of the row's own real length, window included."""
     pads = [int(f * L) for f in pad_fracs]
-    fkv = FastKV(tsp_rate=tsp_rate, retain_rate=retain_rate, window=window, kernel=3, tsp_layer=1)
-    _, _, cache = run_layer(fkv, layer_idx, pads, 4, 2, L, 4, seed)
-    layer, propagated = cache.layers[layer_idx], cache.propagation.pending
-    tsp_len = fkv.propagated_length(L)
-    if layer_idx != 1 or tsp_len == L:
+    fkv = FastKV(tsp_rate=tsp_rate, ratio=ratio, window=window, scoring=HeadPooledWindowScoring(kernel=3), tsp_layer=1)
+    _, _, cache, engine = run_layer(model4, fkv, layer_idx, pads, 4, 2, L, 4, seed)
+    layer, propagated = cache.layers[layer_idx], engine.propagation.pending
+    reals = [L - pad for pad in pads]
+    alone = [fkv.propagated_length(n) for n in reals]  # what each row propagates alone
+    if layer_idx != 1 or alone == reals:
         assert propagated is None
     else:
-        assert propagated.shape == (len(pads), tsp_len)
+        K = max(alone)
+        assert propagated.shape == (len(pads), K)
         assert bool((propagated[:, 1:] > propagated[:, :-1]).all())
         assert torch.equal(propagated[:, -window:], torch.arange(L - window, L).expand(len(pads), window))
         for b, pad in enumerate(pads):
-            assert int((propagated[b] < pad).sum()) == max(tsp_len - (L - pad), 0)
-    budget = fkv.kv_budget(L, after_tsp=layer_idx > 1)
+            real_kept = max(alone[b], K - pad)  # the row's own count, unless its padding cannot fill up to K
+            assert int((propagated[b] < pad).sum()) == K - real_kept
     for b, pad in enumerate(pads):
         real = L - pad
+        budget = fkv.kv_budget(real, after_tsp=layer_idx > 1)
         for j in range(2):
             kept = live_positions(layer, b, j)
             assert len(kept) == min(budget, real)
@@ -269,28 +303,29 @@ def test_selection_invariants(L, pad_fracs, window, tsp_rate, retain_rate, layer
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 2), (2, 2)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_selection_matches_a_straightforward_implementation(pooling, heads, kv_heads, seed):
+def test_selection_matches_a_straightforward_implementation(model4, pooling, heads, kv_heads, seed):
     L, W, d, T = 61, 5, 8, 2
-    pads = [0, 7, 40]  # the last row has 21 real tokens: fewer than tsp_len, padding fills its propagated set
-    fkv = FastKV(tsp_rate=0.4, retain_rate=0.25, window=W, kernel=5, pooling=pooling, tsp_layer=T)
+    pads = [0, 7, 40]  # real lengths 61, 54, 21: each row's budgets come from its own length (as alone)
+    scoring = HeadPooledWindowScoring(pooling=pooling, kernel=5)
+    fkv = FastKV(tsp_rate=0.4, ratio=0.25, window=W, scoring=scoring, tsp_layer=T)
     tsp_len, budget = fkv.propagated_length(L), fkv.kv_budget(L, after_tsp=False)
     assert (tsp_len, budget) == (24, 15)
     B = len(pads)
-    keys, queries, cache = run_layer(fkv, T, pads, heads, kv_heads, L, d, seed)
-    layer, propagated = cache.layers[T], cache.propagation.pending
-    assert propagated.shape == (B, tsp_len)
+    keys, queries, cache, engine = run_layer(model4, fkv, T, pads, heads, kv_heads, L, d, seed)
+    layer, propagated = cache.layers[T], engine.propagation.pending
+    assert propagated.shape == (B, tsp_len)  # the longest row's count
     for b, pad in enumerate(pads):
+        real_len = L - pad
+        row_tsp, row_budget = fkv.propagated_length(real_len), fkv.kv_budget(real_len, after_tsp=False)
         want_kv, want_tsp = straightforward_fastkv(
-            queries[b, :, -W:], keys[b], pad, W, fkv.kernel, pooling, budget, tsp_len
+            queries[b, :, -W:], keys[b], pad, W, fkv.scoring.kernel, pooling, row_budget, row_tsp
         )
         for j in range(kv_heads):
             assert torch.equal(live_positions(layer, b, j), want_kv[j]), (b, j)
         got = propagated[b]
         real = got[got >= pad]
         assert torch.equal(real, want_tsp), b
-        assert len(got) - len(real) == max(tsp_len - (L - pad), 0), (
-            "padding only fills what real tokens cannot"
-        )
+        assert len(got) - len(real) == tsp_len - row_tsp, "padding only fills up to the common count"
     assert layer.starts.tolist() == [[0] * kv_heads] * B, "padding is dropped from the KV"
 
 
@@ -362,7 +397,7 @@ def test_kv_lengths_subset_and_original_positions(model4):
 
         return hook
 
-    with torch.inference_mode(), apply(model4, "fastkv", "torch") as session:
+    with torch.inference_mode(), apply(model4, "fastkv", "torch") as engine:
         handles = [
             layer.register_forward_pre_hook(record(i), with_kwargs=True)
             for i, layer in enumerate(decoder_layers(model4))
@@ -372,9 +407,9 @@ def test_kv_lengths_subset_and_original_positions(model4):
         finally:
             for handle in handles:
                 handle.remove()
-        cache = session.last_cache
+        cache = engine.last_cache
+        index = engine.propagation.index  # the state of the latest forward (the engine drops it on exit)
         full_cos, full_sin = model4.model.rotary_emb(logits, torch.arange(Lp)[None])
-    index = cache.propagation.index
     assert index.shape == (2, 24) and logits.shape[1] == 24, "logits exist for the propagated tokens only"
     assert bool((index[:, 1:] > index[:, :-1]).all()), "the propagated set is sorted"
     assert torch.equal(index[:, -8:], torch.arange(Lp - 8, Lp).expand(2, 8)), "the window always propagates"
@@ -402,7 +437,7 @@ def test_keeping_everything_matches_the_full_cache(model4):
     try:
         with (
             torch.inference_mode(),
-            apply(model4, "fastkv", "torch", params=dict(tsp_rate=1.0, retain_rate=1.0)),
+            apply(model4, "fastkv", "torch", params=dict(tsp_rate=1.0, ratio=1.0)),
         ):
             model4(ids, attention_mask=mask)
     finally:
@@ -413,9 +448,9 @@ def test_keeping_everything_matches_the_full_cache(model4):
 # ------------------------------------------------------------------------------------------ model: decoding
 def test_decode_positions_continue_from_the_original_prompt_length(model4):
     Lp, n = 100, 9
-    with torch.inference_mode(), apply(model4, "fastkv", "torch") as session:
+    with torch.inference_mode(), apply(model4, "fastkv", "torch") as engine:
         out = model4.generate(input_ids=random_prompt(Lp, seed=3), **greedy(n))
-        cache = session.last_cache
+        cache = engine.last_cache
     assert out.shape == (1, Lp + n)
     for layer in cache.layers:
         assert layer.seen == Lp + n - 1 and layer.prompt_len == Lp
@@ -427,32 +462,32 @@ def test_decode_positions_continue_from_the_original_prompt_length(model4):
 
 
 def test_left_padded_batch(model4):
-    """Rows of different real lengths: a common propagated size; padding only where real tokens run out."""
+    """Rows of different real lengths: each row propagates and keeps what it would alone (its budgets come from
+    its own length), padding only fills the common propagated size, and every row's tokens equal its run alone."""
     lengths = [60, 41, 9]
     ids, mask, rows = left_padded(PAD0, lengths, seed=7)
-    params = dict(tsp_rate=0.4, retain_rate=0.2)  # tsp_len 24, KV 12 per layer (0.5 * 24 after TSP)
-    with torch.inference_mode(), apply(model4, "fastkv", "torch", params=params) as session:
+    params = dict(tsp_rate=0.4, ratio=0.2)
+    fkv = FastKV(**params)
+    with torch.inference_mode(), apply(model4, "fastkv", "torch", params=params) as engine:
         model4(ids, attention_mask=mask)
-        index = session.last_cache.propagation.index
+        index = engine.propagation.index
         batch = model4.generate(input_ids=ids, attention_mask=mask, **greedy(10))
-        cache = session.last_cache
+        cache = engine.last_cache
     pads = [60 - n for n in lengths]
-    assert index.shape == (3, 24)
-    assert bool((index[0] >= 0).all()) and bool((index[1] >= pads[1]).all()), (
-        "no padding while real tokens remain"
-    )
-    assert torch.equal(index[2, -9:], torch.arange(51, 60)), "a short row propagates all its real tokens"
-    assert bool((index[2, :-9] < pads[2]).all())
-    for layer in cache.layers:
+    propagated = [fkv.propagated_length(n) for n in lengths]  # 24, 16, 8: each row's own
+    assert propagated == [24, 16, 8] and index.shape == (3, 24)
+    for b, pad in enumerate(pads):
+        assert int((index[b] >= pad).sum()) == propagated[b], "the row's own count of real tokens"
+    assert torch.equal(index[2, -8:], torch.arange(52, 60)), "the short row propagates its last window"
+    tsp = fkv.resolve_tsp_layer(model4.config.num_hidden_layers)
+    for i, layer in enumerate(cache.layers):
         assert layer.starts.tolist() == [[0, 0]] * 3, "padding never stays in the KV"
         live = (layer.ends - layer.starts)[:, 0].tolist()
-        assert live == [12 + 9, 12 + 9, 9 + 9]
-    # a row without padding is unaffected by its neighbours' padding ...
-    alone = generate(model4, rows[0][None], compressor="fastkv", backend="torch", params=params, **greedy(10))
-    assert torch.equal(batch[0], alone.sequences[0])
-    # ... and the short row fits every budget: it keeps all its tokens, as with the full cache
-    full = generate(model4, ids, mask, compressor="none", backend="torch", **greedy(10))
-    assert torch.equal(batch[2], full.sequences[2])
+        kept = [fkv.kv_budget(n if i <= tsp else p, after_tsp=i > tsp) for n, p in zip(lengths, propagated)]
+        assert live == [min(k, n if i <= tsp else p) + 9 for k, n, p in zip(kept, lengths, propagated)]
+    for b, pad in enumerate(pads):  # every row as if it ran alone
+        alone = generate(model4, rows[b][None], compressor="fastkv", backend="torch", params=params, **greedy(10))
+        assert torch.equal(batch[b, pad:], alone.sequences[0]), b
 
 
 def test_sampling_with_several_return_sequences(model4):
@@ -462,7 +497,7 @@ def test_sampling_with_several_return_sequences(model4):
     runs = {}
     for name, compressor, params in [
         ("full", "none", None),
-        ("keep_all", "fastkv", dict(tsp_rate=1.0, retain_rate=1.0)),
+        ("keep_all", "fastkv", dict(tsp_rate=1.0, ratio=1.0)),
         ("fastkv", "fastkv", None),
     ]:
         torch.manual_seed(0)

@@ -33,6 +33,7 @@ from kvsieve.integration import (
     resolve_backend,
     resolve_compressor,
 )
+from kvsieve.params import flatten
 from kvsieve.plugins import UnknownNameError
 
 PROMPT, NEW = 32, 6
@@ -65,10 +66,10 @@ def test_covering_budget_is_exact(tiny_models, family):
     ids = random_prompt(PROMPT, seed=1)
     ref = model.generate(ids, **SCORED)  # plain HF, sdpa, no kvsieve
     for name, params in COVERING:
-        with apply(model, name, backend="torch", params=params) as session:
+        with apply(model, name, backend="torch", params=params) as engine:
             out = model.generate(ids, **SCORED)
-        assert isinstance(session.last_cache, SieveCache), name
-        assert session.last_cache.kv_lengths() == [PROMPT + NEW - 1] * model.config.num_hidden_layers, name
+        assert isinstance(engine.last_cache, SieveCache), name
+        assert engine.last_cache.kv_lengths() == [PROMPT + NEW - 1] * model.config.num_hidden_layers, name
         _assert_same_generation(out, ref)
 
 
@@ -77,9 +78,9 @@ def test_left_padded_batch_matches_each_prompt_alone(tiny_models, family):
     model, tok = tiny_models[family]
     lengths = [40, 13, 27]
     input_ids, attention_mask, rows = left_padded(tok, lengths, seed=10)
-    with apply(model, "none", backend="torch") as session:
+    with apply(model, "none", backend="torch") as engine:
         batch = model.generate(input_ids=input_ids, attention_mask=attention_mask, **SCORED)
-        cache = session.last_cache
+        cache = engine.last_cache
         singles = [model.generate(row[None], **GREEDY) for row in rows]
     ref = model.generate(input_ids=input_ids, attention_mask=attention_mask, **SCORED)
     _assert_same_generation(batch, ref)
@@ -99,10 +100,10 @@ def test_left_padded_batch_with_covering_snapkv_and_streamingllm_is_exact(llama)
         ("snapkv", dict(budget=30, window=4)),
         ("streamingllm", dict(budget=30 + NEW, sinks=2)),
     ]:
-        with apply(model, name, backend="torch", params=params) as session:
+        with apply(model, name, backend="torch", params=params) as engine:
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **SCORED)
         _assert_same_generation(out, ref)
-        for layer in session.last_cache.layers:
+        for layer in engine.last_cache.layers:
             assert layer.starts.eq(0).all(), name  # the padding is gone
             assert (layer.ends - layer.starts)[:, 0].tolist() == [n + NEW - 1 for n in (30, 9, 21)], name
 
@@ -128,14 +129,14 @@ def test_num_return_sequences_with_sampling_on_a_padded_batch(llama):
     input_ids, attention_mask, _ = left_padded(tok, [36, 20], seed=4)
     kwargs = dict(max_new_tokens=NEW, do_sample=True, num_return_sequences=3)
     outs = []
-    with apply(model, "snapkv", backend="torch", params=dict(budget=16, window=4)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(budget=16, window=4)) as engine:
         for _ in range(2):
             torch.manual_seed(7)
             outs.append(model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
     assert outs[0].shape == (6, 36 + NEW)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0][:, :36], input_ids.repeat_interleave(3, dim=0))
-    for layer in session.last_cache.layers:
+    for layer in engine.last_cache.layers:
         assert layer.keys.shape[0] == 6
         assert (layer.ends - layer.starts).eq(16 + NEW - 1).all()
 
@@ -153,11 +154,11 @@ def test_beam_search_reorders_the_cache(llama):
 def test_two_generate_calls_in_a_row_use_fresh_caches(llama):
     model, _ = llama
     ids = random_prompt(30, seed=5)
-    with apply(model, "snapkv", backend="torch", params=dict(budget=12, window=4)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(budget=12, window=4)) as engine:
         first = model.generate(ids, **GREEDY)
-        first_cache = session.last_cache
+        first_cache = engine.last_cache
         second = model.generate(ids, **GREEDY)
-        second_cache = session.last_cache
+        second_cache = engine.last_cache
     assert torch.equal(first, second)
     assert first_cache is not second_cache
     assert second_cache.layers[0].seen == 30 + NEW - 1 and second_cache.layers[0].compactions == 1
@@ -270,10 +271,10 @@ def test_allow_unsupported_lets_an_unknown_type_through():
     ids = random_prompt(20, seed=9) % 64
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kwargs)
-    with apply(model, "none", backend="torch", allow_unsupported=True) as session:
+    with apply(model, "none", backend="torch", allow_unsupported=True) as engine:
         out = model.generate(ids, **kwargs)
     assert torch.equal(out, ref)
-    assert session.last_cache.kv_lengths() == [20 + 4 - 1] * 2
+    assert engine.last_cache.kv_lengths() == [20 + 4 - 1] * 2
 
 
 @pytest.mark.parametrize(
@@ -306,9 +307,9 @@ INVALID_PARAMS = [
     ("snapkv", dict(budget=0), r"budget.*\b0\b"),
     ("snapkv", dict(budget=10.5), r"budget.*10\.5"),
     ("snapkv", dict(window=-1), r"window.*-1"),
-    ("snapkv", dict(kernel=4), r"kernel.*odd.*4"),
-    ("snapkv", dict(kernel=-3), r"kernel.*-3"),
-    ("snapkv", dict(pooling="mean"), r"pooling.*'mean'"),
+    ("snapkv", {"scoring.kernel": 4}, r"kernel.*odd.*4"),  # pooling is the scoring policy's
+    ("snapkv", {"scoring.kernel": -3}, r"kernel.*-3"),
+    ("snapkv", {"scoring": {"pooling": "mean"}}, r"pooling.*'mean'"),
     ("snapkv", dict(ratio=0.5, budget=64), r"ratio or budget.*ratio=0\.5.*budget=64"),
     ("streamingllm", dict(budget=4, sinks=4), r"budget=4.*sinks=4"),
     ("streamingllm", dict(budget=-1), r"budget.*-1"),
@@ -321,7 +322,7 @@ INVALID_PARAMS = [
 @pytest.mark.parametrize(
     "name, params, match",
     INVALID_PARAMS,
-    ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p, _ in INVALID_PARAMS],
+    ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in flatten(p).items())}" for n, p, _ in INVALID_PARAMS],
 )
 def test_invalid_parameters_name_the_argument_and_value(llama, name, params, match):
     with pytest.raises(ValueError, match=match):
@@ -408,10 +409,14 @@ def test_snapkv_really_frees_memory_and_reports_it(llama):
         "ratio": None,
         "budget": 32,
         "window": 8,
-        "kernel": 7,
-        "pooling": "avg",
-        "scoring": "window_attention",
-        "selection": "topk",
+        "scoring": {
+            "name": "window_attention",
+            "pooling": "avg",
+            "kernel": 7,
+            "aggregation": "group",
+            "normalization": "visible",
+        },
+        "selection": {"name": "topk"},
     }
     assert full.compressor == {"name": "none"}
     slot = _slot_bytes(model)
@@ -424,9 +429,9 @@ def test_snapkv_really_frees_memory_and_reports_it(llama):
 def test_snapkv_ratio_budget_and_live_bytes(llama):
     model, _ = llama
     ids = random_prompt(LONG, seed=13)
-    with apply(model, "snapkv", backend="torch", params=dict(ratio=0.1, window=8)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(ratio=0.1, window=8)) as engine:
         model.generate(ids, **GREEDY)
-    cache = session.last_cache
+    cache = engine.last_cache
     kept = -(-LONG // 10)  # ceil(0.1 * 300) = 30
     assert cache.kv_lengths() == [kept + NEW - 1] * model.config.num_hidden_layers
     assert cache.live_nbytes() == model.config.num_hidden_layers * (kept + NEW - 1) * _slot_bytes(model)

@@ -16,8 +16,10 @@ import pytest
 import torch
 from conftest import left_padded, tiny_llama
 
+from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.engine import Engine
 from kvsieve.integration import apply, generate
 from kvsieve.propagation import (
     PropagationState,
@@ -54,13 +56,13 @@ class Thinning(Compressor):
     propagates: ClassVar[bool] = True
     layers: tuple = (1,)
 
-    def install(self, model):
-        return TokenPropagation.install(model)
+    def install(self, engine):
+        return TokenPropagation.install(engine)
 
     def after_attention(self, event: LayerEvent) -> None:
         if event.phase == "prefill" and event.layer_idx in self.layers:
             n = event.layer.max_end
-            propagate(event.cache, keep_every_other(n, event.layer.ends.shape[0]))
+            propagate(event, keep_every_other(n, event.layer.ends.shape[0]))
 
 
 def by_hand(model, ids, mask, layers):
@@ -95,14 +97,14 @@ def test_forward_equals_a_by_hand_propagation(model4, layers, padded):
     ids, mask, _ = left_padded(PAD0, lengths, seed=1)
     with torch.inference_mode():
         want, index = by_hand(model4, ids, mask, layers)
-        with apply(model4, Thinning(layers), "torch") as session:
+        with apply(model4, Thinning(layers), "torch") as engine:
             got = model4(ids, attention_mask=mask).logits
-            cache = session.last_cache
+            cache, propagation = engine.last_cache, engine.propagation
     assert got.shape == want.shape
     # padding queries attend to nothing: their outputs are meaningless on both sides
     real = mask.gather(1, index).bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
-    assert torch.equal(cache.propagation.index, index)
+    assert torch.equal(propagation.index, index)
     # every layer: logical length = the prompt; kept tokens stored at their original positions
     L = ids.shape[1]
     live = torch.arange(L).expand(2, L)
@@ -127,13 +129,13 @@ def test_last_layer_propagation_gives_the_full_logits_of_kept_tokens(model4):
 def test_decoding_after_propagation_continues_at_the_original_positions(model4):
     ids, mask, _ = left_padded(PAD0, [20, 17], seed=2)
     new = 6
-    with apply(model4, Thinning((1,)), "torch") as session, torch.inference_mode():
+    with apply(model4, Thinning((1,)), "torch") as engine, torch.inference_mode():
         out = model4.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
         )
-        cache = session.last_cache
+        cache, propagation = engine.last_cache, engine.propagation
     assert out.shape == (2, 20 + new)
-    assert cache.propagation.num_tokens == 1 and cache.propagation.index is None  # a decode step: all tokens
+    assert propagation.num_tokens == 1 and propagation.index is None  # a decode step: all tokens
     for layer in cache.layers:
         assert layer.seen == 20 + new - 1
         for b in range(2):
@@ -194,11 +196,19 @@ def test_gather_tokens_broadcasts_a_shared_batch():
     assert torch.equal(got, torch.stack([cos[0, [0, 5]], cos[0, [2, 5]]]))
 
 
-def test_propagate_refuses_bad_selections():
-    cache = SieveCache(num_layers=1)
+def test_propagate_refuses_bad_selections(model4):
+    backend = TorchBackend()
+    engine = Engine(model4, Thinning(), backend)  # not attached: no propagation hooks, no state
+    layer = SieveCache(num_layers=1).layers[0]
+
+    def event(engine):
+        return LayerEvent("prefill", layer, 1, engine.num_layers if engine else 4, engine, backend, 1.0, 0)
+
     with pytest.raises(RuntimeError, match="TokenPropagation.install"):
-        propagate(cache, torch.tensor([[0, 3]]))
-    cache.propagation = PropagationState(num_tokens=4)
+        propagate(event(engine), torch.tensor([[0, 3]]))
+    with pytest.raises(RuntimeError, match="TokenPropagation.install"):
+        propagate(event(None), torch.tensor([[0, 3]]))  # an event without an engine (a unit test's)
+    engine.propagation = PropagationState(num_tokens=4)
     for keep, match in [
         (torch.tensor([0, 3]), "int64 \\[B, K\\]"),
         (torch.tensor([[0.0, 3.0]]), "int64"),
@@ -207,6 +217,6 @@ def test_propagate_refuses_bad_selections():
         (torch.tensor([[0, 2]]), "last token"),
     ]:
         with pytest.raises(ValueError, match=match):
-            propagate(cache, keep)
-    propagate(cache, torch.tensor([[0, 3]]))
-    assert torch.equal(cache.propagation.pending, torch.tensor([[0, 3]]))
+            propagate(event(engine), keep)
+    propagate(event(engine), torch.tensor([[0, 3]]))
+    assert torch.equal(engine.propagation.pending, torch.tensor([[0, 3]]))

@@ -22,22 +22,29 @@ from hypothesis import strategies as st
 import kvsieve
 from kvsieve import plugins
 from kvsieve.backends.torch_ref import TorchBackend
+from kvsieve.budget import Budget
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
-from kvsieve.integration import apply, generate
+from kvsieve.integration import apply, generate, resolve_compressor
+from kvsieve.params import UnknownParameterError
 from kvsieve.policies.rpc import RPC
 from kvsieve.policies.window_attention import WindowAttentionScoring
 from kvsieve.policy import ScoringPolicy
 
 
 # ------------------------------------------------------------------------------------------ expectations
-def expected_length(prompt_len: int, generated: int, P: int, R: int, c: float) -> int:
+def kept_per_interval(P: int, ratio: float) -> int:
+    """T = floor(ratio * P), the product rounded to 9 decimals first (ratio = 1 / c, c the paper's factor)."""
+    return math.floor(round(ratio * P, 9))
+
+
+def expected_length(prompt_len: int, generated: int, P: int, R: int, ratio: float) -> int:
     """ALGORITHMS.md: after k compressions a layer holds Lp + k*T + R entries (+ tokens since the k-th);
-    compressions fire at P + R generated tokens, then every P; T = floor(P / c)."""
+    compressions fire at P + R generated tokens, then every P; T = floor(ratio * P)."""
     k = max(generated - R, 0) // P
     if k == 0:
         return prompt_len + generated
-    return prompt_len + k * math.floor(P / c) + R + (generated - R - k * P)
+    return prompt_len + k * kept_per_interval(P, ratio) + R + (generated - R - k * P)
 
 
 def expected_steps(n_cached: int, P: int, R: int) -> list[int]:
@@ -51,9 +58,7 @@ class Driver:
     def __init__(self, compressor: RPC, prompt_len: int, pads=(0,), heads=4, kv_heads=2, dim=8, seed=0):
         self.rpc, self.B, self.H, self.Hkv, self.d = compressor, len(pads), heads, kv_heads, dim
         self.gen = torch.Generator().manual_seed(seed)
-        self.cache = SieveCache(
-            query_window=compressor.query_window, reserve=compressor.reserve, num_layers=1
-        )
+        self.cache = SieveCache(query_window=compressor.query_window, num_layers=1)
         self.layer = self.cache.layers[0]
         self.backend = TorchBackend()
         self.layer.update(self._randn(self.Hkv, prompt_len), self._randn(self.Hkv, prompt_len))
@@ -79,10 +84,11 @@ class Driver:
             layer=layer,
             layer_idx=0,
             num_layers=1,
-            cache=self.cache,
+            engine=None,  # no observer and no propagation: the compressor needs no engine here
             backend=self.backend,
             scale=self.d**-0.5,
             generated=layer.seen - layer.prompt_len,
+            reserve=self.rpc.reserve,  # what the engine passes
         )
 
     def live(self, b: int, j: int, name: str = "positions") -> torch.Tensor:
@@ -128,26 +134,32 @@ def reference_keep(keys, queries, n_prompt, R, keep, kernel, aggregation, scale)
 def test_defaults_and_registration():
     rpc = plugins.registry().compressor("rpc")
     assert isinstance(rpc, RPC)
-    assert (rpc.interval, rpc.window, rpc.ratio, rpc.kernel, rpc.pooling, rpc.aggregation) == (
+    scoring = rpc.scoring
+    assert (rpc.interval, rpc.window, rpc.keep.ratio, scoring.kernel, scoring.pooling, scoring.aggregation) == (
         4096,
         32,
-        4,
+        0.25,  # the paper's c = 4
         7,
         "avg",
         "all",
     )
+    assert (rpc.ratio, rpc.budget) == (None, None) and rpc.keep == Budget(0.25, rounding="floor")
     assert rpc.scoring == WindowAttentionScoring("avg", 7, "all", "candidates")
     assert (rpc.query_window, rpc.reserve, rpc.keep_per_interval) == (32, 4096, 1024)
     assert rpc.config() == {
         "name": "rpc",
         "interval": 4096,
         "window": 32,
-        "ratio": 4,
-        "kernel": 7,
-        "pooling": "avg",
-        "aggregation": "all",
-        "scoring": "window_attention",
-        "selection": "topk",
+        "ratio": 0.25,
+        "budget": None,
+        "scoring": {
+            "name": "window_attention",
+            "pooling": "avg",
+            "kernel": 7,
+            "aggregation": "all",
+            "normalization": "candidates",
+        },
+        "selection": {"name": "topk"},
     }
 
 
@@ -156,21 +168,18 @@ def test_defaults_and_registration():
     [
         (dict(interval=8, window=8), r"window=8 must be smaller than interval=8"),
         (dict(interval=8, window=9), r"window=9 must be smaller than interval=8"),
-        (dict(ratio=0.5), r"ratio must be a finite number >= 1.*0\.5"),
-        (dict(ratio=-2), r"ratio must be a finite number >= 1.*-2"),
-        (dict(ratio=float("inf")), r"ratio must be a finite number >= 1"),
-        (dict(ratio=True), r"ratio must be a finite number >= 1.*True"),
-        (dict(ratio="4"), r"ratio must be a finite number >= 1.*'4'"),
-        (dict(interval=8, window=2, ratio=9), r"ratio=9 keeps no token.*use a ratio in \[1, 8\]"),
+        (dict(ratio=2), r"ratio must be the kept fraction, in \(0, 1\].*got 2"),  # was ratio=0.5 (c < 1)
+        (dict(ratio=-0.5), r"ratio must be the kept fraction, in \(0, 1\].*-0\.5"),
+        (dict(ratio=0.0), r"ratio must be the kept fraction, in \(0, 1\].*got 0\.0"),
+        (dict(ratio=float("inf")), r"ratio must be the kept fraction, in \(0, 1\]"),
+        (dict(ratio=True), r"ratio must be the kept fraction, in \(0, 1\].*True"),
+        (dict(ratio="0.25"), r"ratio must be the kept fraction, in \(0, 1\].*'0\.25'"),
+        (dict(interval=8, window=2, ratio=0.1), r"ratio=0\.1 keeps no token.*use a ratio of at least 1/8"),
         (dict(interval=-4), r"interval must be a positive integer, got -4"),
         (dict(interval=0), r"interval must be a positive integer, got 0"),
         (dict(interval=1024.0), r"interval must be a positive integer, got 1024.0"),
         (dict(window=-1), r"window must be a positive integer, got -1"),
         (dict(window=0), r"window must be a positive integer, got 0"),
-        (dict(kernel=4), r"kernel must be a positive odd integer.*got 4"),
-        (dict(kernel=-7), r"kernel must be a positive odd integer.*got -7"),
-        (dict(pooling="mean"), r"pooling.*'mean'"),
-        (dict(aggregation="none"), r"aggregation.*'none'"),
     ],
 )
 def test_invalid_parameters_are_refused_clearly(params, match):
@@ -179,17 +188,49 @@ def test_invalid_parameters_are_refused_clearly(params, match):
 
 
 @pytest.mark.parametrize(
-    "P, c, T",
-    [(4096, 4, 1024), (1024, 4, 256), (12, 3, 4), (10, 4, 2), (10, 2.5, 4), (11, 1.1, 10), (8, 1, 8)],
+    "params, match",
+    [
+        ({"scoring.kernel": 4}, r"kernel must be a positive odd integer.*got 4"),
+        ({"scoring.kernel": -7}, r"kernel must be a positive odd integer.*got -7"),
+        ({"scoring.pooling": "mean"}, r"pooling.*'mean'"),
+        ({"scoring": {"aggregation": "none"}}, r"aggregation.*'none'"),
+    ],
 )
-def test_keep_per_interval_is_floor_of_P_over_c(P, c, T):
-    assert RPC(interval=P, window=1, ratio=c).keep_per_interval == T
+def test_invalid_scoring_parameters_are_refused_clearly(params, match):
+    """The pooling parameters are the scoring policy's (``scoring.key``); the policy validates them."""
+    with pytest.raises(ValueError, match=match):
+        resolve_compressor("rpc", params)
+
+
+def test_pooling_parameters_of_the_compressor_point_to_the_scoring_policy():
+    match = r"compressor 'rpc' has no parameter 'kernel'\. Did you mean 'scoring\.kernel'\?"
+    with pytest.raises(UnknownParameterError, match=match):
+        resolve_compressor("rpc", {"kernel": 3})
+
+
+@pytest.mark.parametrize(
+    "P, ratio, T",
+    [(4096, 0.25, 1024), (1024, 0.25, 256), (12, 1 / 3, 4), (10, 0.25, 2), (10, 0.4, 4), (11, 1 / 1.1, 10),
+     (8, 1.0, 8), (100, 0.29, 29)],  # 0.29 * 100 = 28.999999999999996: rounded to 9 decimals first
+)
+def test_keep_per_interval_is_floor_of_ratio_times_P(P, ratio, T):
+    assert RPC(interval=P, window=1, ratio=ratio).keep_per_interval == T
+
+
+def test_budget_is_the_tokens_kept_per_interval():
+    rpc = RPC(interval=8, window=2, budget=3)
+    assert rpc.keep_per_interval == 3 and rpc.cache_length(0, 10) == 3 + 2
+    assert (rpc.config()["ratio"], rpc.config()["budget"]) == (None, 3)
+    with pytest.raises(ValueError, match=r"budget=9 keeps more than an interval holds \(interval=8\)"):
+        RPC(interval=8, window=2, budget=9)
+    with pytest.raises(ValueError, match=r"either ratio or budget, not both \(ratio=0\.5, budget=3\)"):
+        RPC(interval=8, window=2, ratio=0.5, budget=3)
 
 
 def test_paper_schedule():
     """ALGORITHMS.md: P=1024, R=32 fires at decode steps 1056, 2080, 3104 with candidate pools of 1024, 1280,
     1536 that keep 256, 512, 768."""
-    rpc = RPC(interval=1024, window=32, ratio=4)
+    rpc = RPC(interval=1024, window=32, ratio=0.25)
     fired = [g for g in range(1, 3200) if rpc.fires_at(g)]
     assert fired == [1056, 2080, 3104]
     held = [rpc.cache_length(0, g - 1) + 1 for g in fired]  # generated tokens cached when it fires
@@ -203,7 +244,8 @@ def test_paper_schedule():
 @pytest.mark.parametrize("aggregation", ["all", "group"])
 def test_selection_matches_a_straightforward_implementation(aggregation):
     P, R, c, Lp = 24, 4, 3, 5
-    rpc = RPC(interval=P, window=R, ratio=c, aggregation=aggregation)
+    scoring = WindowAttentionScoring(pooling="avg", kernel=7, aggregation=aggregation, normalization="candidates")
+    rpc = RPC(interval=P, window=R, ratio=1 / c, scoring=scoring)
     drv = Driver(rpc, Lp, pads=(0, 2), heads=4, kv_heads=2, dim=8, seed=1)
     checked = 0
     while checked < 3:
@@ -223,7 +265,7 @@ def test_selection_matches_a_straightforward_implementation(aggregation):
             keys = torch.stack([before[b, j][0] for j in range(2)])
             n_prompt = Lp - int(layer.starts[b, 0])  # the padded row has fewer prompt slots
             want = reference_keep(
-                keys, queries[b], n_prompt, R, k * (P // c), rpc.kernel, aggregation, drv.d**-0.5
+                keys, queries[b], n_prompt, R, k * (P // c), rpc.scoring.kernel, aggregation, drv.d**-0.5
             )
             for j in range(2):
                 assert torch.equal(drv.live(b, j), before[b, j][1][want[j]]), (event.generated, b, j)
@@ -233,15 +275,17 @@ def test_selection_matches_a_straightforward_implementation(aggregation):
         checked += 1
 
 
-@pytest.mark.parametrize("P, R, c", [(8, 4, 2), (16, 4, 4), (12, 3, 3), (10, 3, 2.5), (9, 8, 9)])
-def test_schedule_lengths_and_invariants(P, R, c):
+@pytest.mark.parametrize(
+    "P, R, ratio", [(8, 4, 0.5), (16, 4, 0.25), (12, 3, 1 / 3), (10, 3, 0.4), (9, 8, 1 / 9)]
+)
+def test_schedule_lengths_and_invariants(P, R, ratio):
     Lp, n = 6, 4 * P + R + 3
-    rpc = RPC(interval=P, window=R, ratio=c)
+    rpc = RPC(interval=P, window=R, ratio=ratio)
     drv = Driver(rpc, Lp, pads=(0, 3), seed=2)
     layer, compactions, capacities = drv.layer, [], []
     for g in range(1, n + 1):
         drv.step()
-        assert layer.max_live == expected_length(Lp, g, P, R, c), g
+        assert layer.max_live == expected_length(Lp, g, P, R, ratio), g
         if layer.compactions > len(compactions):
             compactions.append(g)
         capacities.append(layer.capacity)
@@ -264,23 +308,25 @@ def test_schedule_lengths_and_invariants(P, R, c):
 @given(
     P=st.integers(2, 16),
     R_frac=st.floats(0, 0.99),
-    c=st.one_of(st.integers(1, 16), st.floats(1, 16)),
+    ratio=st.one_of(st.integers(1, 16).map(lambda c: 1 / c), st.floats(1 / 16, 1)),  # 1 / c for c in [1, 16]
     n=st.integers(0, 60),
     Lp=st.integers(1, 5),
     aggregation=st.sampled_from(["all", "group"]),
 )
-def test_length_formula_property(P, R_frac, c, n, Lp, aggregation):
+def test_length_formula_property(P, R_frac, ratio, n, Lp, aggregation):
     R = 1 + int(R_frac * (P - 1))  # 1 <= R < P
-    if math.floor(P / c) < 1:
+    T = kept_per_interval(P, ratio)
+    if T < 1:
         with pytest.raises(ValueError, match="keeps no token"):
-            RPC(interval=P, window=R, ratio=c)
+            RPC(interval=P, window=R, ratio=ratio)
         return
-    rpc = RPC(interval=P, window=R, ratio=c, aggregation=aggregation)
+    scoring = WindowAttentionScoring(pooling="avg", kernel=7, aggregation=aggregation, normalization="candidates")
+    rpc = RPC(interval=P, window=R, ratio=ratio, scoring=scoring)
     drv = Driver(rpc, Lp, pads=(0,), seed=n)
     for _ in range(n):
         drv.step()
-    assert drv.layer.max_live == expected_length(Lp, n, P, R, c) == rpc.cache_length(Lp, n)
-    assert drv.layer.compactions == (len(expected_steps(n, P, R)) if math.floor(P / c) < P else 0)
+    assert drv.layer.max_live == expected_length(Lp, n, P, R, ratio) == rpc.cache_length(Lp, n)
+    assert drv.layer.compactions == (len(expected_steps(n, P, R)) if T < P else 0)
     pos = drv.live(0, 0)
     assert torch.equal(pos[:Lp], torch.arange(Lp))
     assert torch.equal(pos[-min(n, R) or len(pos) :], torch.arange(Lp + n - min(n, R), Lp + n))
@@ -345,17 +391,17 @@ def recorder():
 
 
 @pytest.mark.parametrize(
-    "family, P, R, c, n",
-    [("llama", 8, 4, 2, 37), ("llama", 16, 4, 4, 41), ("llama", 12, 3, 3, 40), ("qwen2", 8, 4, 2, 29)],
+    "family, P, R, ratio, n",
+    [("llama", 8, 4, 0.5, 37), ("llama", 16, 4, 0.25, 41), ("llama", 12, 3, 1 / 3, 40), ("qwen2", 8, 4, 0.5, 29)],
 )
-def test_generate_schedule(tiny_models, family, P, R, c, n, recorder, prompt):
+def test_generate_schedule(tiny_models, family, P, R, ratio, n, recorder, prompt):
     model, _ = tiny_models[family]
-    Lp, T = prompt.shape[1], P // c
+    Lp, T = prompt.shape[1], kept_per_interval(P, ratio)
     scoring = RecordingScoring()
-    rpc = RPC(interval=P, window=R, ratio=c, scoring=scoring)
-    with apply(model, rpc, "torch") as session, torch.inference_mode():
+    rpc = RPC(interval=P, window=R, ratio=ratio, scoring=scoring)
+    with apply(model, rpc, "torch") as engine, torch.inference_mode():
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **greedy(n))
-        cache = session.last_cache
+        cache = engine.last_cache
     n_cached = n - 1  # the last generated token is never fed back
     steps = expected_steps(n_cached, P, R)
     assert steps, "the case must compress at least once"
@@ -372,11 +418,11 @@ def test_generate_schedule(tiny_models, family, P, R, c, n, recorder, prompt):
     for s in scoring.seen:
         assert bool((s["cand_starts"] == Lp).all()) and bool((s["cand_ends"] == s["ends"] - R).all())
         assert s["window"] == R
-    assert cache.kv_lengths() == [expected_length(Lp, n_cached, P, R, c)] * model.config.num_hidden_layers
+    assert cache.kv_lengths() == [expected_length(Lp, n_cached, P, R, ratio)] * model.config.num_hidden_layers
     # the prompt's slots and keys are untouched; the last R (and everything since the last compression) kept
-    with apply(model, "none", "torch") as full_session, torch.inference_mode():
+    with apply(model, "none", "torch") as full_engine, torch.inference_mode():
         model(prompt, use_cache=True)
-        full = full_session.last_cache
+        full = full_engine.last_cache
     for layer_idx, layer in enumerate(cache.layers):
         pos = layer.positions[0, :, : int(layer.ends.max())]
         assert torch.equal(pos[:, :Lp], torch.arange(Lp).expand_as(pos[:, :Lp]))
@@ -392,44 +438,44 @@ def test_generate_schedule(tiny_models, family, P, R, c, n, recorder, prompt):
 def test_ratio_one_and_short_outputs_match_the_full_cache(llama, prompt, recorder):
     model, _ = llama
     full = run(model, prompt, 30, "none")
-    keep_all = run(model, prompt, 30, interval=8, window=4, ratio=1)
+    keep_all = run(model, prompt, 30, interval=8, window=4, ratio=1.0)
     assert torch.equal(keep_all.sequences, full.sequences)
     assert keep_all.kv_lengths == full.kv_lengths == [12 + 29] * 3
     # 12 new tokens: 11 cached < P + R, never compressed
-    short = run(model, prompt, 12, interval=8, window=4, ratio=4)
+    short = run(model, prompt, 12, interval=8, window=4, ratio=0.25)
     assert torch.equal(short.sequences, full.sequences[:, : 12 + 12])
     assert recorder.events == []
-    compressed = run(model, prompt, 30, interval=8, window=4, ratio=4)
-    assert compressed.kv_lengths == [expected_length(12, 29, 8, 4, 4)] * 3 and recorder.events
+    compressed = run(model, prompt, 30, interval=8, window=4, ratio=0.25)
+    assert compressed.kv_lengths == [expected_length(12, 29, 8, 4, 0.25)] * 3 and recorder.events
 
 
 def test_state_resets_between_generate_calls(llama, prompt):
     model, _ = llama
     mask = torch.ones_like(prompt)
-    params = dict(interval=8, window=4, ratio=2)
-    with apply(model, "rpc", "torch", params=params) as session, torch.inference_mode():
+    params = dict(interval=8, window=4, ratio=0.5)
+    with apply(model, "rpc", "torch", params=params) as engine, torch.inference_mode():
         first = model.generate(input_ids=prompt, attention_mask=mask, **greedy(30))
-        first_cache = session.last_cache
+        first_cache = engine.last_cache
         second = model.generate(input_ids=prompt, attention_mask=mask, **greedy(30))
-        assert session.last_cache is not first_cache
+        assert engine.last_cache is not first_cache
     assert torch.equal(first, second)
 
 
 def test_left_padded_batch_matches_rows_run_alone(llama):
     model, tokenizer = llama
     ids, mask, rows = left_padded(tokenizer, [14, 9], seed=3)
-    params = dict(interval=8, window=4, ratio=2)
+    params = dict(interval=8, window=4, ratio=0.5)
     n = 30
-    with apply(model, "rpc", "torch", params=params) as session, torch.inference_mode():
+    with apply(model, "rpc", "torch", params=params) as engine, torch.inference_mode():
         batch = model.generate(input_ids=ids, attention_mask=mask, **greedy(n))
-        cache = session.last_cache
+        cache = engine.last_cache
     alone = [run(model, row[None], n, **params) for row in rows]
     assert torch.equal(batch[0, 14:], alone[0].sequences[0, 14:])
     assert torch.equal(batch[1, 14:], alone[1].sequences[0, 9:])
     for layer in cache.layers:
         assert layer.starts.tolist() == [[0, 0], [5, 5]], "padding is never in the live range"
         live = (layer.ends - layer.starts).tolist()
-        assert live == [[expected_length(14, n - 1, 8, 4, 2)] * 2, [expected_length(9, n - 1, 8, 4, 2)] * 2]
+        assert live == [[expected_length(14, n - 1, 8, 4, 0.5)] * 2, [expected_length(9, n - 1, 8, 4, 0.5)] * 2]
         for b, (first, Lp) in enumerate(((0, 14), (5, 14))):
             pos = layer.positions[b, 0, int(layer.starts[b, 0]) : int(layer.ends[b, 0])]
             assert torch.equal(pos[: Lp - first], torch.arange(first, Lp)), "no padding slot is kept"
@@ -443,7 +489,7 @@ def test_sampling_with_several_return_sequences(llama, prompt):
         prompt,
         torch.ones_like(prompt),
         compressor="rpc",
-        params=dict(interval=8, window=4, ratio=2),
+        params=dict(interval=8, window=4, ratio=0.5),
         backend="torch",
         max_new_tokens=25,
         min_new_tokens=25,
@@ -451,5 +497,5 @@ def test_sampling_with_several_return_sequences(llama, prompt):
         num_return_sequences=2,
     )
     assert result.sequences.shape == (2, 12 + 25)
-    assert result.kv_lengths == [expected_length(12, 24, 8, 4, 2)] * 3
+    assert result.kv_lengths == [expected_length(12, 24, 8, 4, 0.5)] * 3
     assert result.compressor["name"] == "rpc" and result.compressor["interval"] == 8

@@ -90,11 +90,11 @@ def test_kept_tokens_follow_the_algorithm(tiny_models, family, length):
     model, _ = tiny_models[family]
     ids = random_prompt(length, seed=length)
     full = full_prompt_cache(model, ids)
-    with apply(model, "snapkv", backend="torch", params=dict(budget=BUDGET, window=WINDOW)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(budget=BUDGET, window=WINDOW)) as engine:
         with torch.no_grad():
             model(ids)
     scale = model.config.head_dim**-0.5
-    for idx, (layer, ref) in enumerate(zip(session.last_cache.layers, full.layers)):
+    for idx, (layer, ref) in enumerate(zip(engine.last_cache.layers, full.layers)):
         assert layer.compactions == 1 and layer.max_live == BUDGET
         scores = reference_scores(ref.keys[0, :, :length], ref.queries[0, :, length - WINDOW :], scale)
         for head in range(layer.keys.shape[1]):
@@ -109,11 +109,11 @@ def test_kept_tokens_with_other_pooling(llama, pooling, kernel):
     length = 48
     ids = random_prompt(length, seed=21)
     full = full_prompt_cache(model, ids)
-    params = dict(budget=BUDGET, window=WINDOW, pooling=pooling, kernel=kernel)
-    with apply(model, "snapkv", backend="torch", params=params) as session, torch.no_grad():
+    params = {"budget": BUDGET, "window": WINDOW, "scoring.pooling": pooling, "scoring.kernel": kernel}
+    with apply(model, "snapkv", backend="torch", params=params) as engine, torch.no_grad():
         model(ids)
     scale = model.config.head_dim**-0.5
-    for layer, ref in zip(session.last_cache.layers, full.layers):
+    for layer, ref in zip(engine.last_cache.layers, full.layers):
         scores = reference_scores(
             ref.keys[0, :, :length], ref.queries[0, :, -WINDOW:], scale, kernel, pooling
         )
@@ -127,10 +127,10 @@ def test_padded_batch_never_keeps_padding_and_scores_each_row_alone(llama):
     window, budget, lengths = 4, 12, [37, 8, 22]  # the middle row is shorter than the budget
     input_ids, attention_mask, rows = left_padded(tok, lengths, seed=30)
     width = max(lengths)
-    with apply(model, "snapkv", backend="torch", params=dict(budget=budget, window=window)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(budget=budget, window=window)) as engine:
         model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False)
     scale = model.config.head_dim**-0.5
-    for idx, layer in enumerate(session.last_cache.layers):
+    for idx, layer in enumerate(engine.last_cache.layers):
         assert layer.starts.eq(0).all()
         for b, row in enumerate(rows):
             pad, n = width - len(row), len(row)
@@ -151,12 +151,12 @@ def test_decoding_appends_without_eviction(llama):
     model, _ = llama
     length, new = 40, 5
     ids = random_prompt(length, seed=31)
-    with apply(model, "snapkv", backend="torch", params=dict(budget=BUDGET, window=WINDOW)) as session:
+    with apply(model, "snapkv", backend="torch", params=dict(budget=BUDGET, window=WINDOW)) as engine:
         with torch.no_grad():
             model(ids)
-        prefill = [layer.positions[0, :, :BUDGET].clone() for layer in session.last_cache.layers]
+        prefill = [layer.positions[0, :, :BUDGET].clone() for layer in engine.last_cache.layers]
         model.generate(ids, max_new_tokens=new, do_sample=False)
-    for layer, kept in zip(session.last_cache.layers, prefill):
+    for layer, kept in zip(engine.last_cache.layers, prefill):
         assert layer.compactions == 1
         assert torch.equal(layer.positions[0, :, :BUDGET], kept)
         assert (
@@ -173,20 +173,20 @@ def test_ratio_budget_is_the_ceiling_of_ratio_times_prompt(llama):
         (41, 0.5, 21),
         (30, 0.1, WINDOW),
     ]:  # never below the window
-        with apply(model, "snapkv", backend="torch", params=dict(ratio=ratio, window=WINDOW)) as session:
+        with apply(model, "snapkv", backend="torch", params=dict(ratio=ratio, window=WINDOW)) as engine:
             with torch.no_grad():
                 model(random_prompt(length, seed=length))
-        assert session.last_cache.kv_lengths() == [expected] * 3, (length, ratio)
+        assert engine.last_cache.kv_lengths() == [expected] * 3, (length, ratio)
 
 
 def test_prompt_shorter_than_the_window_is_kept_whole(llama):
     model, _ = llama
     with (
-        apply(model, "snapkv", backend="torch", params=dict(budget=12, window=8)) as session,
+        apply(model, "snapkv", backend="torch", params=dict(budget=12, window=8)) as engine,
         torch.no_grad(),
     ):
         model(random_prompt(5, seed=3))
-    for layer in session.last_cache.layers:
+    for layer in engine.last_cache.layers:
         assert layer.compactions == 0 and live_positions(layer, 0, 0) == list(range(5))
 
 

@@ -42,7 +42,7 @@ def test_discovered_from_its_distribution(kvsieve_registry):
 
 @pytest.mark.parametrize(
     ("compressor", "params"),
-    [("keynorm", {"ratio": 0.5, "recent": 4}), ("snapkv", {"scoring": "keynorm", "window": 4, "ratio": 0.5})],
+    [("keynorm", {"ratio": 0.5, "window": 4}), ("snapkv", {"scoring": "keynorm", "window": 4, "ratio": 0.5})],
 )
 def test_generates_with_a_smaller_cache(tiny_model, tiny_batch, compressor, params):
     model, _ = tiny_model
@@ -60,5 +60,5 @@ def test_generates_with_a_smaller_cache(tiny_model, tiny_batch, compressor, para
 def test_bad_parameters_name_the_argument():
     with pytest.raises(ValueError, match="ratio"):
         KeyNormCompressor(ratio=1.5)
-    with pytest.raises(ValueError, match="budget=4 must exceed recent=8"):
+    with pytest.raises(ValueError, match="budget=4 must exceed window=8"):
         KeyNormCompressor(budget=4)
