@@ -178,6 +178,14 @@ class Engine:
         if cache is not None and (not isinstance(cache, Cache) or cache.get_seq_length() > 0):
             raise ValueError("kvsieve.apply: the model was given a non-empty cache kvsieve did not create")
         prompt_len = _prompt_len(args, kwargs)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.dim() == 2 \
+                and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the prompt's input_ids have "
+                             f"{tuple(ids.shape)}: they must match")
         if prompt_len is not None:
             if self.max_positions is not None and prompt_len > self.max_positions:
                 raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "cache_kwarg",
+    "check_inputs",
     "generate",
     "resolve_backend",
     "resolve_compressor",
@@ -99,6 +100,8 @@ def resolve_compressor(compressor: str | Compressor, params: dict[str, Any] | No
     A name ``"a+b"`` that is not registered composes the registered ``a`` (prefill) and ``b`` (decode), with
     parameters addressed as ``a.param`` / ``b.param`` (:class:`kvsieve.composition.Preset`).
     """
+    if params is not None and not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of compressor parameters (or None), got {params!r}")
     if isinstance(compressor, Compressor):
         if params:
             raise ValueError("pass parameters either to the compressor instance or as params, not both")
@@ -118,6 +121,8 @@ def resolve_backend(backend: str | KVBackend, device: torch.device, dtype: torch
         ValueError: the named backend is unknown or cannot run here (the message says why).
     """
     device = torch.device(device)
+    if not isinstance(backend, str | KVBackend):
+        raise TypeError(f"backend must be a registered backend name, 'auto' or a KVBackend instance, got {backend!r}")
     if isinstance(backend, KVBackend):
         instance = backend
     elif backend == "auto":
@@ -207,6 +212,34 @@ def apply(
 
 
 # ---------------------------------------------------------------------------------------------- generate
+def check_inputs(input_ids: Any, attention_mask: Any) -> None:
+    """Refuse prompts :func:`generate` cannot run, before any work: ``input_ids`` must be an integer tensor
+    ``[B, L]`` with ``L >= 1``, ``attention_mask`` None or of the same shape with 0/1 entries."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = f"a {input_ids.dim()}-D {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else repr(
+            type(input_ids).__name__)
+        raise TypeError(f"input_ids must be an integer tensor of shape [batch, length], got {got}"
+                        + (" (add a batch dimension: input_ids[None])" if isinstance(input_ids, torch.Tensor)
+                           and input_ids.dim() == 1 else ""))
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt token")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} or None, "
+                        f"got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, but input_ids has {tuple(input_ids.shape)}: "
+            "they must match (one 0/1 entry per token)"
+        )
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if bool((attention_mask.sum(dim=1) == 0).any()):
+        raise ValueError("attention_mask has a row with no token (all padding)")
+
+
+
 @attrs.frozen
 class GenerationResult:
     """What :func:`generate` returns.
@@ -259,6 +292,7 @@ def generate(
     """
     if not fast and (static_capacity is not None or use_cuda_graph is not None):
         raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
+    check_inputs(input_ids, attention_mask)
     with apply(model, compressor, backend, params=params, checks=checks) as engine:
         start = time.perf_counter()
         with torch.inference_mode():

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -40,6 +42,7 @@ __all__ = [
     "TINY_RANDOM_FAMILIES",
     "ModelNotFoundError",
     "load",
+    "load_config",
     "random_paper_model",
     "smollm2_cache_dir",
 ]
@@ -115,8 +118,28 @@ def load(
     )
 
 
+def load_config(path: str | Path) -> PretrainedConfig:
+    """The config of the local model directory ``path`` (``config.json``), read without the weights.
+
+    Raises:
+        ModelNotFoundError: no readable, valid ``config.json`` there (the message names the file and the problem).
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} is not a HuggingFace model directory: it has no config.json")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - bad JSON, wrong field types (transformers' own), no model_type
+        raise ModelNotFoundError(f"cannot read the model config {config_file}: {exc}") from exc
+
+
 def _load_pretrained(path: Path, dtype, device, attn_implementation):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    config = load_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot load the model in {path}: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
