@@ -10,7 +10,8 @@
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
 # bench-validate (one real 8K run at batch 32 against the model), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
 # profile (torch.profiler over one prefill per compressor at 8K), profile-decode (one decode step's kernels),
-# bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes). PREFILL_BACKEND picks the prefill stages' backend.
+# bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
+# RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K). PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -56,6 +57,7 @@ for stage in $stages; do
     e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;
     fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;
     rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
+    checks)  python benchmarks/check_cost.py "$out" 2>&1 | tail -n 30 ;;
     bench-decode-r1)  python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton \
                         --out "$out/bench-decode-r1" 2>&1 | tail -n 40 ;;
     bench-decode-qwq) python -m kvsieve.cli bench decode --model qwq-32b --backend triton --no-hf \
