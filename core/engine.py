@@ -243,9 +243,10 @@ class Engine:
             self.compressor.after_attention(self.layer_event(layer_idx))
         return out
 
-    def layer_event(self, layer_idx: int) -> LayerEvent:
-        """The :class:`~kvsieve.compressor.LayerEvent` of layer ``layer_idx`` in the current phase."""
-        layer = self.cache.layers[layer_idx]
+    def layer_event(self, layer_idx: int, cache: SieveCache | None = None) -> LayerEvent:
+        """The :class:`~kvsieve.compressor.LayerEvent` of layer ``layer_idx`` of ``cache`` (default: the current
+        forward's) in the current phase."""
+        layer = (self.cache if cache is None else cache).layers[layer_idx]
         return LayerEvent(
             phase=self.phase,
             layer=layer,
@@ -265,13 +266,15 @@ class Engine:
         self.cache = self.last_cache = cache
         self.decode_between_steps = True
 
-    def run_decode_schedule(self) -> None:
-        """Run the compressor's decode schedule for the step that just ran (host code, between replays)."""
+    def run_decode_schedule(self, cache: SieveCache) -> None:
+        """Run the compressor's decode schedule on ``cache`` for the step that just ran (host code, between
+        replays). The cache is named: a replayed step runs no Python, so the engine has not seen which cache it
+        used (two decoders may share one model)."""
         if "decode" not in self.compressor.phases:
             return
         self.phase = "decode"
-        for layer_idx in range(len(self.cache.layers)):
-            self.compressor.after_attention(self.layer_event(layer_idx))
+        for layer_idx in range(len(cache.layers)):
+            self.compressor.after_attention(self.layer_event(layer_idx, cache))
         self.guard.flush()
 
     # ------------------------------------------------------------------ observers

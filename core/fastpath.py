@@ -96,7 +96,7 @@ class StaticDecoder:
         logits = self._run().to(copy=True, dtype=torch.float32)
         for layer in self.cache.layers:
             layer.advance()
-        self.engine.run_decode_schedule()
+        self.engine.run_decode_schedule(self.cache)
         return logits
 
     # ------------------------------------------------------------------ forward, eager or from the graph

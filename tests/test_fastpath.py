@@ -209,7 +209,7 @@ def test_a_decode_step_reads_no_device_value_on_the_host(tiny_models, family):
                 logits = decoder._forward()  # exactly what a CUDA graph captures
             for layer in decoder.cache.layers:
                 layer.advance()
-            engine.run_decode_schedule()
+            engine.run_decode_schedule(decoder.cache)
         assert decoder.cache.layers[0].compactions == 1
         with no_host_reads(), pytest.raises(AssertionError, match="read a tensor on the host"):
             bool(logits.sum() > 0)  # the guard does catch a host read
