@@ -333,6 +333,7 @@ class Discovery:
         """Register ``plugin`` as ``key``; with ``strict`` a refusal raises, else it is reported (False)."""
         with self.lock:
             try:
+                hash(plugin)  # pluggy's subset hook callers keep plugins in sets: an unhashable one breaks them all
                 self.pm.register(plugin, name=key)
             except KeyboardInterrupt:
                 raise
