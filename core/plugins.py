@@ -123,13 +123,16 @@ def _invalid(kind: str, name: Any, obj: Any) -> str | None:
 
 def _probe_backend(cls: type) -> str | None:
     """Why a backend class cannot even tell whether it is available (its constructor or available() raises)."""
+    step = "creating it"
     try:
-        ok, why = cls().available()
+        instance = cls()
+        step = "its available()"
+        ok, why = instance.available()
         bool(ok), str(why)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001
-        return f"its available() raised {describe(exc)}"
+        return f"{step} raised {describe(exc)}"
     return None
 
 

@@ -247,3 +247,21 @@ def test_a_hook_the_source_did_not_show_still_counts_once_loaded(tmp_path, monke
     finally:
         plugins.reset()
         sys.modules.pop(module, None)
+
+
+def test_a_backend_that_cannot_be_created_is_skipped(kvsieve_registry):
+    class NeedsArgs(TorchBackend):
+        name = "needs_args"
+
+        def __init__(self, path):
+            self.path = path
+
+    class Plugin:
+        @kvsieve.hookimpl
+        def kvsieve_backends(self):
+            return {"needs_args": NeedsArgs}
+
+    kvsieve_registry.register(Plugin(), name="needs-args-plugin", distribution="needs-args 2.0")
+    with pytest.warns(PluginLoadWarning, match="creating it raised TypeError"):
+        names = kvsieve_registry.names("backend")
+    assert "needs_args" not in names and "torch" in names
