@@ -14,7 +14,7 @@ from kvsieve.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["GenerationResult", "SieveCache", "__version__", "apply", "generate", "hookimpl"]
+__all__ = ["GenerationResult", "SieveCache", "__version__", "apply", "generate", "hookimpl", "plugins"]
 
 
 def __getattr__(name: str):
@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from kvsieve import integration
 
         return getattr(integration, name)
+    if name == "plugins":  # light (imports no plugin): `import kvsieve; kvsieve.plugins.registry()` works
+        import importlib
+
+        return importlib.import_module("kvsieve.plugins")
     if name == "SieveCache":
         from kvsieve.cache import SieveCache
 

@@ -54,9 +54,11 @@ def _check_choices(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- plugins
 def _plugins_table() -> dict[str, list[dict[str, Any]]]:
+    """Every kind's rows, then ``problems``: what went wrong with which plugin (imports every plugin)."""
     from kvsieve.plugins import KINDS, registry
 
     reg = registry()
+    reg.load_all()
     table: dict[str, list[dict[str, Any]]] = {}
     for kind in KINDS:
         rows = []
@@ -67,8 +69,7 @@ def _plugins_table() -> dict[str, list[dict[str, Any]]]:
                 "entry_point": entry.source.entry_point,
             }
             if kind == "backend":
-                ok, why = entry.obj().available()
-                row["available"], row["reason"] = ok, why
+                row["available"], row["reason"] = reg.backend_status(entry.name)
             if kind == "compressor":
                 row["phases"] = sorted(getattr(entry.obj, "phases", ()))
                 parts = getattr(entry.obj, "parts", None)  # a composition preset (kvsieve.composition.Preset)
@@ -76,6 +77,7 @@ def _plugins_table() -> dict[str, list[dict[str, Any]]]:
                     row["parts"] = [str(part) for part in parts]
             rows.append(row)
         table[kind] = rows
+    table["problems"] = [problem.as_dict() for problem in reg.problems()]
     return table
 
 
@@ -86,9 +88,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     titles = {"scoring": "Scoring policies", "selection": "Selection policies", "backend": "Backends",
               "compressor": "Compressors"}
-    for kind, rows in table.items():
-        print(f"{titles[kind]}:")
-        for row in rows:
+    for kind, title in titles.items():
+        print(f"{title}:")
+        for row in table[kind]:
             extra = ""
             if kind == "backend":
                 state = "available" if row["available"] else "unavailable"
@@ -98,6 +100,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if "parts" in row:  # a preset: what it is made of
                 extra += f"  = {' + '.join(row['parts'])}"
             print(f"  {row['name']:<18} {row['distribution']:<22} {row['entry_point']}{extra}")
+    if table["problems"]:
+        print("Problems:")
+        for problem in table["problems"]:
+            print(f"  {problem['kind']:<10} {problem['name']:<18} {problem['distribution']:<22} "
+                  f"{problem['entry_point']}: {problem['message']}")
     return 0
 
 

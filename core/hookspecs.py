@@ -8,12 +8,21 @@ from kvsieve's own ``pyproject.toml``::
     [project.entry-points.kvsieve]
     my_policies = "my_package.kvsieve_plugin"
 
-Contribution hooks (``kvsieve_scoring_policies`` ... ``kvsieve_compressors``) are called once when the registry
-is built; each returns a mapping from a public name to a class or factory. A name may be contributed only once:
-two plugins contributing the same name make :func:`kvsieve.plugins.registry` raise
-:class:`~kvsieve.plugins.PluginConflictError` naming both distributions.
+Contribution hooks (``kvsieve_scoring_policies`` ... ``kvsieve_compressors``) are called once per plugin when
+the registry table of their kind is first needed; each returns a mapping from a public name (letters, digits,
+``_``, ``-``, ``+``) to a class or factory. Invalid contributions, and hooks that raise, are reported with a
+:class:`~kvsieve.plugins.PluginLoadWarning` naming the distribution and entry point, and skipped. A name is
+kept by one plugin only: a built-in (kvsieve's own distribution) always keeps its name; otherwise the first
+distribution in name order keeps it. The other contribution is skipped and reported (``kvsieve plugins`` lists
+it under "Problems:").
 
-Lifecycle hooks (``kvsieve_layer_compressed``) are called while models run; implement them to observe.
+Define the hooks (or import them by name) at module level in the entry-point module: kvsieve reads that module's
+source, without running it, to know which kinds it contributes to, and imports it only when one of them is
+looked up (see :mod:`kvsieve.discovery`). A function named like a hook but misspelt, or not decorated with
+:data:`kvsieve.hookimpl`, is reported.
+
+Lifecycle hooks (``kvsieve_layer_compressed``) are called while models run; implement them to observe. An
+observer that raises is reported once and never stops generation.
 """
 
 from __future__ import annotations

