@@ -12,7 +12,7 @@ Policies, backends and compressors are discovered through the ``kvsieve`` entry 
 
 from kvsieve.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["GenerationResult", "SieveCache", "__version__", "apply", "generate", "hookimpl", "plugins"]
 

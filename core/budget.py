@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from kvsieve.validators import optional, positive_int
+from kvsieve.validators import one_of, optional, positive_int
 
 __all__ = ["Budget", "budget_field", "ratio_field"]
 
@@ -77,7 +77,7 @@ class Budget:
 
     ratio: float | None = attrs.field(default=None, validator=_kept_fraction)
     budget: int | None = attrs.field(default=None, validator=[optional(positive_int), _not_both])
-    rounding: str = attrs.field(default="ceil", validator=attrs.validators.in_(_ROUNDINGS))
+    rounding: str = attrs.field(default="ceil", validator=one_of(*_ROUNDINGS))
 
     def __attrs_post_init__(self):
         if self.ratio is None and self.budget is None:

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from kvsieve.compressor import Compressor, LayerEvent, build_compressor
+from kvsieve.compressor import Compressor, LayerEvent
 from kvsieve.params import UnknownParameterError
-from kvsieve.plugins import UnknownNameError, registry
+from kvsieve.plugins import UnknownNameError, build_compressor, registry
+from kvsieve.validators import one_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -81,7 +82,7 @@ class Part:
     """
 
     compressor: str | Compressor = attrs.field(validator=attrs.validators.instance_of((str, Compressor)))
-    phase: str = attrs.field(validator=attrs.validators.in_(PHASES))
+    phase: str = attrs.field(validator=one_of(*PHASES))
     layers: tuple[int, int] | None = attrs.field(
         default=None, converter=attrs.converters.optional(tuple), validator=_layer_range
     )
@@ -102,7 +103,7 @@ class Part:
 
 
 def _create(name: str, params: dict[str, Any], composition: str, key: str) -> Compressor:
-    """:func:`~kvsieve.compressor.build_compressor`; errors name the composition and the part."""
+    """:func:`~kvsieve.plugins.build_compressor`; errors name the composition and the part."""
     try:
         return build_compressor(name, params)
     except UnknownNameError as exc:

@@ -10,8 +10,7 @@ whether to compress and calls :func:`compress_layer`.
 from __future__ import annotations
 
 import abc
-import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -19,7 +18,6 @@ import torch
 
 from kvsieve.budget import Budget
 from kvsieve.contracts import ContractGuard, checks_enabled
-from kvsieve.params import UnknownParameterError, parse_params
 from kvsieve.policy import ScoringContext, ScoringPolicy, Selection, SelectionPolicy
 
 if TYPE_CHECKING:
@@ -32,13 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Compressor",
     "LayerEvent",
-    "build_compressor",
     "compress_layer",
-    "configure",
-    "resolve_policy",
-    "scoring_policy",
     "select_rows",
-    "selection_policy",
 ]
 
 
@@ -144,39 +137,6 @@ def _fields(obj: Any) -> dict[str, Any]:
             value = {"name": value.name, **(_fields(value) if attrs.has(type(value)) else {})}
         out[field.name] = value
     return out
-
-
-def resolve_policy(value: str | ScoringPolicy | SelectionPolicy, kind: str):
-    """Turn a registered policy name into an instance (an instance passes through).
-
-    Args:
-        value: a name from the registry or a policy instance.
-        kind: ``"scoring"`` or ``"selection"``.
-
-    Raises:
-        TypeError: neither a name nor an instance of the policy kind.
-    """
-    expected = ScoringPolicy if kind == "scoring" else SelectionPolicy
-    if isinstance(value, expected):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{kind} must be the name of a registered {kind} policy (see `kvsieve plugins`) or a "
-            f"{expected.__name__} instance, got {value!r}"
-        )
-    from kvsieve.plugins import registry
-
-    return registry().create(kind, value)
-
-
-def scoring_policy(value: str | ScoringPolicy) -> ScoringPolicy:
-    """attrs converter of a ``scoring`` field: a registered name or a :class:`ScoringPolicy` instance."""
-    return resolve_policy(value, "scoring")
-
-
-def selection_policy(value: str | SelectionPolicy) -> SelectionPolicy:
-    """attrs converter of a ``selection`` field: a registered name or a :class:`SelectionPolicy` instance."""
-    return resolve_policy(value, "selection")
 
 
 def compress_layer(
@@ -290,75 +250,3 @@ def select_rows(selection: SelectionPolicy, scores: torch.Tensor, counts: torch.
     width = max(part.keep.shape[-1] for part in parts)
     keep = torch.cat([torch.nn.functional.pad(p.keep, (0, width - p.keep.shape[-1]), value=-1) for p in parts])
     return Selection(keep=keep, counts=torch.cat([part.counts for part in parts]))
-
-
-# ---------------------------------------------------------------------------------------------- building
-def build_compressor(name: str, params: Mapping[str, Any] | None = None) -> Compressor:
-    """The registered compressor ``name`` built with ``params`` (:mod:`kvsieve.params` syntax: ``key``,
-    ``scoring.key``, ``selection.key``, ``part.key`` for compositions; a dict, possibly nested).
-
-    Raises:
-        UnknownNameError: no compressor is registered as ``name``.
-        UnknownParameterError: a parameter it does not take (with "did you mean").
-        ValueError, TypeError: a value it rejects (the message names the parameter).
-    """
-    from kvsieve.plugins import registry
-
-    factory = registry().get("compressor", name).obj
-    return configure(factory, parse_params(params, source="params"), f"compressor {name!r}")
-
-
-def configure(factory: Callable[..., Any], params: Mapping[str, Any], label: str) -> Any:
-    """``factory(**params)`` where dotted keys ``field.key`` set parameters of the policy held in ``field``.
-
-    An attrs class is built from its own parameters, then each nested policy is rebuilt with its parameters
-    (``attrs.evolve``), so ``scoring.pooling=max`` changes the compressor's default scoring policy, or the one named
-    by ``scoring=NAME``. A factory that is not an attrs class (a composition preset) gets the parameters as they are.
-    """
-    if not (isinstance(factory, type) and attrs.has(factory)):
-        return factory(**params)
-    fields = [field.name for field in attrs.fields(factory) if field.init]
-    own: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
-    unknown: list[str] = []
-    for key, value in params.items():
-        head, dot, rest = key.partition(".")
-        if head not in fields:
-            unknown.append(key)
-        elif dot:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            own[key] = value
-    if unknown:
-        raise _unknown_parameter(label, unknown[0], fields, factory, own)
-    obj = factory(**own)
-    for head, sub in nested.items():
-        inner = getattr(obj, head)
-        if not attrs.has(type(inner)):
-            raise UnknownParameterError(f"{label}: {head} is {inner!r}, which has no parameters to set")
-        inner_label = f"{label}: {head} {getattr(inner, 'name', '') or type(inner).__name__!r}"
-        rebuilt = configure(type(inner), {**_init_values(inner), **sub}, inner_label)
-        obj = attrs.evolve(obj, **{head: rebuilt})
-    return obj
-
-
-def _init_values(obj: Any) -> dict[str, Any]:
-    return {field.name: getattr(obj, field.name) for field in attrs.fields(type(obj)) if field.init}
-
-
-def _unknown_parameter(label: str, key: str, fields: list[str], factory: type, own: dict[str, Any]) -> Exception:
-    """The error for ``key``, with a "did you mean" among the fields and the parameters of the default policies."""
-    candidates = list(fields)
-    try:  # the policies it holds by default, so that `pooling` suggests `scoring.pooling`
-        default = factory(**{k: v for k, v in own.items()})
-        for name in fields:
-            inner = getattr(default, name)
-            if isinstance(inner, ScoringPolicy | SelectionPolicy) and attrs.has(type(inner)):
-                candidates += [f"{name}.{f.name}" for f in attrs.fields(type(inner)) if f.init]
-    except Exception:  # noqa: BLE001 - only a hint: the unknown key is the error
-        pass
-    exact = [c for c in candidates if c.rsplit(".", 1)[-1] == key]
-    close = exact or difflib.get_close_matches(key, candidates, n=2)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    takes = f"Its parameters: {', '.join(fields)}." if fields else "It takes no parameters."
-    return UnknownParameterError(f"{label} has no parameter {key!r}.{hint} {takes}")

@@ -23,6 +23,7 @@ the device checks off for a plugin that passed the conformance kit; the shape ch
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +33,7 @@ from kvsieve.policy import Selection
 if TYPE_CHECKING:
     from kvsieve.cache import SieveLayer
 
-__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "describe_plugin"]
+__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "describe_class"]
 
 _OFF = ("0", "off", "false", "no")
 
@@ -48,19 +49,10 @@ def checks_enabled(default: bool | None = None) -> bool:
     return os.environ.get("KVSIEVE_CHECKS", "on").strip().lower() not in _OFF
 
 
-def describe_plugin(policy: Any, kind: str) -> str:
-    """``scoring policy 'x' (distribution 'd 1.0', entry point 'x = mod')``; a policy that no plugin registered
-    is named by its class."""
+def describe_class(policy: Any, kind: str) -> str:
+    """``scoring policy 'x' (class module.Class)``: how a guard without a registry names a plugin."""
     name = getattr(policy, "name", "") or type(policy).__name__
-    try:
-        from kvsieve.plugins import registry
-
-        for entry in registry().entries(kind):
-            if entry.obj is type(policy):
-                return f"{kind} policy {name!r} ({entry.source})"
-    except Exception:  # noqa: BLE001 - naming the plugin must never hide the fault being reported
-        pass
-    return f"{kind} policy {name!r} (class {type(policy).__module__}.{type(policy).__qualname__}, not registered)"
+    return f"{kind} policy {name!r} (class {type(policy).__module__}.{type(policy).__qualname__})"
 
 
 def _fingerprint(layer: SieveLayer) -> torch.Tensor:
@@ -82,10 +74,13 @@ class ContractGuard:
         enabled: run the device checks (the host-side shape checks always run).
         immediate: raise device faults at once (one host read per check) instead of deferring them; for code
             that drives a compressor without an engine (unit tests).
+        describe: ``describe(policy, kind) -> str`` names the plugin in an error (the engine passes
+            :func:`kvsieve.plugins.describe_object`, which adds the distribution and entry point).
     """
 
-    def __init__(self, enabled: bool = True, immediate: bool = False):
-        self.enabled, self.immediate = enabled, immediate
+    def __init__(self, enabled: bool = True, immediate: bool = False,
+                 describe: Callable[[Any, str], str] = describe_class):
+        self.enabled, self.immediate, self.describe = enabled, immediate, describe
         self._pending: list[tuple[torch.Tensor, str]] = []
 
     # ------------------------------------------------------------------ host reads
@@ -122,7 +117,7 @@ class ContractGuard:
                      layer: SieveLayer, before: torch.Tensor | None) -> torch.Tensor:
         """``scores`` from ``policy`` for candidates ``counts`` (``int64 [B, Hkv]``, at most ``num_candidates``),
         checked; returns them as float32."""
-        who = describe_plugin(policy, "scoring")
+        who = self.describe(policy, "scoring")
         expected = (*counts.shape, num_candidates)
         if not isinstance(scores, torch.Tensor):
             raise PluginContractError(f"{who} returned {type(scores).__name__}, not a tensor of shape {expected}")
@@ -145,7 +140,7 @@ class ContractGuard:
         ``counts``, ``int64 [B, Hkv]``; ``budget`` and ``protect_tail`` an int or one per row and KV head),
         checked; when a device check fails, a valid stand-in (the first candidates) is returned and the fault
         raised at the next host read."""
-        who = describe_plugin(policy, "selection")
+        who = self.describe(policy, "selection")
         if not isinstance(chosen, Selection):
             raise PluginContractError(f"{who} returned {type(chosen).__name__}, not a kvsieve.policy.Selection")
         keep, kept = chosen.keep, chosen.counts

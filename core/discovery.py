@@ -216,7 +216,7 @@ def _import_base() -> None:
     """Import what every plugin imports (kvsieve's base classes, so torch) before any plugin is timed, so that
     torch's import time is not charged to whichever plugin happens to come first."""
     import kvsieve.backend  # noqa: F401
-    import kvsieve.compressor  # noqa: F401
+    import kvsieve.policy  # noqa: F401
 
 
 @attrs.define(eq=False)

@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
 from kvsieve.contracts import ContractGuard, checks_enabled
-from kvsieve.plugins import has_layer_compressed_observers, notify_layer_compressed
+from kvsieve.plugins import describe_object, has_layer_compressed_observers, notify_layer_compressed
 
 if TYPE_CHECKING:
     from kvsieve.backend import KVBackend
@@ -123,7 +123,7 @@ class Engine:
         self._handles: list[Any] = []
         self._previous_attention: str | None = None
         self.observed = has_layer_compressed_observers()
-        self.guard = ContractGuard(checks_enabled(checks))
+        self.guard = ContractGuard(checks_enabled(checks), describe=describe_object)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -239,7 +239,9 @@ class Engine:
         else:
             out = self.backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)
         layer.push_queries(query)
-        if self.phase == "prefill" or not self.decode_between_steps:
+        # a compressor hears only the phases it declares (eager and fast path alike); on the fast path decode
+        # events wait for run_decode_schedule
+        if self.phase in self.compressor.phases and (self.phase == "prefill" or not self.decode_between_steps):
             self.compressor.after_attention(self.layer_event(layer_idx))
         return out
 

@@ -1,13 +1,13 @@
 """The fast decode path: a static-capacity compressed cache whose decode step is replayed from a CUDA graph.
 
-HF's eager decode loop is bound by Python overhead (about 60 ms a step at any batch size on an H200), which
-hides what compression saves. Here the prompt is prefilled eagerly (the ordinary kvsieve path, so prefill
-compressors such as SnapKV and FastKV run unchanged), the cache is moved into static layers
-(:func:`kvsieve.static.make_static`), and every decode step is one forward with static inputs (token id and position per row), captured in a CUDA graph after a few eager warm-up
-steps and replayed from then on. Between steps the loop advances the cache's host counters and runs the
-compressor's decode schedule (RPC's compaction every P tokens), which changes the data in the buffers, never
-their shapes, so the graph stays valid. Without CUDA (or with ``use_cuda_graph=False``) the same steps run
-eagerly.
+HF's eager decode loop is bound by Python overhead (about 60 ms a step at any batch size on an H200), which hides
+what compression saves. Here the prompt is prefilled eagerly (the ordinary kvsieve path, so prefill compressors
+such as SnapKV and FastKV run unchanged), the cache is moved into static layers
+(:func:`kvsieve.static.make_static`), and every decode step is one forward with static inputs (token id and
+position per row), captured in a CUDA graph after a few eager warm-up steps and replayed from then on. Between
+steps the loop advances the cache's host counters and runs the compressor's decode schedule (RPC's compaction every
+P tokens), which changes the data in the buffers, never their shapes, so the graph stays valid. Without CUDA (or
+with ``use_cuda_graph=False``) the same steps run eagerly.
 
 Token choice follows ``model.generate``: the generation config is resolved and the logits processors are built
 by HF's own helpers (the model's generation config, greedy or sampling with temperature/top-k/top-p, ...); EOS

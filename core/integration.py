@@ -22,11 +22,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvsieve.backend import KVBackend
 from kvsieve.composition import Preset
-from kvsieve.compressor import Compressor, build_compressor
+from kvsieve.compressor import Compressor
 from kvsieve.engine import ATTENTION_NAME, Engine, cache_kwarg, engine_of
 from kvsieve.fastpath import fast_generate
 from kvsieve.params import parse_params
-from kvsieve.plugins import registry
+from kvsieve.plugins import build_compressor, registry
 
 __all__ = [
     "ATTENTION_NAME",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from kvsieve.configure import configure
 from kvsieve.discovery import (
     ENTRY_POINT_GROUP,
     KINDS,
@@ -32,7 +33,8 @@ from kvsieve.discovery import (
     Problem,
     describe,
 )
-from kvsieve.params import UnknownParameterError
+from kvsieve.params import parse_params
+from kvsieve.policy import ScoringPolicy, SelectionPolicy
 
 if TYPE_CHECKING:
     import pluggy
@@ -42,6 +44,11 @@ if TYPE_CHECKING:
     from kvsieve.compressor import Compressor
 
 __all__ = [
+    "build_compressor",
+    "describe_object",
+    "resolve_policy",
+    "scoring_policy",
+    "selection_policy",
     "ENTRY_POINT_GROUP",
     "KINDS",
     "PluginConflictError",
@@ -110,8 +117,6 @@ def _invalid(kind: str, name: Any, obj: Any) -> str | None:
     if kind == "backend":
         from kvsieve.backend import KVBackend as expected
     else:
-        from kvsieve.policy import ScoringPolicy, SelectionPolicy
-
         expected = ScoringPolicy if kind == "scoring" else SelectionPolicy
     wanted = f"{expected.__module__}.{expected.__qualname__}"
     if not (isinstance(obj, type) and issubclass(obj, expected)):
@@ -229,18 +234,12 @@ class Registry:
 
         Raises:
             UnknownNameError: no such name.
-            ValueError: a parameter the class does not take (with "did you mean"), or one it rejects.
+            UnknownParameterError: a parameter the class does not take (with "did you mean"); dotted keys
+                (``scoring.pooling``) set the parameters of a policy the object holds (:mod:`kvsieve.configure`).
+            ValueError, TypeError: a value it rejects.
         """
         factory = self.get(kind, name).obj
-        if attrs.has(factory):
-            allowed = [field.name for field in attrs.fields(factory) if field.init]
-            for key in params:
-                if key not in allowed:
-                    close = difflib.get_close_matches(key, allowed, n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
-                    takes = f"Its parameters: {', '.join(allowed)}." if allowed else f"{name!r} takes no parameters."
-                    raise UnknownParameterError(f"{kind} {name!r} has no parameter {key!r}.{hint} {takes}")
-        return factory(**params)
+        return configure(factory, params, f"{kind} {name!r}")
 
     def backend(self, name: str) -> KVBackend:
         return self.create("backend", name)
@@ -384,3 +383,61 @@ def notify_layer_compressed(layer_idx: int, phase: str, before: int, after: int,
                 "generation goes on (later errors of this observer are not reported)",
                 once_per=("observer", key, id(discovery)),
             )
+
+
+# ---------------------------------------------------------------------------------------------- building
+def resolve_policy(value: str | ScoringPolicy | SelectionPolicy, kind: str):
+    """Turn a registered policy name into an instance (an instance passes through).
+
+    Args:
+        value: a name from the registry or a policy instance.
+        kind: ``"scoring"`` or ``"selection"``.
+
+    Raises:
+        TypeError: neither a name nor an instance of the policy kind.
+    """
+    expected = ScoringPolicy if kind == "scoring" else SelectionPolicy
+    if isinstance(value, expected):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{kind} must be the name of a registered {kind} policy (see `kvsieve plugins`) or a "
+            f"{expected.__name__} instance, got {value!r}"
+        )
+    return registry().create(kind, value)
+
+
+def scoring_policy(value: str | ScoringPolicy) -> ScoringPolicy:
+    """attrs converter of a ``scoring`` field: a registered name or a :class:`ScoringPolicy` instance."""
+    return resolve_policy(value, "scoring")
+
+
+def selection_policy(value: str | SelectionPolicy) -> SelectionPolicy:
+    """attrs converter of a ``selection`` field: a registered name or a :class:`SelectionPolicy` instance."""
+    return resolve_policy(value, "selection")
+
+
+def build_compressor(name: str, params: Mapping[str, Any] | None = None) -> Compressor:
+    """The registered compressor ``name`` built with ``params`` (:mod:`kvsieve.params` syntax: ``key``,
+    ``scoring.key``, ``selection.key``, ``part.key`` for compositions; a dict, possibly nested).
+
+    Raises:
+        UnknownNameError: no compressor is registered as ``name``.
+        UnknownParameterError: a parameter it does not take (with "did you mean").
+        ValueError, TypeError: a value it rejects (the message names the parameter).
+    """
+    return registry().create("compressor", name, **parse_params(params, source="params"))
+
+
+def describe_object(obj: Any, kind: str) -> str:
+    """``scoring policy 'x' (distribution 'd 1.0', entry point 'x = mod')`` for an instance of a registered class;
+    one that no plugin registered is named by its class (used to name the plugin behind a contract fault)."""
+    label = "backend" if kind == "backend" else f"{kind} policy" if kind in ("scoring", "selection") else kind
+    name = getattr(obj, "name", "") or type(obj).__name__
+    try:
+        for entry in registry().entries(kind):
+            if entry.obj is type(obj):
+                return f"{label} {name!r} ({entry.source})"
+    except Exception:  # noqa: BLE001 - naming the plugin must never hide the fault being reported
+        pass
+    return f"{label} {name!r} (class {type(obj).__module__}.{type(obj).__qualname__}, not registered)"

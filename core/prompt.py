@@ -34,7 +34,8 @@ from typing import ClassVar
 import attrs
 
 from kvsieve.budget import Budget, budget_field, ratio_field
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, scoring_policy, selection_policy
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer
+from kvsieve.plugins import scoring_policy, selection_policy
 from kvsieve.policy import ScoringPolicy, SelectionPolicy
 from kvsieve.validators import nonnegative_int, positive_int
 

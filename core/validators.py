@@ -9,6 +9,7 @@ __all__ = [
     "compression_ratio",
     "nonnegative_int",
     "odd_positive_int",
+    "one_of",
     "optional",
     "positive_int",
     "ratio_or_budget",
@@ -41,6 +42,18 @@ def compression_ratio(instance, attribute, value) -> None:
 def unit_ratio(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ValueError(f"{attribute.name} must be a ratio in (0, 1], got {value!r}")
+
+
+def one_of(*options: str):
+    """A choice among ``options``: the error lists them (attrs' own ``in_`` prints a raw tuple)."""
+
+    def check(instance, attribute, value) -> None:
+        if value not in options:
+            raise ValueError(
+                f"{attribute.name} must be one of {', '.join(map(repr, options))}, got {value!r}"
+            )
+
+    return check
 
 
 def optional(validator):

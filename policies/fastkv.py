@@ -27,7 +27,7 @@ from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy
 from kvsieve.prompt import PromptCompressor
 from kvsieve.propagation import TokenPropagation, propagate
-from kvsieve.validators import nonnegative_int, odd_positive_int, optional, positive_int, unit_ratio
+from kvsieve.validators import nonnegative_int, odd_positive_int, one_of, optional, positive_int, unit_ratio
 
 __all__ = ["FastKV", "HeadPooledWindowScoring"]
 
@@ -51,7 +51,7 @@ class HeadPooledWindowScoring(ScoringPolicy):
 
     name: ClassVar[str] = "head_pooled_window_attention"
 
-    pooling: str = attrs.field(default="max", validator=attrs.validators.in_(POOLINGS))
+    pooling: str = attrs.field(default="max", validator=one_of(*POOLINGS))
     kernel: int = attrs.field(default=7, validator=odd_positive_int)
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
@@ -168,7 +168,9 @@ class FastKV(PromptCompressor):
 
     def propagated_length(self, length: int) -> int:
         """Tokens propagated past the TSP layer from a layer of ``length`` tokens (``length``: no TSP)."""
-        tsp_len = self.tsp_len if self.constant else int(length * self.tsp_rate)  # floor, as the reference
+        # floor, as the reference (rounded to 9 decimals first: 0.29 * 100 propagates 29, where the reference's
+        # int(0.29 * 100) gives 28)
+        tsp_len = self.tsp_len if self.constant else Budget(self.tsp_rate, rounding="floor").tokens(length)
         tsp_len = max(tsp_len, self.window)
         return tsp_len if length > tsp_len else length
 

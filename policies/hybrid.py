@@ -10,7 +10,7 @@ see docs/composition.md. Parameters are the parts' own, addressed as ``fastkv.<p
 Each layer ends up with the prompt KV FastKV kept in it (``K_l``: ``ratio * Lp`` per layer at the
 defaults, more where ``ratio >= tsp_rate``) followed by what RPC keeps of the ``g`` generated tokens, so
 a layer holds ``K_l + RPC.cache_length(0, g)`` entries: ``K_l + g`` before the first compression at
-``g = P + R``, then ``K_l + k * floor(P / c) + R`` after the k-th.
+``g = P + R``, then ``K_l + k * floor(ratio * P) + R`` after the k-th.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import attrs
 
 import kvsieve
 from kvsieve.budget import Budget, budget_field, ratio_field
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, scoring_policy, selection_policy
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer
+from kvsieve.plugins import scoring_policy, selection_policy
 from kvsieve.policies.window_attention import WindowAttentionScoring
 from kvsieve.policy import ScoringPolicy, SelectionPolicy
 from kvsieve.validators import positive_int

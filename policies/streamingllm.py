@@ -13,7 +13,8 @@ import attrs
 
 import kvsieve
 from kvsieve.budget import Budget, budget_field, ratio_field
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer, selection_policy
+from kvsieve.compressor import Compressor, LayerEvent, compress_layer
+from kvsieve.plugins import selection_policy
 from kvsieve.policy import SelectionPolicy
 from kvsieve.validators import nonnegative_int
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import kvsieve
 from kvsieve.policy import ScoringContext, ScoringPolicy
-from kvsieve.validators import odd_positive_int
+from kvsieve.validators import odd_positive_int, one_of
 
 __all__ = ["WindowAttentionScoring", "pool_scores"]
 
@@ -57,10 +57,10 @@ class WindowAttentionScoring(ScoringPolicy):
 
     name: ClassVar[str] = "window_attention"
 
-    pooling: str = attrs.field(default="avg", validator=attrs.validators.in_(POOLINGS))
+    pooling: str = attrs.field(default="avg", validator=one_of(*POOLINGS))
     kernel: int = attrs.field(default=7, validator=odd_positive_int)
-    aggregation: str = attrs.field(default="group", validator=attrs.validators.in_(AGGREGATIONS))
-    normalization: str = attrs.field(default="candidates", validator=attrs.validators.in_(NORMALIZATIONS))
+    aggregation: str = attrs.field(default="group", validator=one_of(*AGGREGATIONS))
+    normalization: str = attrs.field(default="candidates", validator=one_of(*NORMALIZATIONS))
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         lse = None
