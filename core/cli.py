@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvsieve.evaluation.cli import register as register_eval
 
     register_eval(sub)
-    from kvsieve.bench import register as register_bench
+    from kvsieve.bench.cli import register as register_bench
 
     register_bench(sub)
     return parser
