@@ -15,11 +15,14 @@ import torch
 
 import kvsieve
 from kvsieve import models, plugins
-from kvsieve.params import parse_value
 from kvsieve.compressor import Compressor
-from kvsieve.evaluation import cli, fidelity, runner, scoring, tasks
-from kvsieve.evaluation.runner import CompressorConfig
+from kvsieve.evaluation import cli, fidelity, scoring, tasks
+from kvsieve.evaluation.configs import CompressorConfig, expand_configs, parse_sets
+from kvsieve.evaluation.outputs import read_jsonl
+from kvsieve.evaluation.report import report
+from kvsieve.evaluation.retrieval import check_fits, run_retrieval
 from kvsieve.evaluation.tasks import PromptTooLongError, make_prompt, make_prompts
+from kvsieve.params import parse_value
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +121,11 @@ def test_bad_prompt_arguments(tokenizer):
 def test_prompts_never_exceed_the_context(tiny):
     model, tokenizer = tiny
     limit = model.config.max_position_embeddings
-    runner.check_fits(model, [limit - 12], 12)
+    check_fits(model, [limit - 12], 12)
     with pytest.raises(PromptTooLongError, match=rf"{limit}.*max_position_embeddings"):
-        runner.check_fits(model, [1024, limit], 12)
+        check_fits(model, [1024, limit], 12)
     with pytest.raises(PromptTooLongError):
-        runner.run_retrieval(
+        run_retrieval(
             "passkey", model, tokenizer, [CompressorConfig("none")], lengths=[limit], depths=None, n=1, progress=False
         )
 
@@ -179,20 +182,20 @@ def test_parse_value_and_sets():
         None,
         "avg",
     ]
-    assert runner.parse_sets(["window=8", "snapkv.kernel=5"]) == {None: {"window": 8}, "snapkv": {"kernel": 5}}
+    assert parse_sets(["window=8", "snapkv.kernel=5"]) == {None: {"window": 8}, "snapkv": {"kernel": 5}}
     with pytest.raises(ValueError, match="key=value"):
-        runner.parse_sets(["window"])
+        parse_sets(["window"])
 
 
 def test_expand_configs_maps_budgets_by_name():
-    configs = runner.expand_configs(["none", "snapkv", "streamingllm"], runner.parse_sets(["window=8"]), [0.1, 0.5])
+    configs = expand_configs(["none", "snapkv", "streamingllm"], parse_sets(["window=8"]), [0.1, 0.5])
     assert [c.label for c in configs] == [
         "none",
         "snapkv(ratio=0.1,window=8)", "snapkv(ratio=0.5,window=8)",
         "streamingllm(ratio=0.1)", "streamingllm(ratio=0.5)",
     ]  # fmt: skip
     assert [c.budget for c in configs] == [None, 0.1, 0.5, 0.1, 0.5]
-    other = runner.expand_configs(["streamingllm"], {}, [64, 128], budget_param="budget")
+    other = expand_configs(["streamingllm"], {}, [64, 128], budget_param="budget")
     assert [c.params for c in other] == [{"budget": 64}, {"budget": 128}]
 
 
@@ -209,7 +212,7 @@ def test_expand_configs_maps_budgets_by_name():
 )
 def test_expand_configs_errors(names, sets, budgets, match):
     with pytest.raises(ValueError, match=match):
-        runner.expand_configs(names, runner.parse_sets(sets), budgets)
+        expand_configs(names, parse_sets(sets), budgets)
 
 
 def test_default_compressors_follow_phases():
@@ -242,7 +245,7 @@ def test_a_new_compressor_plugs_in_by_name():
     try:
         assert "test-periodic" in cli.default_compressors("decode")
         assert "test-periodic" not in cli.default_compressors("prefill")
-        configs = runner.expand_configs(["none", "test-periodic"], runner.parse_sets(["interval=16"]), [2, 4])
+        configs = expand_configs(["none", "test-periodic"], parse_sets(["interval=16"]), [2, 4])
         assert [c.label for c in configs] == [
             "none",
             "test-periodic(interval=16,ratio=2)",
@@ -260,11 +263,11 @@ def _strip_timing(records):
 
 def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     model, tokenizer = tiny
-    configs = runner.expand_configs(["none", "streamingllm"], {}, [0.25])
+    configs = expand_configs(["none", "streamingllm"], {}, [0.25])
     kwargs = dict(
         lengths=[300, 400], depths=[0.0, 1.0], n=1, max_new_tokens=4, model_name="tiny-random-llama", progress=False
     )
-    records = runner.run_retrieval("needle", model, tokenizer, configs, out=tmp_path, **kwargs)
+    records = run_retrieval("needle", model, tokenizer, configs, out=tmp_path, **kwargs)
     assert len(records) == 4 * 2
     files = {p.name for p in tmp_path.iterdir()}
     assert {
@@ -275,9 +278,9 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
         "accuracy_vs_budget.png",
         "depth_heatmap.png",
     } <= files
-    written = runner.read_jsonl(tmp_path / "results.jsonl")
+    written = read_jsonl(tmp_path / "results.jsonl")
     assert written == json.loads(json.dumps(records))
-    assert len(runner.read_jsonl(tmp_path / "prompts.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "prompts.jsonl")) == 4
     record = written[0]
     assert {"prompt_id", "length", "depth", "key", "answer", "correct", "compressor", "kv_fraction"} <= set(record)
     kept = {r["compressor"]: r["kv_fraction"] for r in written}
@@ -286,11 +289,11 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     assert "| none |" in summary and "| streamingllm(ratio=0.25) |" in summary and "depth" in summary
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["seconds"] > 0 and meta["task"] == "needle" and meta["command"].startswith("kvsieve")
-    redrawn = runner.report([tmp_path], tmp_path / "report")
+    redrawn = report([tmp_path], tmp_path / "report")
     assert redrawn.read_text().split("\n\n", 3)[3] == summary.split("\n\n", 3)[3]  # the same tables
     assert (tmp_path / "report" / "accuracy_vs_budget.png").is_file()
     # same seed, same prompts, same results
-    again = runner.run_retrieval("needle", model, tokenizer, configs, out=None, **kwargs)
+    again = run_retrieval("needle", model, tokenizer, configs, out=None, **kwargs)
     assert _strip_timing(again) == _strip_timing(records)
 
 
@@ -324,7 +327,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| snapkv(ratio=0.5,window=4) |" in printed and str(out) in printed
-    assert len(runner.read_jsonl(out / "results.jsonl")) == 2
+    assert len(read_jsonl(out / "results.jsonl")) == 2
 
 
 def test_cli_register_and_errors(capsys):
@@ -518,11 +521,11 @@ def test_smollm2_passkey_ci_slice():
     """The harness can pass and can fail: on 320-token prompts the full cache retrieves every key, while SnapKV
     and StreamingLLM squeezed to a token or so beyond their always-kept windows lose it."""
     model, tokenizer = models.load("smollm2")
-    configs = runner.expand_configs(["none"]) + [
+    configs = expand_configs(["none"]) + [
         CompressorConfig("snapkv", {"budget": 33}),  # window 32 + 1 scored token
         CompressorConfig("streamingllm", {"budget": 8}),  # 4 sinks + the 4 last tokens
     ]
-    records = runner.run_retrieval(
+    records = run_retrieval(
         "passkey", model, tokenizer, configs, lengths=[320], depths=None, n=2, max_new_tokens=8, progress=False
     )
     correct = {c.label: [r["correct"] for r in records if r["compressor"] == c.label] for c in configs}
@@ -531,6 +534,6 @@ def test_smollm2_passkey_ci_slice():
 
 
 def test_parse_sets_scopes_at_the_first_dot_so_composite_parts_can_be_addressed():
-    assert runner.parse_sets(["fastkv+rpc.rpc.interval=64", "fastkv+rpc.fastkv.tsp_rate=0.5"]) == {
+    assert parse_sets(["fastkv+rpc.rpc.interval=64", "fastkv+rpc.fastkv.tsp_rate=0.5"]) == {
         "fastkv+rpc": {"rpc.interval": 64, "fastkv.tsp_rate": 0.5}
     }

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from kvsieve.params import parse_value
+from kvsieve.evaluation.configs import expand_configs, parse_sets
 from kvsieve.evaluation.fidelity import MODES, run_fidelity
-from kvsieve.evaluation.runner import expand_configs, load_model, parse_sets, report, run_retrieval
+from kvsieve.evaluation.report import report
+from kvsieve.evaluation.retrieval import load_model, run_retrieval
 from kvsieve.evaluation.tasks import FILLERS, TEMPLATES
+from kvsieve.params import parse_value
 from kvsieve.plugins import registry
 
 __all__ = ["default_compressors", "main", "register", "run"]
