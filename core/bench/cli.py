@@ -1,4 +1,8 @@
-"""``kvsieve bench {decode,prefill,report}``: the argument parser and :func:`run`."""
+"""``kvsieve bench {decode,prefill,report}``: the argument parser and :func:`run`.
+
+Compressors are given as specs (``--compressor none,rpc:interval=4096,ratio=4``, :mod:`kvsieve.params`), sizes as
+whole numbers or with a K/M suffix (``--contexts 8K,32K``); :data:`DEFAULTS` holds every default.
+"""
 
 from __future__ import annotations
 
@@ -12,80 +16,107 @@ import torch
 from kvsieve.bench.decode import bench_decode
 from kvsieve.bench.prefill import bench_prefill
 from kvsieve.bench.report import environment, rerender, write_report
+from kvsieve.cli_types import comma_list, size, sizes
+from kvsieve.integration import resolve_compressor
+from kvsieve.params import parse_compressor_specs
 
 __all__ = ["register", "run"]
 
 
-def _ints(text: str) -> list[int]:
-    out = []
-    for item in text.split(","):
-        item = item.strip().upper()
-        try:
-            out.append(int(float(item[:-1]) * 1024) if item.endswith("K") else int(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma list of positive integers (8K = 8192), got {text!r}"
-            ) from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
-    return out
+#: Per subcommand, every default of its arguments: the one place to change them. Compressors are specs
+#: (``NAME[:key=value,...]``, kvsieve.params) in the compressors' own parameter vocabulary.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "decode": dict(
+        model="r1-qwen-7b",
+        compressors=["none", "rpc:interval=4096,window=32,ratio=4"],
+        batches=[8, 16, 32],
+        new_tokens=[8192, 16384, 32768],
+        prompt_len=128,
+        samples=6,
+        steps=16,
+    ),
+    "prefill": dict(
+        model="llama-3.1-8b",
+        compressors=["none", "snapkv:ratio=0.1,window=8,pooling=max", "fastkv:tsp_rate=0.2,retain_rate=0.1"],
+        contexts=[8192, 32768, 131072],
+        new_tokens=256,
+    ),
+}
+
+_VALIDATE = "BATCH:TOKENS pairs such as 32:8K (8K = 8192)"
 
 
-def _validations(text: str) -> list[tuple[int, int]]:
-    pairs = []
-    for item in filter(None, text.split(",")):
-        batch, sep, n = item.partition(":")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--validate expects BATCH:TOKENS items, got {item!r}")
-        pairs.append((_ints(batch)[0], _ints(n)[0]))
-    return pairs
+def _batch_and_tokens(text: str) -> tuple[int, int]:
+    """``"32:8K"`` -> ``(32, 8192)``."""
+    batch, sep, tokens = text.partition(":")
+    if not sep:
+        raise ValueError(f"expected BATCH:TOKENS, got {text!r}")
+    return size(batch), size(tokens)
+
+
+def _shown(values: list[Any]) -> str:
+    return ",".join(map(str, values))
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``kvsieve bench {decode,prefill,report}`` to the CLI."""
-    from kvsieve.params import parse_params
-
+    """Add ``kvsieve bench {decode,prefill,report}`` to the CLI; every parser sets ``func=run``."""
     parser = subparsers.add_parser("bench", help="speed and memory benchmarks on random-weight paper-shaped models")
     sub = parser.add_subparsers(dest="bench", required=True)
 
-    def common(p, model: str, compressors: str):
+    def common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+        model = defaults["model"]
         p.add_argument("--model", default=model,
                        help=f"a paper shape (random weights on the GPU) or a kvsieve model name (default {model})")
-        p.add_argument("--compressor", action="append", metavar="NAME[:k=v,...]",
-                       help=f"compressor and parameters, repeatable (default {compressors})")
+        p.add_argument("--compressor", action="append", metavar="NAME[:KEY=VALUE,...]",
+                       help="compressor specs, a comma list and repeatable: snapkv:ratio=0.1,window=8,fastkv runs "
+                       f"snapkv with two parameters and fastkv (default {_shown(defaults['compressors'])})")
         p.add_argument("--backend", default="auto", help="kernel backend (default auto)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
         p.add_argument("--no-hf", action="store_true", help="skip HF's eager baseline rows")
         p.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
         p.add_argument("--out", type=Path, required=True, help="output directory")
-        p.set_defaults(func=run, parse_params=parse_params, default_compressors=compressors)
+        p.set_defaults(func=run)
 
+    d = DEFAULTS["decode"]
     p = sub.add_parser("decode", help="decode tokens/s and peak memory: RPC vs full cache")
-    common(p, "r1-qwen-7b", "none;rpc:interval=4096,window=32,ratio=4")
-    p.add_argument("--batches", type=_ints, default=[8, 16, 32])
-    p.add_argument("--new-tokens", type=_ints, default=[8192, 16384, 32768])
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--samples", type=int, default=6, help="cache lengths at which step time is measured")
-    p.add_argument("--steps", type=int, default=16, help="steps timed per cache length")
-    p.add_argument("--validate", type=_validations, default=[], help="BATCH:TOKENS configurations run for real")
+    common(p, d)
+    p.add_argument("--batches", type=sizes, default=d["batches"], help=f"batch sizes (default {_shown(d['batches'])})")
+    p.add_argument("--new-tokens", type=sizes, default=d["new_tokens"],
+                   help=f"generated tokens per run, e.g. 8K,32K (default {_shown(d['new_tokens'])})")
+    p.add_argument("--prompt-len", type=size, default=d["prompt_len"],
+                   help=f"prompt tokens (default {d['prompt_len']})")
+    p.add_argument("--samples", type=int, default=d["samples"],
+                   help=f"cache lengths at which step time is measured (default {d['samples']})")
+    p.add_argument("--steps", type=int, default=d["steps"], help=f"steps timed per cache length (default {d['steps']})")
+    p.add_argument("--validate", type=comma_list(_batch_and_tokens, _VALIDATE), default=[],
+                   help=f"configurations also run for real: {_VALIDATE}")
     p.add_argument("--no-fast", action="store_true", help="only HF's eager baseline rows")
+    d = DEFAULTS["prefill"]
     p = sub.add_parser("prefill", help="TTFT and decode after prefill: FastKV vs SnapKV vs full")
-    common(p, "llama-3.1-8b", "none;snapkv:ratio=0.1,window=8,pooling=max;fastkv:tsp_rate=0.2,retain_rate=0.1")
-    p.add_argument("--contexts", type=_ints, default=[8192, 32768, 131072])
-    p.add_argument("--new-tokens", type=int, default=256)
+    common(p, d)
+    p.add_argument("--contexts", type=sizes, default=d["contexts"],
+                   help=f"prompt tokens, e.g. 8K,32K (default {_shown(d['contexts'])})")
+    p.add_argument("--new-tokens", type=size, default=d["new_tokens"],
+                   help=f"decode steps timed after the prefill (default {d['new_tokens']})")
     p = sub.add_parser("report", help="re-render OUT/<which>.md and plots from OUT/<which>.jsonl")
     p.add_argument("out", type=Path)
     p.set_defaults(func=run)
     return parser
 
 
-def _compressor_specs(args) -> list[tuple[str, dict[str, Any]]]:
-    specs = args.compressor or args.default_compressors.split(";")
-    out = []
+def _compressors(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, params)`` per ``--compressor`` spec (the defaults when none is given), each built once so that an
+    unknown name or parameter fails before a model is loaded."""
+    try:
+        specs = parse_compressor_specs(args.compressor or DEFAULTS[args.bench]["compressors"])
+    except ValueError as exc:
+        raise ValueError(f"--compressor: {exc}") from exc
     for spec in specs:
-        name, _, params = spec.partition(":")
-        out.append((name.strip(), args.parse_params([p for p in params.split(",") if p])))
-    return out
+        try:
+            resolve_compressor(spec.name, spec.params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--compressor {spec}: {exc}") from exc
+    return [(spec.name, spec.params) for spec in specs]
 
 
 def _load_model(name: str, device: str):
@@ -103,6 +134,7 @@ def _load_model(name: str, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``kvsieve bench`` subcommand: write ``OUT/<which>.jsonl`` and the report, print the report."""
     if args.bench == "report":
         for path in rerender(args.out):
             print(path)
@@ -111,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     for name, least in minimum.items():
         if getattr(args, name) < least:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least {least}")
+    compressors = _compressors(args)
     model = _load_model(args.model, args.device)
-    compressors = _compressor_specs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = environment() | dict(model=args.model, command=f"kvsieve bench {args.bench}")
     graph = False if args.no_graph else None
