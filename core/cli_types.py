@@ -1,5 +1,5 @@
-"""Argument types shared by the ``kvsieve`` subcommands: comma lists of sizes and numbers, read with the one value
-syntax of :mod:`kvsieve.params` (``8K`` is 8192 everywhere).
+"""Argument types shared by the ``kvsieve`` subcommands: compressor specs, comma lists of sizes and numbers, read
+with the one syntax of :mod:`kvsieve.params` (``8K`` is 8192 everywhere).
 
 Each function is an argparse ``type``: a bad value raises :class:`argparse.ArgumentTypeError`, which argparse reports
 as ``argument --FLAG: <message>`` (exit status 2); the message quotes the value and says what is allowed.
@@ -11,9 +11,9 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from kvsieve.params import parse_size, parse_value
+from kvsieve.params import CompressorSpec, parse_compressor_specs, parse_size, parse_value
 
-__all__ = ["comma_list", "number", "numbers", "size", "sizes"]
+__all__ = ["comma_list", "compressor_specs", "number", "numbers", "size", "sizes"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,16 @@ def number(text: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise argparse.ArgumentTypeError(f"expected a number such as 0.2, 64 or 1K, got {text!r}")
     return value
+
+
+def compressor_specs(text: str) -> list[CompressorSpec]:
+    """``"snapkv:window=8,rpc"`` -> ``[snapkv(window=8), rpc]`` (:func:`kvsieve.params.parse_compressor_specs`); use
+    with ``action="extend"`` so that a repeated flag adds to the list. Names and parameters are checked when the
+    compressors are built."""
+    try:
+        return parse_compressor_specs([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def comma_list(parse: Callable[[str], T], allowed: str) -> Callable[[str], list[T]]:

@@ -16,7 +16,7 @@ import torch
 from kvsieve.bench.decode import bench_decode
 from kvsieve.bench.prefill import bench_prefill
 from kvsieve.bench.report import environment, rerender, write_report
-from kvsieve.cli_types import comma_list, size, sizes
+from kvsieve.cli_types import comma_list, compressor_specs, size, sizes
 from kvsieve.integration import resolve_compressor
 from kvsieve.params import parse_compressor_specs
 
@@ -67,7 +67,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         model = defaults["model"]
         p.add_argument("--model", default=model,
                        help=f"a paper shape (random weights on the GPU) or a kvsieve model name (default {model})")
-        p.add_argument("--compressor", action="append", metavar="NAME[:KEY=VALUE,...]",
+        p.add_argument("--compressor", type=compressor_specs, action="extend", metavar="NAME[:KEY=VALUE,...]",
                        help="compressor specs, a comma list and repeatable: snapkv:ratio=0.1,window=8,fastkv runs "
                        f"snapkv with two parameters and fastkv (default {_shown(defaults['compressors'])})")
         p.add_argument("--backend", default="auto", help="kernel backend (default auto)")
@@ -107,10 +107,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _compressors(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """``(name, params)`` per ``--compressor`` spec (the defaults when none is given), each built once so that an
     unknown name or parameter fails before a model is loaded."""
-    try:
-        specs = parse_compressor_specs(args.compressor or DEFAULTS[args.bench]["compressors"])
-    except ValueError as exc:
-        raise ValueError(f"--compressor: {exc}") from exc
+    specs = args.compressor or parse_compressor_specs(DEFAULTS[args.bench]["compressors"])
     for spec in specs:
         try:
             resolve_compressor(spec.name, spec.params)
