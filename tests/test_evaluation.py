@@ -208,6 +208,7 @@ def test_expand_configs_maps_budgets_by_name():
         (["snapkv"], ["ratio=0.2"], [0.1], "choose one"),
         (["snapkv"], [], [1.5], r"invalid configuration snapkv\(ratio=1.5\).*ratio"),
         (["no-such"], ["window=8"], None, "invalid configuration no-such: unknown compressor 'no-such'"),
+        ([], ["window=8"], None, r"none of the listed compressors \(none listed\) takes 'window'"),
         (["fastkv+rcp"], ["rpc.interval=8"], None, "invalid configuration fastkv\\+rcp: .*unknown compressor 'rcp'"),
     ],
 )
@@ -407,13 +408,14 @@ def test_cli_compressor_specs_are_comma_lists_and_repeatable():
         (["--lengths", "0"], "argument --lengths: expected a comma list of whole numbers >= 1"),
         (["--budgets", "0.1,max"], "argument --budgets: expected a comma list of numbers such as 0.1,0.2 or 256,1K"),
         (["--depths", "0,deep"], "argument --depths: expected a comma list of depths in [0,1] such as 0,0.5,1"),
+        (["--mode", "nll,foo"], "argument --mode: expected a comma list of modes among nll, free, retrieval, copy"),
     ],
 )
 def test_cli_refuses_bad_lists(capsys, argv, message):
     parser = argparse.ArgumentParser(prog="kvsieve")
     cli.register(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "needle", *argv])
+        parser.parse_args(["eval", "fidelity", *argv])
     assert message in capsys.readouterr().err
 
 

@@ -58,7 +58,15 @@ DEFAULTS = {
 }
 
 _depths = comma_list(float, "depths in [0,1] such as 0,0.5,1")
-_modes = comma_list(str, f"modes among {', '.join(MODES)}")
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise ValueError(f"unknown fidelity mode {text!r}")
+    return text
+
+
+_modes = comma_list(_mode, f"modes among {', '.join(MODES)}")
 
 
 def _count(text: str) -> int:

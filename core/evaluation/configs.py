@@ -101,7 +101,8 @@ def _shared_params(specs: Sequence[CompressorSpec], shared: Mapping[str, Any]) -
         if not takers:
             hints = [f"; {exc}" for exc in refusals.values() if "Did you mean" in str(exc)]  # the first suggestion
             raise UnknownParameterError(
-                f"--set {key}={value}: none of the listed compressors ({', '.join(refusals)}) takes {key!r}"
+                f"--set {key}={value}: none of the listed compressors ({', '.join(refusals) or 'none listed'}) "
+                f"takes {key!r}"
                 + "".join(hints[:1])
             )
         for spec in takers:
