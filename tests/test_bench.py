@@ -172,6 +172,7 @@ def test_cli_compressor_specs_are_comma_lists_and_repeatable():
         (["--new-tokens", "0"], "argument --new-tokens: expected a comma list of whole numbers >= 1"),
         (["--validate", "8"], "argument --validate: expected a comma list of BATCH:TOKENS pairs such as 32:8K"),
         (["--validate", "8:x"], "got '8:x'"),
+        (["--compressor", "window=8"], "argument --compressor: parameter 'window=8' comes before any compressor name"),
     ],
 )
 def test_cli_refuses_bad_sizes(tmp_path, capsys, argv, message):
@@ -187,7 +188,6 @@ def test_cli_refuses_bad_sizes(tmp_path, capsys, argv, message):
         (["--steps", "2"], "--steps=2: must be at least 4"),
         (["--compressor", "none,rpc:colour=red"], "--compressor rpc:colour=red: compressor 'rpc' has no parameter"),
         (["--compressor", "snapk"], "--compressor snapk: unknown compressor 'snapk'. Did you mean 'snapkv'?"),
-        (["--compressor", "window=8"], "--compressor: parameter 'window=8' comes before any compressor name"),
     ],
 )
 def test_cli_refusals_before_loading_a_model(tmp_path, capsys, argv, message):
