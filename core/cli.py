@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kvsieve.params import parse_params
+from kvsieve.params import CompressorSpec, parse_compressor_specs, parse_params
 
 __all__ = ["main"]
 
@@ -35,21 +35,41 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None
 
 
 def _add_compressor_args(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--compressor", default=default, help=f"compressor name ({default})")
+    parser.add_argument("--compressor", default=default, metavar="NAME[:KEY=VALUE,...]",
+                        help=f"compressor name, or a spec with parameters: snapkv:ratio=0.2,window=8 ({default})")
     parser.add_argument(
-        "--set", dest="params", action="append", metavar="KEY=VALUE", help="compressor parameter (repeatable)"
+        "--set", dest="params", action="append", metavar="KEY=VALUE",
+        help="compressor parameter (repeatable); joins the spec's parameters, a key given in both is an error",
     )
 
 
-def _check_choices(args: argparse.Namespace) -> None:
-    """Resolve names early: unknown compressor/backend or bad parameters fail before a model is loaded."""
+def _compressor_spec(args: argparse.Namespace) -> CompressorSpec:
+    """The one ``--compressor`` spec with the ``--set`` parameters merged into its own."""
+    try:
+        specs = parse_compressor_specs([args.compressor])
+    except ValueError as exc:
+        raise ValueError(f"--compressor: {exc}") from exc
+    if len(specs) != 1:
+        raise ValueError(f"--compressor takes one compressor here, got {len(specs)} in {args.compressor!r}")
+    spec, sets = specs[0], parse_params(args.params)
+    both = [key for key in spec.params if key in sets]
+    if both:
+        raise ValueError(f"{', '.join(both)} given both in --compressor {args.compressor} and with --set; give it once")
+    return CompressorSpec(spec.name, {**spec.params, **sets})
+
+
+def _check_choices(args: argparse.Namespace) -> CompressorSpec:
+    """Resolve names early: unknown compressor/backend or bad parameters fail before a model is loaded. Returns the
+    compressor spec (``--compressor`` and ``--set`` merged)."""
     from kvsieve.integration import resolve_compressor
     from kvsieve.plugins import registry
 
-    resolve_compressor(args.compressor, parse_params(args.params))
+    spec = _compressor_spec(args)
+    resolve_compressor(spec.name, spec.params)
     if args.backend != "auto":
         registry().get("backend", args.backend)
     _dtype(args.dtype)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------- plugins
@@ -138,7 +158,7 @@ def _run_generate(model, tokenizer, ids, args, compressor: str, params: dict[str
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_choices(args)
+    spec = _check_choices(args)
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt or --prompt-file")
     if args.max_new_tokens < 1:
@@ -148,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
     ids = _prompt_ids(tokenizer, text, args.chat)
-    result = _run_generate(model, tokenizer, ids, args, args.compressor, parse_params(args.params))
+    result = _run_generate(model, tokenizer, ids, args, spec.name, spec.params)
     new_ids = result.sequences[0, result.prompt_tokens :]
     out_text = tokenizer.decode(new_ids, skip_special_tokens=True)
     record = {
@@ -198,19 +218,19 @@ def demo_prompt(tokens: int, seed: int = 0) -> tuple[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _check_choices(args)
+    spec = _check_choices(args)
     from kvsieve.models import load
 
     print(f"Loading {args.model} (offline) ...", file=sys.stderr)
     model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
     text, secret = demo_prompt(args.prompt_tokens, args.seed)
     ids = _prompt_ids(tokenizer, text, chat=True)
-    params = parse_params(args.params)
+    name, params = spec.name, spec.params
     runs = {}
-    for name, comp, comp_params in (("full cache", "none", {}), (args.compressor, args.compressor, params)):
-        print(f"Generating with {name} ...", file=sys.stderr)
-        runs[name] = _run_generate(model, tokenizer, ids, args, comp, comp_params)
-    full, comp = runs["full cache"], runs[args.compressor]
+    for label, comp, comp_params in (("full cache", "none", {}), (name, name, params)):
+        print(f"Generating with {label} ...", file=sys.stderr)
+        runs[label] = _run_generate(model, tokenizer, ids, args, comp, comp_params)
+    full, comp = runs["full cache"], runs[name]
     n = min(full.sequences.shape[1], comp.sequences.shape[1])
     p = full.prompt_tokens
     same = (full.sequences[0, p:n] == comp.sequences[0, p:n]).float()
@@ -221,20 +241,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return f"{x / 2**20:.2f} MiB"
 
     rows = [
-        ("", "full cache", args.compressor),
+        ("", "full cache", name),
         ("KV cache at end", mib(full.kv_bytes), mib(comp.kv_bytes)),
         ("KV cache peak", mib(full.kv_bytes_peak), mib(comp.kv_bytes_peak)),
         ("cached tokens/layer", str(max(full.kv_lengths)), str(max(comp.kv_lengths))),
         ("generate wall time", f"{full.seconds:.1f} s", f"{comp.seconds:.1f} s"),
         ("tokens/s (w/ prefill)", f"{full.tokens_per_s:.1f}", f"{comp.tokens_per_s:.1f}"),
-        (f"answer has {secret}", str(secret in texts["full cache"]), str(secret in texts[args.compressor])),
+        (f"answer has {secret}", str(secret in texts["full cache"]), str(secret in texts[name])),
     ]
-    print(f"\nkvsieve demo: {args.model}, prompt {p} tokens, {args.compressor} {params or ''} "
+    print(f"\nkvsieve demo: {args.model}, prompt {p} tokens, {name} {params or ''} "
           f"on backend {comp.backend}\n")
     for a, b, c in rows:
         print(f"  {a:<22} {b:>14} {c:>18}")
     print(f"  {'output agreement':<22} {'':>14} {agreement:>17.0%}")
-    print(f"\n--- full cache ---\n{texts['full cache']}\n\n--- {args.compressor} ---\n{texts[args.compressor]}")
+    print(f"\n--- full cache ---\n{texts['full cache']}\n\n--- {name} ---\n{texts[name]}")
     return 0
 
 
@@ -275,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvsieve.evaluation.cli import register as register_eval
 
     register_eval(sub)
-    from kvsieve.bench import register as register_bench
+    from kvsieve.bench.cli import register as register_bench
 
     register_bench(sub)
     return parser

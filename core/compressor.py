@@ -108,13 +108,22 @@ class Compressor(abc.ABC):
         return removable handles."""
         return []
 
+    def held_generated(self, generated: int) -> int | None:
+        """Generated entries one layer holds once ``generated`` tokens were appended after the prompt (after a
+        compaction that fires at that step). A compressor that does not act during decode holds them all; one
+        that does overrides this when the count does not depend on the prompt (RPC), else returns ``None``."""
+        return generated if "decode" not in self.phases else None
+
     def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int | None:
         """The most slots past the prefilled ``prompt_slots`` one layer holds while ``appends`` tokens are
         appended after a prompt of ``prompt_len`` tokens, one per decode step, counted just before a compaction
-        (what the fast path's static cache must hold). A compressor that does not act during decode holds every
-        appended token; one that does must override this (``None``: unknown, the fast path then needs an explicit
-        ``static_capacity``)."""
-        return None if "decode" in self.phases else appends
+        (what the fast path's static cache must hold). Default: from :meth:`held_generated` (the most entries
+        held, plus the token appended before the next compaction runs); ``None``: unknown, the fast path then
+        needs an explicit ``static_capacity``."""
+        if "decode" not in self.phases:
+            return appends
+        held = [self.held_generated(g) for g in range(appends)]
+        return None if None in held else max(held, default=-1) + 1
 
     @abc.abstractmethod
     def after_attention(self, event: LayerEvent) -> None:

@@ -107,9 +107,8 @@ class RPC(Compressor):
             return prompt_len + generated
         return prompt_len + k * self.keep_per_interval + generated - k * self.interval
 
-    def peak_generated(self, prompt_len: int, prompt_slots: int, appends: int) -> int:
-        # the most entries held, plus the token appended before the next compaction runs
-        return max((self.cache_length(0, g) for g in range(appends)), default=-1) + 1
+    def held_generated(self, generated: int) -> int:
+        return self.cache_length(0, generated)
 
     def after_attention(self, event: LayerEvent) -> None:
         # model.generate appends one token per decode forward, so every firing step is seen

@@ -7,6 +7,7 @@ promises, the integration of step times, the files and tables the CLI writes, an
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -14,8 +15,11 @@ import torch
 
 from kvsieve import models
 from kvsieve.bench import DecodeProbe, decode_schedule, interpolate, modelled_decode_seconds
+from kvsieve.bench import cli as bench_cli
+from kvsieve.bench.cli import register
 from kvsieve.cli import main
 from kvsieve.integration import apply
+from kvsieve.params import parse_compressor_specs
 from kvsieve.plugins import registry
 
 
@@ -137,20 +141,60 @@ def test_cli_prefill_writes_ttft_and_decode_rows(tmp_path):
     assert by[96, "fast:fastkv"]["ttft_speedup_vs_full"] > 0 and by[96, "hf-sdpa"]["decode_step_ms"] > 0
 
 
+def _bench_args(*argv: str):
+    parser = argparse.ArgumentParser(prog="kvsieve")
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv, "--out", "unused"])
+
+
+def test_cli_sizes_take_k_suffixes():
+    args = _bench_args("decode", "--batches", "1,32", "--new-tokens", "8K,1.5K", "--validate", "32:8K,1:300")
+    assert args.batches == [1, 32] and args.new_tokens == [8192, 1536] and args.validate == [(32, 8192), (1, 300)]
+    prefill = _bench_args("prefill", "--contexts", "8K, 128K", "--new-tokens", "1K")
+    assert prefill.contexts == [8192, 131072] and prefill.new_tokens == 1024
+
+
+def test_cli_compressor_specs_are_comma_lists_and_repeatable():
+    args = _bench_args("decode", "--compressor", "none,rpc:interval=16,window=4", "--compressor", "rpc:ratio=8")
+    assert bench_cli._compressors(args) == [
+        ("none", {}), ("rpc", {"interval": 16, "window": 4}), ("rpc", {"ratio": 8})
+    ]  # fmt: skip
+    defaults = bench_cli._compressors(_bench_args("prefill"))
+    assert [name for name, _ in defaults] == ["none", "snapkv", "fastkv"]
+    specs = parse_compressor_specs(bench_cli.DEFAULTS["prefill"]["compressors"])
+    assert defaults == [(spec.name, spec.params) for spec in specs]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--batches", "8,x"], "expected a comma list of positive integers"),
-        (["--validate", "8"], "--validate expects BATCH:TOKENS"),
-        (["--steps", "2"], "--steps=2: must be at least 4"),
+        (["--batches", "8,x"], "argument --batches: expected a comma list of whole numbers >= 1 such as 512,8K"),
+        (["--new-tokens", "0"], "argument --new-tokens: expected a comma list of whole numbers >= 1"),
+        (["--validate", "8"], "argument --validate: expected a comma list of BATCH:TOKENS pairs such as 32:8K"),
+        (["--validate", "8:x"], "got '8:x'"),
+        (["--compressor", "window=8"], "argument --compressor: parameter 'window=8' comes before any compressor name"),
     ],
 )
-def test_cli_refusals(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) if "--steps" not in argv else _no_raise():
-        rc = main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--out", str(tmp_path),
-                   *argv])
-        assert rc == 2
+def test_cli_refuses_bad_sizes(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--out", str(tmp_path), *argv])
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "2"], "--steps=2: must be at least 4"),
+        (["--compressor", "none,rpc:colour=red"], "--compressor rpc:colour=red: compressor 'rpc' has no parameter"),
+        (["--compressor", "snapk"], "--compressor snapk: unknown compressor 'snapk'. Did you mean 'snapkv'?"),
+    ],
+)
+def test_cli_refusals_before_loading_a_model(tmp_path, capsys, argv, message):
+    """Checked before the model is loaded: the paper shape would need a GPU, and the error is about the argument."""
+    assert main(["bench", "decode", "--model", "r1-qwen-7b", "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsieve: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_paper_shapes_need_a_gpu(tmp_path, capsys):
@@ -159,10 +203,3 @@ def test_cli_paper_shapes_need_a_gpu(tmp_path, capsys):
     assert main(["bench", "decode", "--model", "r1-qwen-7b", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "paper-shaped models are built on a CUDA GPU" in capsys.readouterr().err
 
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

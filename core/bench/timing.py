@@ -1,0 +1,125 @@
+"""Clocks and sizes for the benchmarks: synchronised timing, copy bandwidth, what fits in GPU memory, peak memory,
+the bytes a model's weights and its KV cache take, and the step time of HF's own eager decode loop."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "copy_bandwidth",
+    "fits",
+    "hf_eager_step_seconds",
+    "kv_bytes_per_token",
+    "peak_gib",
+    "reset_peak",
+    "sync",
+    "timed",
+    "weight_bytes",
+]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """``(seconds, fn())``: wall time of ``fn`` with the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the bytes read and written (``2 * nbytes`` per copy)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+
+    def copies():
+        for _ in range(repeats):
+            dst.copy_(src)
+
+    seconds, _ = timed(copies, device)
+    return 2 * nbytes * repeats / seconds
+
+def fits(device: torch.device, nbytes: int, margin: float = 0.92) -> bool:
+    """Whether ``nbytes`` more fit in ``margin`` of the GPU's free memory (always True off CUDA)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < margin * free
+
+
+def kv_bytes_per_token(model) -> int:
+    """K and V bytes of one token across every layer."""
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * next(model.parameters()).element_size()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters (what a decode step reads once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def reset_peak(device: torch.device) -> None:
+    """Free what finished work left behind and restart the peak-memory counter."""
+    gc.collect()  # a finished probe's CUDA graph and static buffers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since :func:`reset_peak`, in GiB (2 decimals); None off CUDA."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------- HF eager
+class _Timestamps:
+    """A stopping criterion that never stops and records when each generated token was done (host clock)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def hf_eager_step_seconds(model, batch: int, cached: int, steps: int = 12, seed: int = 0) -> float:
+    """Median time of one step of HF's ``model.generate`` (no kvsieve) over a DynamicCache holding ``cached``
+    random entries per layer. HF's loop synchronises every step (its stopping check), so host timestamps time it."""
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache()
+    gen = torch.Generator(device).manual_seed(seed)
+    for layer in range(cfg.num_hidden_layers):
+        shape = (batch, cfg.num_key_value_heads, cached, d)
+        k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        cache.update(k, torch.randn(shape, generator=gen, device=device, dtype=dtype), layer)
+    ids = torch.randint(100, cfg.vocab_size, (batch, cached + 1), device=device)
+    stamps = _Timestamps()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                       max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([stamps]))
+    del cache
+    diffs = sorted(b - a for a, b in zip(stamps.times[2:], stamps.times[3:]))
+    if not diffs:
+        raise ValueError(f"steps={steps} is too few to time HF's loop (at least 4)")
+    return diffs[len(diffs) // 2]
+
