@@ -28,7 +28,8 @@ def rpc(**params):
 
 
 def simulated_rpc(P: int, R: int, c: int, new_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Generated entries per decode step and the compressions, simulated token by token from ALGORITHMS.md."""
+    """Generated entries per decode step and the compressions, simulated token by token from RPC's schedule (the
+    paper's compression factor ``c``: every P tokens after P + R, keep P // c per interval plus the last R)."""
     held, live, compressions = 0, [], []
     for g in range(1, new_tokens):  # step g-1 appends generated token g
         live.append(held + 1)
@@ -41,7 +42,7 @@ def simulated_rpc(P: int, R: int, c: int, new_tokens: int) -> tuple[list[int], l
 
 @pytest.mark.parametrize("P, R, c, n", [(16, 4, 4, 90), (64, 32, 4, 300), (40, 8, 2, 41), (8, 7, 8, 60)])
 def test_decode_schedule_matches_a_token_by_token_simulation(P, R, c, n):
-    assert decode_schedule(rpc(interval=P, window=R, ratio=c), n) == simulated_rpc(P, R, c, n)
+    assert decode_schedule(rpc(interval=P, window=R, ratio=1 / c), n) == simulated_rpc(P, R, c, n)
 
 
 def test_decode_schedule_of_the_full_cache_grows_by_one():
@@ -63,7 +64,7 @@ def test_interpolate():
 
 
 def test_modelled_time_sums_steps_and_compressions():
-    live, compressions = decode_schedule(rpc(interval=16, window=4, ratio=4), 90)
+    live, compressions = decode_schedule(rpc(interval=16, window=4, ratio=0.25), 90)
     total = modelled_decode_seconds(live, compressions, lambda n: 0.001 * n, lambda k: 0.5 * k)
     expected = sum(0.001 * n for n in live) + sum(0.5 * k for k in range(1, len(compressions) + 1))
     assert total == pytest.approx(expected) and len(compressions) == 5
@@ -79,7 +80,7 @@ def test_probe_state_before_a_firing_step_compresses_to_rpcs_size(qwen2):
     """The probe's synthetic state is faithful: put just before the k-th compression, one step compresses every
     layer to Lp + k * T + R entries; a plain step adds one entry and compresses nothing."""
     P, R, c, Lp, n = 16, 4, 4, 24, 100
-    with torch.inference_mode(), apply(qwen2, "rpc", "torch", params=dict(interval=P, window=R, ratio=c)) as s:
+    with torch.inference_mode(), apply(qwen2, "rpc", "torch", params=dict(interval=P, window=R, ratio=1 / c)) as s:
         probe = DecodeProbe(qwen2, s, batch=2, prompt_len=Lp, new_tokens=n)
         _, compressions = decode_schedule(s.compressor, n)
         for k, (g, before) in enumerate(compressions, start=1):
@@ -105,7 +106,7 @@ def test_cli_decode_writes_rows_tables_and_validation(tmp_path, capsys):
     out = tmp_path / "decode"
     rc = main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--batches", "2",
                "--new-tokens", "30", "--samples", "2", "--steps", "4", "--prompt-len", "16", "--validate", "2:30",
-               "--compressor", "none", "--compressor", "rpc:interval=16,window=4,ratio=4", "--out", str(out)])
+               "--compressor", "none", "--compressor", "rpc:interval=16,window=4,ratio=0.25", "--out", str(out)])
     assert rc == 0
     meta, *rows = [json.loads(x) for x in (out / "decode.jsonl").read_text().splitlines()]
     assert meta["model"] == "tiny-random-qwen2"
@@ -155,9 +156,9 @@ def test_cli_sizes_take_k_suffixes():
 
 
 def test_cli_compressor_specs_are_comma_lists_and_repeatable():
-    args = _bench_args("decode", "--compressor", "none,rpc:interval=16,window=4", "--compressor", "rpc:ratio=8")
+    args = _bench_args("decode", "--compressor", "none,rpc:interval=16,window=4", "--compressor", "rpc:ratio=0.125")
     assert bench_cli._compressors(args) == [
-        ("none", {}), ("rpc", {"interval": 16, "window": 4}), ("rpc", {"ratio": 8})
+        ("none", {}), ("rpc", {"interval": 16, "window": 4}), ("rpc", {"ratio": 0.125})
     ]  # fmt: skip
     defaults = bench_cli._compressors(_bench_args("prefill"))
     assert [name for name, _ in defaults] == ["none", "snapkv", "fastkv"]

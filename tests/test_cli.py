@@ -48,7 +48,7 @@ def test_generate_json_reports_the_cache(capsys):
     assert record["prompt_tokens"] > 12
     assert record["kv_lengths"] == [12 + 6 - 1] * 3  # budget + generated - 1 (the last token is not cached)
     assert record["compressor"]["name"] == "snapkv" and record["compressor"]["budget"] == 12
-    assert record["compressor"]["scoring"] == "window_attention"
+    assert record["compressor"]["scoring"]["name"] == "window_attention"
     assert record["backend"] == "torch"
     assert 0 < record["kv_bytes"] <= record["kv_bytes_peak"]
     assert record["tokens_per_s"] > 0 and isinstance(record["text"], str)
@@ -91,7 +91,7 @@ def test_generate_fast_gives_the_eager_tokens(capsys):
     [
         (("--compressor", "snapk"), "Did you mean 'snapkv'"),
         (("--backend", "troch"), "Did you mean 'torch'"),
-        (("--compressor", "snapkv", "--set", "ratio=1.5"), "ratio must be a ratio in (0, 1], got 1.5"),
+        (("--compressor", "snapkv", "--set", "ratio=1.5"), "ratio must be the kept fraction, in (0, 1]"),
         (("--compressor", "snapkv", "--set", "budget=4", "--set", "window=8"), "budget=4 must exceed window=8"),
         (("--compressor", "snapkv", "--set", "window=-3"), "window must be a positive integer, got -3"),
         (("--compressor", "snapkv", "--set", "nonsense"), "--set expects key=value"),
@@ -100,7 +100,7 @@ def test_generate_fast_gives_the_eager_tokens(capsys):
          "window given both in --compressor snapkv:window=8 and with --set; give it once"),
         (("--compressor", "snapkv,rpc"), "--compressor takes one compressor here, got 2 in 'snapkv,rpc'"),
         (("--compressor", "window=8"), "--compressor: parameter 'window=8' comes before any compressor name"),
-        (("--compressor", "snapkv:ratio=1.5"), "ratio must be a ratio in (0, 1], got 1.5"),
+        (("--compressor", "snapkv:ratio=1.5"), "ratio must be the kept fraction, in (0, 1]"),
         (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
     ],
 )

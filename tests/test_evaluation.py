@@ -231,9 +231,9 @@ def test_set_applies_to_every_listed_compressor_that_takes_the_key():
 
 
 def test_specs_give_per_compressor_parameters():
-    configs = expand_configs(["snapkv:window=8,kernel=5,streamingllm:sinks=8", "fastkv+rpc:rpc.interval=64"])
+    configs = expand_configs(["snapkv:window=8,scoring.kernel=5,streamingllm:sinks=8", "fastkv+rpc:rpc.interval=64"])
     assert [(c.name, c.params) for c in configs] == [
-        ("snapkv", {"window": 8, "kernel": 5}),
+        ("snapkv", {"window": 8, "scoring.kernel": 5}),
         ("streamingllm", {"sinks": 8}),
         ("fastkv+rpc", {"rpc.interval": 64}),
     ]
@@ -347,7 +347,7 @@ def test_cli_end_to_end(tmp_path, capsys):
             "--model",
             "tiny-random-llama",
             "--compressor",
-            "none,snapkv:kernel=5",
+            "none,snapkv:scoring.kernel=5",
             "--compressor",
             "streamingllm:sinks=2",
             "--set",
@@ -367,7 +367,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| snapkv(kernel=5,ratio=0.5,window=4) |" in printed and str(out) in printed
+    assert "| snapkv(ratio=0.5,scoring.kernel=5,window=4) |" in printed and str(out) in printed
     assert "| streamingllm(ratio=0.5,sinks=2) |" in printed  # --set window reaches snapkv only
     assert len(read_jsonl(out / "results.jsonl")) == 3
 
@@ -532,9 +532,9 @@ def test_reasoning_mode_prefills_the_whole_prompt_then_decodes(tiny, monkeypatch
     monkeypatch.setattr(fidelity, "decode_stream", spy)
     hybrid = CompressorConfig(
         "fastkv+rpc",
-        {"fastkv.retain_rate": 0.5, "fastkv.tsp_rate": 0.5, "rpc.interval": 8, "rpc.window": 4, "rpc.ratio": 2},
+        {"fastkv.ratio": 0.5, "fastkv.tsp_rate": 0.5, "rpc.interval": 8, "rpc.window": 4, "rpc.ratio": 0.5},
     )
-    configs = [CompressorConfig("fastkv", {"retain_rate": 0.5, "tsp_rate": 0.5}), hybrid]
+    configs = [CompressorConfig("fastkv", {"ratio": 0.5, "tsp_rate": 0.5}), hybrid]
     records = fidelity.run_fidelity(
         model,
         tokenizer,

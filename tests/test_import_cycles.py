@@ -18,10 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"kvsieve": ROOT / "core", "kvsieve.policies": ROOT / "policies", "kvsieve.backends": ROOT / "backends"}
 
-#: Cycles tolerated today, each as the set of modules in one strongly connected component. This set must shrink to
-#: empty: the integration <-> fastpath cycle is being removed by the engine refactoring; when it is gone, this test
-#: fails until the entry is deleted here.
-ALLOWED_CYCLES = {frozenset({"kvsieve.integration", "kvsieve.fastpath"})}
+#: Cycles tolerated, each as the set of modules in one strongly connected component: none. (A cycle that must be
+#: tolerated for a while goes here, and the test fails once it is gone until the entry is deleted.)
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 #: Optional packages that only some machines have (GPU kernels): a module that needs one is skipped, not failed,
 #: when the package is missing.

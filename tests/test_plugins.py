@@ -37,7 +37,7 @@ def test_import_kvsieve_exposes_plugins_lazily_and_stays_light():
 # ------------------------------------------------------------------------------------------ error messages
 def test_a_compressor_without_parameters_says_so(kvsieve_registry):
     with pytest.raises(
-        ValueError, match=r"^compressor 'none' has no parameter 'ratio'\. 'none' takes no parameters\.$"
+        ValueError, match=r"^compressor 'none' has no parameter 'ratio'\. It takes no parameters\.$"
     ):
         kvsieve_registry.create("compressor", "none", ratio=0.2)
 
