@@ -5,18 +5,26 @@ With budget ``B`` and window ``w``, per KV head the kept prompt tokens are the l
 (fp32), window columns dropped, summed over the window queries and the GQA group, average-pooled (kernel 7,
 zero padding, stride 1). The expected set is computed here by a straightforward float64 loop from the full
 cache of a ``none`` run (the keys) and its query ring (the queries), and compared with the positions SnapKV
-kept.
+kept. Hypothesis then draws padded batches, ratios or budgets and windows, and checks the budget rule, the
+window, the padding and the appends after every step (eager) and after a fast-path generation.
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 from conftest import FAMILIES, left_padded, random_prompt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessorList
 
 import kvsieve
 from kvsieve import plugins
 from kvsieve.cache import SieveCache
+from kvsieve.fastpath import fast_generate
 from kvsieve.integration import apply, cache_kwarg, generate
 
 WINDOW, BUDGET = 8, 20
@@ -221,3 +229,111 @@ def test_prompt_shorter_than_the_default_window_is_kept_whole(llama):
                          max_new_tokens=4, min_new_tokens=4, do_sample=False)  # window=32 > 12 tokens
     assert torch.equal(full.sequences, short.sequences)
     assert short.kv_lengths == [12 + 4 - 1] * model.config.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------- invariants
+#: decimal ratios: the expected count is computed exactly (Fraction), independently of float rounding
+RATIOS = ("0.05", "0.1", "0.2", "0.25", "0.3", "0.5", "0.7", "0.9", "1")
+
+
+def expected_prompt_kept(n: int, window: int, ratio: str | None, budget: int | None) -> int:
+    """Prompt tokens SnapKV keeps of a row of ``n`` real tokens: ``max(ceil(ratio * n), min(window, n))``, or
+    with a fixed budget (always above the window) ``min(budget, n)``."""
+    wanted = math.ceil(Fraction(ratio) * n) if ratio is not None else budget
+    return min(max(wanted, min(window, n)), n)
+
+
+@st.composite
+def snapkv_runs(draw):
+    """``(lengths, params, new, seed)``: a left-padded batch of 1 to 3 rows, a ratio or a budget, a window, and
+    scoring options (which must not matter to the invariants)."""
+    lengths = draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))
+    window = draw(st.integers(1, 8))
+    if draw(st.booleans()):
+        params = dict(ratio=draw(st.sampled_from(RATIOS)), budget=None, window=window)
+    else:
+        params = dict(ratio=None, budget=draw(st.integers(window + 1, 44)), window=window)
+    params["scoring.pooling"] = draw(st.sampled_from(("avg", "max")))
+    params["scoring.aggregation"] = draw(st.sampled_from(("group", "all")))
+    return lengths, params, draw(st.integers(1, 4)), draw(st.integers(0, 2**16))
+
+
+def compressor_params(params: dict) -> dict:
+    """The drawn parameters as the compressor takes them (the ratio a float, no None)."""
+    return {k: (float(v) if k == "ratio" else v) for k, v in params.items() if v is not None}
+
+
+class SnapKVWatcher:
+    """A logits processor that checks SnapKV's cache after every forward (the prefill, then each decode step)."""
+
+    def __init__(self, session, lengths, params):
+        self.session, self.lengths, self.params, self.steps = session, lengths, params, 0
+        self.width = max(lengths)
+        self.prefilled = {}  # (layer, row, head) -> the prompt positions kept at prefill
+
+    def __call__(self, input_ids, scores):
+        self.check(input_ids.shape[1])  # every token of input_ids has been fed by now
+        return scores
+
+    def check(self, seen: int) -> None:
+        """Check the cache after ``seen`` tokens (padding included) were fed."""
+        width, window = self.width, self.params["window"]
+        for idx, layer in enumerate(self.session.last_cache.layers):
+            assert layer.seen == seen and layer.compactions <= 1
+            assert layer.starts.eq(0).all(), "the left padding before the kept tokens is freed"
+            for b, n in enumerate(self.lengths):
+                pad = width - n
+                kept = expected_prompt_kept(n, window, self.params["ratio"], self.params["budget"])
+                recent = min(window, n)
+                for head in range(layer.keys.shape[1]):
+                    at = f"step {self.steps}, layer {idx}, row {b} ({n} tokens, {pad} padding), KV head {head}"
+                    live = live_positions(layer, b, head)
+                    assert len(live) == kept + seen - width, f"{at}: {len(live)} kept, expected {kept} + appended"
+                    assert live == sorted(set(live)), f"{at}: positions not sorted and unique: {live}"
+                    prompt, generated = live[:kept], live[kept:]
+                    assert min(prompt) >= pad, f"{at}: a padding position is kept: {prompt}"
+                    assert max(prompt) < width, f"{at}: {prompt}"
+                    assert prompt[kept - recent :] == list(range(width - recent, width)), (
+                        f"{at}: the last {recent} prompt positions must be kept: {prompt}"
+                    )
+                    assert generated == list(range(width, seen)), f"{at}: decoding appends: {generated}"
+                    before = self.prefilled.setdefault((idx, b, head), prompt)
+                    assert prompt == before, f"{at}: decoding evicted prompt tokens ({before} -> {prompt})"
+        self.steps += 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(run=snapkv_runs())
+def test_kept_prompt_invariants_on_padded_batches(llama, run):
+    """Per row and KV head, after prefill and after every decode step: exactly the budget rule's count of prompt
+    tokens (of the row's own length), the last ``min(window, n)`` prompt positions among them, no padding, sorted
+    unique positions, and decoding appends without evicting."""
+    model, tok = llama
+    lengths, params, new, seed = run
+    input_ids, attention_mask, _ = left_padded(tok, lengths, seed=seed)
+    with apply(model, "snapkv", backend="torch", params=compressor_params(params)) as session:
+        watcher = SnapKVWatcher(session, lengths, params)
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([watcher]),
+        )
+    assert watcher.steps == new
+
+
+@settings(max_examples=20, deadline=None)
+@given(run=snapkv_runs())
+def test_kept_prompt_invariants_on_the_fast_path(llama, run):
+    """The same invariants after a fast-path generation (static cache, no CUDA graph on the CPU)."""
+    model, tok = llama
+    lengths, params, new, seed = run
+    input_ids, attention_mask, _ = left_padded(tok, lengths, seed=seed)
+    with apply(model, "snapkv", backend="torch", params=compressor_params(params)) as session:
+        with torch.inference_mode():
+            fast_generate(
+                model, input_ids, attention_mask, session, max_new_tokens=new, min_new_tokens=new, do_sample=False
+            )
+    SnapKVWatcher(session, lengths, params).check(input_ids.shape[1] + new - 1)

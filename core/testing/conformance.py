@@ -128,39 +128,85 @@ def _reference() -> KVBackend:
 
 
 # --------------------------------------------------------------------------------------------- selection
-def _select(policy: SelectionPolicy, case: SelectionCase, budget: int) -> Selection:
-    return policy.select(case.scores, case.counts, budget, case.protect_head, case.protect_tail)
+def _rows(value: int | torch.Tensor, counts: torch.Tensor) -> list[list[int]]:
+    """A budget or protected tail as ``[B][Hkv]`` integers."""
+    return torch.as_tensor(value, dtype=torch.long).cpu().expand(counts.shape).tolist()
+
+
+def _show(value: int | torch.Tensor) -> str:
+    """A budget or protected tail for a message: the int, or one value per row."""
+    if not isinstance(value, torch.Tensor):
+        return str(value)
+    table = value.cpu()
+    same = bool((table == table[:, :1]).all()) if table.dim() == 2 and table.numel() else False
+    return f"{table[:, 0].tolist()} per row" if same else f"{table.tolist()} per (row, KV head)"
+
+
+def _select(policy: SelectionPolicy, case: SelectionCase, budget: int | torch.Tensor) -> Selection:
+    """``policy.select`` as kvsieve calls it: per-row tensors go to a policy with ``per_row_budgets`` as they are;
+    any other policy is called once per row with integers (:func:`kvsieve.compressor.select_rows`)."""
+    tail = case.protect_tail
+    if not isinstance(budget, torch.Tensor) and not isinstance(tail, torch.Tensor):
+        return policy.select(case.scores, case.counts, budget, case.protect_head, tail)
+    if policy.per_row_budgets:
+        shape = case.counts.shape
+        budget_t = budget if isinstance(budget, torch.Tensor) else torch.full(shape, budget, device=case.counts.device)
+        tail_t = tail if isinstance(tail, torch.Tensor) else torch.full(shape, tail, device=case.counts.device)
+        return policy.select(case.scores, case.counts, budget_t, case.protect_head, tail_t)
+    from kvsieve.compressor import select_rows
+
+    budgets, tails = _rows(budget, case.counts), _rows(tail, case.counts)
+    if any(len(set(row)) > 1 for row in budgets + tails):
+        raise ValueError(
+            f"{type(policy).__name__} has no per_row_budgets: kvsieve calls it once per row, so a budget or "
+            f"protected tail must be the same for every KV head of a row (budget {_show(budget)}, protect_tail "
+            f"{_show(tail)})"
+        )
+    return select_rows(
+        policy, case.scores, case.counts, [r[0] for r in budgets], case.protect_head, [r[0] for r in tails]
+    )
 
 
 def check_selection(
     policy: SelectionPolicy,
     case: SelectionCase,
     *,
-    nested_budget: int | None = None,
+    nested_budget: int | torch.Tensor | None = None,
     keeps_top_scores: bool = False,
 ) -> Selection:
     """Check a selection policy on one input; return its :class:`~kvsieve.policy.Selection`.
 
-    Always checked, per row ``b`` and KV head ``j`` with ``n = counts[b, j]`` valid candidates:
+    Always checked, per row ``b`` and KV head ``j`` with ``n = counts[b, j]`` valid candidates and the budget
+    ``budget[b, j]`` (an int, or a per-row tensor, see below):
 
     * ``counts[b, j] == min(budget, n)``; ``keep`` is ``int64 [B, Hkv, K]`` with ``K >= counts.max()``;
     * the first ``counts`` entries of ``keep`` are strictly increasing (sorted, unique) and inside ``[0, n)``
       (so padding is never kept over a real token, whatever its score: +inf, NaN, ...); the rest are -1;
-    * the first ``protect_head`` and the last ``protect_tail`` valid candidates are kept;
+    * the first ``protect_head`` and the last ``protect_tail`` (of the row) valid candidates are kept;
     * the same call gives the same answer (deterministic), and the inputs are not modified.
+
+    Per-row budgets (``case.budget`` and ``case.protect_tail`` as ``int64 [B, Hkv]`` tensors) are passed as
+    they are to a policy with ``per_row_budgets``; any other policy is called once per row with integers, as
+    kvsieve calls it (:func:`kvsieve.compressor.select_rows`).
 
     Opt-in:
 
-    * ``nested_budget`` (``>= case.budget``): the selection under that larger budget keeps a superset;
+    * ``nested_budget`` (``>= case.budget``, in every row): the selection under that larger budget keeps a
+      superset;
     * ``keeps_top_scores``: every kept unprotected candidate scores at least as high as every dropped one
       (top-k).
     """
-    scores_before, counts_before = case.scores.clone(), case.counts.clone()
+    arguments = [a for a in (case.budget, case.protect_tail) if isinstance(a, torch.Tensor)]
+    before = [t.clone() for t in (case.scores, case.counts, *arguments)]
     sel = _select(policy, case, case.budget)
     _expect(isinstance(sel, Selection), f"select() must return a Selection, got {type(sel).__name__}")
     _expect(
-        _same(case.scores, scores_before) and torch.equal(case.counts, counts_before),
+        _same(case.scores, before[0]) and torch.equal(case.counts, before[1]),
         "select() modified its scores or counts argument",
+    )
+    _expect(
+        all(torch.equal(a, b) for a, b in zip(arguments, before[2:])),
+        "select() modified its budget or protect_tail argument",
     )
     B, Hkv, _ = case.scores.shape
     keep, kept = sel.keep, sel.counts
@@ -175,10 +221,11 @@ def check_selection(
         keep.dim() == 3 and tuple(keep.shape[:2]) == (B, Hkv),
         f"Selection.keep must have shape [B={B}, Hkv={Hkv}, K], got {tuple(keep.shape)}",
     )
-    want = case.counts.clamp(max=case.budget)
+    budget_l, tail_l = _rows(case.budget, case.counts), _rows(case.protect_tail, case.counts)
+    want = case.counts.cpu().clamp(max=torch.tensor(budget_l, dtype=torch.long).reshape(B, Hkv))
     _expect(
-        torch.equal(kept.cpu(), want.cpu()),
-        f"kept counts must be min(budget={case.budget}, valid candidates): counts={case.counts.tolist()}, "
+        torch.equal(kept.cpu(), want),
+        f"kept counts must be min(budget={_show(case.budget)}, valid candidates): counts={case.counts.tolist()}, "
         f"expected {want.tolist()}, got {kept.tolist()}",
     )
     _expect(
@@ -186,12 +233,12 @@ def check_selection(
         f"Selection.keep has {keep.shape[2]} columns < counts {kept.tolist()}",
     )
     keep_l, n_l, c_l = keep.tolist(), case.counts.tolist(), kept.tolist()
-    head, tail = case.protect_head, case.protect_tail
-    where = f"(budget={case.budget}, protect_head={head}, protect_tail={tail})"
+    head = case.protect_head
+    where = f"(budget={_show(case.budget)}, protect_head={head}, protect_tail={_show(case.protect_tail)})"
     kept_sets = []
     for b in range(B):
         for j in range(Hkv):
-            n, c = n_l[b][j], c_l[b][j]
+            n, c, tail = n_l[b][j], c_l[b][j], tail_l[b][j]
             real, rest = keep_l[b][j][:c], keep_l[b][j][c:]
             at = f"row {b}, KV head {j} with {n} valid candidates {where}"
             _expect(
@@ -224,16 +271,19 @@ def check_selection(
                     f"kept an unprotected one scoring {min(chosen)} (not the top scores)"
                 )
     if nested_budget is not None:
-        _expect(nested_budget >= case.budget, "nested_budget must be >= case.budget")
+        larger_l = _rows(nested_budget, case.counts)
+        _expect(
+            all(x >= y for xs, ys in zip(larger_l, budget_l) for x, y in zip(xs, ys)),
+            "nested_budget must be >= case.budget",
+        )
         larger = _select(policy, case, nested_budget).keep.tolist()
-        larger_c = case.counts.clamp(max=nested_budget).tolist()
         for b, j, real, _ in kept_sets:
-            bigger = set(larger[b][j][: larger_c[b][j]])
+            bigger = set(larger[b][j][: min(n_l[b][j], larger_l[b][j])])
             lost = sorted(real - bigger)
             _expect(
                 not lost,
-                f"row {b}, KV head {j}: not nested: budget {case.budget} keeps {lost}, which budget "
-                f"{nested_budget} drops {where}",
+                f"row {b}, KV head {j}: not nested: budget {_show(case.budget)} keeps {lost}, which budget "
+                f"{_show(nested_budget)} drops {where}",
             )
     return sel
 
@@ -248,7 +298,8 @@ def assert_selection_conforms(
     max_examples: int = 60,
     settings: hypothesis.settings | None = None,
 ) -> None:
-    """Run :func:`check_selection` on hypothesis-drawn :func:`~kvsieve.testing.strategies.selections`.
+    """Run :func:`check_selection` on hypothesis-drawn :func:`~kvsieve.testing.strategies.selections`: most of
+    them evict; for a policy with ``per_row_budgets``, about half have per-row budgets (tensors).
 
     Args:
         nested: also check that a larger budget keeps a superset (top-k policies are nested; not every policy
@@ -257,7 +308,7 @@ def assert_selection_conforms(
         settings: hypothesis settings replacing :func:`conformance_settings`.
     """
 
-    @given(case=selections(sizes=sizes, device=device), extra=st.integers(0, 4))
+    @given(case=selections(sizes=sizes, device=device, per_row_budgets=policy.per_row_budgets), extra=st.integers(0, 4))
     def run(case, extra):
         check_selection(
             policy,

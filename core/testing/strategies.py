@@ -306,26 +306,26 @@ def prefills(
 
 # --------------------------------------------------------------------------------------------- selection
 #: what fills score entries past a row's count: a selection policy must never keep them
-PADDING_FILLS = ("inf", "nan", "max", "random", "zero")
+PADDING_FILLS = ("inf", "-inf", "nan", "max", "random", "zero")
 
 
-@st.composite
-def scores(
-    draw,
-    *,
-    sizes: Sizes = DEFAULT_SIZES,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``(scores float32 [B, Hkv, N], counts int64 [B, Hkv])`` as a selection policy receives them.
-
-    Valid scores are finite: distinct, with many ties, constant, or spanning the float32 range. Entries at or
-    past ``counts`` hold adversarial padding (``+inf``, NaN, the largest float, noise or zeros). Some rows
-    have no candidates at all, others exactly ``N``.
-    """
-    B = draw(st.integers(1, sizes.max_batch))
-    Hkv = draw(st.integers(1, sizes.max_kv_heads))
-    N = draw(st.integers(1, sizes.max_candidates))
+def _counts(draw, B: int, Hkv: int, N: int, evictable: bool) -> torch.Tensor:
+    """``int64 [B, Hkv]`` valid candidates in ``[0, N]``; with ``evictable`` one drawn (row, KV head) has at
+    least 2 (so that a budget can be below it)."""
     counts = torch.tensor([[draw(st.integers(0, N)) for _ in range(Hkv)] for _ in range(B)], dtype=torch.long)
+    if evictable:
+        b, j = draw(st.integers(0, B - 1)), draw(st.integers(0, Hkv - 1))
+        counts[b, j] = draw(st.integers(2, N))
+    return counts.reshape(B, Hkv)
+
+
+def _scores(draw, sizes: Sizes, device, evictable: bool, min_batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scores`; ``evictable``: some (row, KV head) has 2 candidates or more; ``min_batch``: rows."""
+    evictable = evictable and sizes.max_candidates >= 2
+    B = draw(st.integers(min(min_batch, sizes.max_batch), sizes.max_batch))
+    Hkv = draw(st.integers(1, sizes.max_kv_heads))
+    N = draw(st.integers(2 if evictable else 1, sizes.max_candidates))
+    counts = _counts(draw, B, Hkv, N, evictable)
     gen = _generator(draw(_SEEDS))
     kind = draw(st.sampled_from(("distinct", "ties", "constant", "extreme")))
     if kind == "distinct":
@@ -341,6 +341,7 @@ def scores(
     fill = draw(st.sampled_from(PADDING_FILLS))
     junk = {
         "inf": torch.full((B, Hkv, N), float("inf")),
+        "-inf": torch.full((B, Hkv, N), float("-inf")),
         "nan": torch.full((B, Hkv, N), float("nan")),
         "max": torch.full((B, Hkv, N), torch.finfo(torch.float32).max),
         "random": torch.randn(B, Hkv, N, generator=gen) * 1e3,
@@ -348,6 +349,22 @@ def scores(
     }[fill]
     padding = torch.arange(N) >= counts[..., None]
     return torch.where(padding, junk, values).to(device), counts.to(device)
+
+
+@st.composite
+def scores(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``(scores float32 [B, Hkv, N], counts int64 [B, Hkv])`` as a selection policy receives them.
+
+    Valid scores are finite (the scoring contract): distinct, with many ties, constant, or spanning the float32
+    range. Entries at or past ``counts`` hold adversarial padding (``+inf``, ``-inf``, NaN, the largest float,
+    noise or zeros). Some rows have no candidates at all, others exactly ``N``.
+    """
+    return _scores(draw, sizes, device, evictable=False)
 
 
 def budgets(max_budget: int = DEFAULT_SIZES.max_candidates + 2) -> st.SearchStrategy[int]:
@@ -358,13 +375,64 @@ def budgets(max_budget: int = DEFAULT_SIZES.max_candidates + 2) -> st.SearchStra
 @attrs.frozen
 class SelectionCase:
     """Arguments of :meth:`~kvsieve.policy.SelectionPolicy.select`, with ``protect_head + protect_tail``
-    at most ``budget``."""
+    at most ``budget`` (in every row).
+
+    Attributes:
+        scores, counts: as :func:`scores` draws them.
+        budget: an int, or (per-row budgets) ``int64 [B, Hkv]`` with one value per row, as kvsieve passes it to
+            a policy with ``per_row_budgets`` (a padded batch whose rows have different budgets).
+        protect_head: an int.
+        protect_tail: an int, or ``int64 [B, Hkv]`` (one value per row) when ``budget`` is a tensor.
+    """
 
     scores: torch.Tensor
     counts: torch.Tensor
-    budget: int
+    budget: int | torch.Tensor
     protect_head: int
-    protect_tail: int
+    protect_tail: int | torch.Tensor
+
+    @property
+    def per_row(self) -> bool:
+        """Whether ``budget`` and ``protect_tail`` are per-row tensors."""
+        return isinstance(self.budget, torch.Tensor)
+
+    @property
+    def budgets(self) -> torch.Tensor:
+        """``int64 [B, Hkv]`` (on the CPU): the budget of each row and KV head."""
+        return torch.as_tensor(self.budget, dtype=torch.long).cpu().expand(self.counts.shape)
+
+    @property
+    def tails(self) -> torch.Tensor:
+        """``int64 [B, Hkv]`` (on the CPU): the protected tail of each row and KV head."""
+        return torch.as_tensor(self.protect_tail, dtype=torch.long).cpu().expand(self.counts.shape)
+
+    @property
+    def evicts(self) -> bool:
+        """Whether some row and KV head has more valid candidates than its budget (something is dropped)."""
+        return bool((self.counts.cpu() > self.budgets).any())
+
+
+#: how :func:`selections` relates a budget to the candidate counts, and how often (out of 40): ``evict``: below
+#: the largest count (something is dropped); ``keep all``: at least every count; ``any``: from 1 to ``N + 2``
+_BUDGET_KINDS = ("evict",) * 35 + ("keep all",) * 3 + ("any",) * 2
+#: how :func:`selections` draws the protected head and tail, and how often (out of 10): ``none``; ``some``: less
+#: than the budget where it can (the policy still chooses by score); ``limit``: head + tail = budget; ``any``
+_PROTECTIONS = ("none", "none") + ("some",) * 5 + ("limit", "limit", "any")
+#: the protected tails of per-row budgets: drawn per row, the budget less the head (StreamingLLM's), a window
+#: capped by each row's budget (a prompt compressor's)
+_ROW_TAILS = ("free", "limit", "window")
+
+
+def _protection(draw, how: str, budget: int, head: int | None = None) -> tuple[int, int]:
+    """``(head, tail)`` for ``budget`` (``head`` given: draw only the tail)."""
+    room = budget - 1 if how == "some" else budget
+    if head is None:
+        head = 0 if how == "none" else draw(st.integers(0, room))
+    if how == "none":
+        return head, 0
+    if how == "limit":
+        return head, budget - head
+    return head, draw(st.integers(0, max(room - head, 0)))
 
 
 @st.composite
@@ -374,11 +442,59 @@ def selections(
     sizes: Sizes = DEFAULT_SIZES,
     device: str | torch.device = "cpu",
     protect: bool = True,
+    per_row_budgets: bool = False,
 ) -> SelectionCase:
-    """Draw a :class:`SelectionCase`: :func:`scores`, a budget up to ``N + 2`` and a protected head and tail
-    (none when ``protect=False``)."""
-    values, counts = draw(scores(sizes=sizes, device=device))
-    budget = draw(budgets(values.shape[-1] + 2))
-    head = draw(st.integers(0, budget)) if protect else 0
-    tail = draw(st.integers(0, budget - head)) if protect else 0
-    return SelectionCase(values, counts, budget, head, tail)
+    """Draw a :class:`SelectionCase` whose budget evicts most of the time.
+
+    The scores and counts are those of :func:`scores`. 85 to 90% of the cases drop candidates somewhere
+    (``SelectionCase.evicts``: a budget below the largest count, of a row and KV head with at least 2
+    candidates); the rest keep everything (a budget at least every count) or draw a budget from 1 to ``N + 2``
+    regardless of the counts. The protected head and tail (none when ``protect=False``) are none, less than the
+    budget (so the policy chooses some candidates by score), or reach the budget (everything kept is protected).
+
+    With ``per_row_budgets`` (for a policy whose ``per_row_budgets`` is True), about half of the cases have 2 rows
+    or more and give the budget and the protected tail as ``int64 [B, Hkv]`` tensors with one value per row
+    (contiguous, or expanded views as kvsieve passes them): the rows' budgets differ, one of them evicting; the
+    protected tail is drawn per row, is the budget less the head in every row (StreamingLLM's), or a window capped
+    by each row's budget (a prompt compressor's).
+    """
+    kind = draw(st.sampled_from(_BUDGET_KINDS))
+    per_row = per_row_budgets and sizes.max_batch >= 2 and draw(st.sampled_from((False, True)))
+    values, counts = _scores(draw, sizes, device, evictable=kind == "evict", min_batch=2 if per_row else 1)
+    N = values.shape[-1]
+    counts_l = counts.tolist()
+    most = max(max(row) for row in counts_l)  # >= 2 for "evict" (when sizes allow it)
+    if not per_row:
+        if kind == "evict" and most >= 2:
+            budget = draw(st.integers(1, most - 1))
+        elif kind == "keep all":
+            budget = draw(st.integers(max(most, 1), N + 2))
+        else:
+            budget = draw(budgets(N + 2))
+        head, tail = _protection(draw, draw(st.sampled_from(_PROTECTIONS)) if protect else "none", budget)
+        return SelectionCase(values, counts, budget, head, tail)
+    if kind == "evict" and most >= 2:
+        star = draw(st.sampled_from([b for b, row in enumerate(counts_l) if max(row) >= 2]))
+        rows = [
+            draw(st.integers(1, max(row) - 1)) if b == star else draw(budgets(N + 2))
+            for b, row in enumerate(counts_l)
+        ]
+    elif kind == "keep all":
+        rows = [draw(st.integers(max(max(row), 1), N + 2)) for row in counts_l]
+    else:
+        rows = [draw(budgets(N + 2)) for _ in counts_l]
+    how = draw(st.sampled_from(_PROTECTIONS)) if protect else "none"
+    head, _ = _protection(draw, how, min(rows))
+    row_tails = draw(st.sampled_from(_ROW_TAILS)) if how in ("some", "any") else how
+    if row_tails == "window":
+        window = draw(st.integers(0, max(rows) - head))
+        tails = [min(window, b - head) for b in rows]
+    else:
+        tails = [_protection(draw, "limit" if row_tails == "limit" else how, b, head)[1] for b in rows]
+    expanded = draw(st.booleans())
+
+    def table(per: list[int]) -> torch.Tensor:
+        column = torch.tensor(per, dtype=torch.long, device=counts.device)[:, None]
+        return column.expand(counts.shape) if expanded else column.repeat(1, counts.shape[1])
+
+    return SelectionCase(values, counts, table(rows), head, table(tails))
