@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kvsieve.cli_types import device, nonnegative, positive_float, size, unit_float
 from kvsieve.params import CompressorSpec, parse_compressor_specs, parse_params
 
 __all__ = ["main"]
@@ -31,7 +32,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None
     parser.add_argument("--model", default=default_model, help=f"built-in name or local HF directory ({default_model})")
     parser.add_argument("--backend", default="auto", help="kernel backend name or 'auto' (see `kvsieve plugins`)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (float32)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (cpu)")
+    parser.add_argument("--device", default="cpu", type=device, help="cpu | cuda | cuda:N (cpu)")
 
 
 def _add_compressor_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -157,17 +158,40 @@ def _run_generate(model, tokenizer, ids, args, compressor: str, params: dict[str
                     **kwargs)
 
 
+def _preflight(args: argparse.Namespace, spec: CompressorSpec, text: str, chat: bool):
+    """Check the compressor against the model's config and the prompt against its context, from the config and
+    the tokenizer alone (before the weights load). Returns the prompt's token ids ``[1, L]``."""
+    from kvsieve.integration import check_config, resolve_compressor
+    from kvsieve.models import preview
+
+    config, tokenizer = preview(args.model)
+    check_config(config)
+    compressor = resolve_compressor(spec.name, spec.params)
+    compressor.check_model(config)
+    ids = _prompt_ids(tokenizer, text, chat)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"context (max_position_embeddings={limit})"
+        )
+    compressor.check_prompt(ids.shape[1])
+    return ids
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     spec = _check_choices(args)
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give exactly one of --prompt or --prompt-file")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
     text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
     from kvsieve.models import load
 
+    ids = _preflight(args, spec, text, args.chat)
     model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
-    ids = _prompt_ids(tokenizer, text, args.chat)
     result = _run_generate(model, tokenizer, ids, args, spec.name, spec.params)
     new_ids = result.sequences[0, result.prompt_tokens :]
     out_text = tokenizer.decode(new_ids, skip_special_tokens=True)
@@ -221,10 +245,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = _check_choices(args)
     from kvsieve.models import load
 
+    text, secret = demo_prompt(args.prompt_tokens, args.seed)
+    ids = _preflight(args, spec, text, chat=True)
     print(f"Loading {args.model} (offline) ...", file=sys.stderr)
     model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
-    text, secret = demo_prompt(args.prompt_tokens, args.seed)
-    ids = _prompt_ids(tokenizer, text, chat=True)
     name, params = spec.name, spec.params
     runs = {}
     for label, comp, comp_params in (("full cache", "none", {}), (name, name, params)):
@@ -272,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compressor_args(p, "none")
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--prompt-file", help="file holding the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=size, default=64)
+    p.add_argument("--min-new-tokens", type=nonnegative, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=positive_float, default=0.7)
+    p.add_argument("--top-p", type=unit_float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--fast", action="store_true",
@@ -287,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo on SmolLM2: full cache vs a compressor, side by side")
     _add_model_args(p, "smollm2")
     _add_compressor_args(p, "fastkv")
-    p.add_argument("--prompt-tokens", type=int, default=1500, help="approximate prompt length (1500)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompt-tokens", type=size, default=1500, help="approximate prompt length (1500)")
+    p.add_argument("--max-new-tokens", type=size, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -306,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # bad input: one line, no traceback
         print(f"kvsieve: error: {exc}", file=sys.stderr)
         return 2
 

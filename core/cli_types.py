@@ -13,7 +13,18 @@ from typing import TypeVar
 
 from kvsieve.params import CompressorSpec, parse_compressor_specs, parse_size, parse_value
 
-__all__ = ["comma_list", "compressor_specs", "number", "numbers", "size", "sizes"]
+__all__ = [
+    "comma_list",
+    "compressor_specs",
+    "device",
+    "nonnegative",
+    "number",
+    "numbers",
+    "positive_float",
+    "size",
+    "sizes",
+    "unit_float",
+]
 
 T = TypeVar("T")
 
@@ -74,3 +85,45 @@ sizes = comma_list(size, "whole numbers >= 1 such as 512,8K (8K = 8192)")
 #: ``"0.1,0.2"`` -> ``[0.1, 0.2]``; ``"256,1K"`` -> ``[256, 1024]``.
 numbers = comma_list(number, "numbers such as 0.1,0.2 or 256,1K")
 
+
+def nonnegative(text: str) -> int:
+    """A whole number >= 0 (``8K`` allowed)."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, refused at once when this machine has no such device."""
+    import torch
+
+    name = text.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
+    return name
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (a temperature)."""
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return float(value)
+
+
+def unit_float(text: str) -> float:
+    """A number in (0, 1] (a top-p)."""
+    value = number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return float(value)

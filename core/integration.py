@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "cache_kwarg",
+    "check_config",
     "check_inputs",
     "generate",
     "resolve_backend",
@@ -145,6 +146,11 @@ def check_model(model: torch.nn.Module, allow_unsupported: bool = False) -> None
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(f"expected a HuggingFace PreTrainedModel, got {type(model).__name__}")
+    check_config(config, allow_unsupported)
+
+
+def check_config(config: Any, allow_unsupported: bool = False) -> None:
+    """:func:`check_model` from the model's config alone (before its weights are loaded)."""
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{config.model_type!r} is an encoder-decoder model; kvsieve compresses decoder-only models only"

@@ -31,6 +31,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -43,6 +44,7 @@ __all__ = [
     "ModelNotFoundError",
     "load",
     "load_config",
+    "preview",
     "random_paper_model",
     "smollm2_cache_dir",
 ]
@@ -133,6 +135,34 @@ def load_config(path: str | Path) -> PretrainedConfig:
         raise ModelNotFoundError(f"cannot read the model config {config_file}: {exc}") from exc
 
 
+def preview(name: str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """``(config, tokenizer)`` of a model :func:`load` accepts, without its weights: what a command checks its
+    arguments against (layer count, context length, prompt length) before the slow part."""
+    if name == "smollm2":
+        path = _smollm2_dir()
+        return load_config(path), _tokenizer(path)
+    if name.startswith("tiny-random-") and name.removeprefix("tiny-random-") in TINY_RANDOM_FAMILIES:
+        tokenizer = _byte_tokenizer()
+        return _tiny_config(name.removeprefix("tiny-random-"), tokenizer), tokenizer
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        return load_config(path), _tokenizer(path)
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or the path of a local model directory"
+    )
+
+
+def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer file, said in one line
+        raise ModelNotFoundError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _load_pretrained(path: Path, dtype, device, attn_implementation):
     config = load_config(path)
     try:
@@ -140,10 +170,7 @@ def _load_pretrained(path: Path, dtype, device, attn_implementation):
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelNotFoundError(f"cannot load the model in {path}: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
@@ -214,15 +241,20 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _special_ids(tokenizer) -> dict[str, int]:
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _tiny_config(family: str, tokenizer) -> PretrainedConfig:
+    extra = {"sliding_window": None} if family == "mistral" else {}  # sliding-window layers are unsupported
+    return TINY_RANDOM_FAMILIES[family](vocab_size=len(tokenizer), **TINY_SHAPE, **_special_ids(tokenizer), **extra)
+
+
 def _tiny_random(family: str, dtype, device, attn_implementation, seed):
     tokenizer = _byte_tokenizer()
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    extra = {"sliding_window": None} if family == "mistral" else {}  # sliding-window layers are unsupported
-    config = TINY_RANDOM_FAMILIES[family](vocab_size=len(tokenizer), **TINY_SHAPE, **special, **extra)
+    special = _special_ids(tokenizer)
+    config = _tiny_config(family, tokenizer)
     # Initialize in float32 on the CPU so the weights depend on the seed alone, not on dtype or device.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -101,7 +101,6 @@ def test_generate_fast_gives_the_eager_tokens(capsys):
         (("--compressor", "snapkv,rpc"), "--compressor takes one compressor here, got 2 in 'snapkv,rpc'"),
         (("--compressor", "window=8"), "--compressor: parameter 'window=8' comes before any compressor name"),
         (("--compressor", "snapkv:ratio=1.5"), "ratio must be the kept fraction, in (0, 1]"),
-        (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
     ],
 )
 def test_generate_bad_input_is_one_clear_line(capsys, argv, message):
@@ -117,7 +116,7 @@ def test_prompt_longer_than_context_is_refused(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--model", "tiny-random-llama", "--prompt-file", str(long_prompt),
                        "--max-new-tokens", "2")
     assert code == 2
-    assert "longer than the model's context" in err
+    assert "exceeds the model's context (max_position_embeddings=4096)" in err
 
 
 def test_parse_params_types():
@@ -141,3 +140,53 @@ def test_demo_refuses_a_key_in_both_the_spec_and_set(capsys):
     assert err == (
         "kvsieve: error: budget given both in --compressor streamingllm:budget=64 and with --set; give it once\n"
     )
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--device", "tpu"), "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (("--min-new-tokens", "-1"), "argument --min-new-tokens: expected a whole number >= 0, got '-1'"),
+    (("--min-new-tokens", "80"), "--min-new-tokens 80 exceeds --max-new-tokens 64"),
+    (("--temperature", "0"), "argument --temperature: expected a number > 0"),
+    (("--top-p", "1.5"), "argument --top-p: expected a number in (0, 1]"),
+    (("--compressor", "fastkv", "--set", "tsp_layer=9"), "tsp_layer=9 is out of range for a model with num_hidden"),
+    (("--compressor", "snapkv", "--set", "selection=3"), "selection must be the name of a registered selection"),
+    (("--compressor", "snapkv", "--set", "scoring=3"), "scoring must be the name of a registered scoring"),
+    (("--compressor", "snapkv", "--set", "ratio=0.1", "--set", "ratio=0.2"), "'ratio' is given twice"),
+    (("--max-new-tokens", "5000"), "exceeds the model's context (max_position_embeddings=4096)"),
+])
+def test_bad_generate_input_fails_before_the_weights_load(monkeypatch, capsys, argv, message):
+    """One line, exit 2, and the model's weights are never loaded (the checks use its config and tokenizer)."""
+    from kvsieve import models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_weights)
+    try:
+        code = main(["generate", "--model", "tiny-random-llama", "--prompt", "hello", *argv])
+    except SystemExit as exc:  # argparse's own refusal of a malformed value
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
+
+
+def test_cuda_without_a_gpu_is_refused_at_once(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "tiny-random-llama", "--prompt", "hi", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_non_positive_prompt_length(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--model", "tiny-random-llama", "--prompt-tokens", "0"])
+    assert exit_info.value.code == 2 and "--prompt-tokens: expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_corrupt_model_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": "three"}')
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "cannot read the model config" in capsys.readouterr().err
