@@ -56,15 +56,14 @@ def describe_class(policy: Any, kind: str) -> str:
 
 
 def _fingerprint(layer: SieveLayer) -> torch.Tensor:
-    """``float64 [5]``: sums of keys, values (fp32 accumulation, no copy), positions, starts and ends."""
-    parts = [layer.keys.sum(dtype=torch.float32), layer.values.sum(dtype=torch.float32),
-             layer.positions.sum(), layer.starts.sum(), layer.ends.sum()]
-    return torch.stack([p.to(torch.float64) for p in parts])
+    """``float64 [5]``: sums of keys, values, positions, starts and ends (each one reduction, no copy)."""
+    return torch.stack([t.sum(dtype=torch.float64) for t in
+                        (layer.keys, layer.values, layer.positions, layer.starts, layer.ends)])
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Device bool: some entry differs (NaN equals NaN: poisoned free slots are not a change)."""
-    return ((a != b) & ~(a.isnan() & b.isnan())).any()
+    return (a.nan_to_num(nan=0.0) != b.nan_to_num(nan=0.0)).any()
 
 
 class ContractGuard:
@@ -159,22 +158,17 @@ class ContractGuard:
         expected = counts.clamp(max=budget)
         idx = torch.arange(K, device=keep.device)
         real = idx < kept[..., None]
-        in_range = (keep >= 0) & (keep < counts[..., None])
-        increasing = keep[..., 1:] > keep[..., :-1]
-        faults = [
-            (kept != expected).any() | (kept > K).any(),
-            (real & ~in_range).any(),
-            (real[..., 1:] & ~increasing).any(),
-        ]
-        # the protected candidates are kept: with sorted unique indices, entry p < protect_head is p, and the entries
-        # of the last protect_tail positions are the last candidates (where no more than the budget exist,
-        # everything is kept and the count check covers it)
-        evicting = (counts > budget)[..., None] & real
+        n = counts[..., None]
+        previous = torch.nn.functional.pad(keep[..., :-1], (1, 0), value=-1)
+        # entry p: above the one before (sorted, unique, >= 0) and a candidate; where the row evicts, the protected
+        # positions hold what protection dictates: p < protect_head holds p, the last protect_tail hold the last
+        # candidates (where no more than the budget exist, everything is kept and the count check covers it)
         tail = protect_tail[..., None] if isinstance(protect_tail, torch.Tensor) else protect_tail
-        in_tail = idx >= kept[..., None] - tail
-        faults.append((evicting & (idx < protect_head) & (keep != idx)).any())
-        faults.append((evicting & in_tail & (keep != counts[..., None] - kept[..., None] + idx)).any())
-        broken = torch.stack(faults).any()
+        protected_value = torch.where(idx < protect_head, idx, n - kept[..., None] + idx)
+        is_protected = (idx < protect_head) | (idx >= kept[..., None] - tail)
+        evicting = (counts > budget)[..., None]
+        wrong = (keep <= previous) | (keep >= n) | (is_protected & (keep != protected_value) & evicting)
+        broken = (real & wrong).any() | (kept != expected).any() | (kept > K).any()
         rule = "budget" if isinstance(budget, torch.Tensor) else f"budget={budget}"
         self._defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
                             f"candidates, exactly min({rule}, candidates) per row and KV head, with the protected "
