@@ -56,9 +56,11 @@ def describe_class(policy: Any, kind: str) -> str:
 
 
 def _fingerprint(layer: SieveLayer) -> torch.Tensor:
-    """``float64 [5]``: sums of keys, values, positions, starts and ends (each one reduction, no copy)."""
-    return torch.stack([t.sum(dtype=torch.float64) for t in
-                        (layer.keys, layer.values, layer.positions, layer.starts, layer.ends)])
+    """``float32 [2]`` and ``int64 [3]`` sums of keys, values (in their own dtype: a sum with another ``dtype``
+    copies the whole buffer first), positions, starts and ends, as one ``float64 [5]``."""
+    floats = torch.stack([layer.keys.sum(), layer.values.sum()]).double()
+    ints = torch.stack([layer.positions.sum(), layer.starts.sum(), layer.ends.sum()]).double()
+    return torch.cat([floats, ints])
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
