@@ -53,8 +53,8 @@ def decode_rows(batch: int, tokens: int) -> list[dict]:
             logits = decoder.prefill(ids, None, tokens)
             plain, firing = [], []
             rpc = engine.compressor
-            for step in range(1, tokens):
-                seconds, logits = _timed(lambda lg=logits: decoder.step(lg.argmax(-1)))
+            for _ in range(1, tokens):
+                seconds, logits = _timed(lambda lg=logits, d=decoder: d.step(lg.argmax(-1)))
                 generated = decoder.cache.layers[0].seen - decoder.cache.layers[0].prompt_len
                 (firing if rpc.fires_at(generated) else plain).append(seconds)
             del decoder
@@ -91,7 +91,7 @@ def prefill_rows(contexts: list[int]) -> list[dict]:
         for name, params in runs:
             times = {}
             for checks in (True, False, True, False):  # interleaved: drift hits both alike
-                def ttft(c=checks):
+                def ttft(c=checks, ids=ids, name=name, params=params):
                     return generate(model, ids, compressor=name, params=params, backend="triton", checks=c,
                                     max_new_tokens=1, do_sample=False)
                 if checks not in times:

@@ -1,4 +1,4 @@
-"""FastKV: token-selective propagation + per-layer KV selection (ALGORITHMS.md, "FastKV").
+"""FastKV: token-selective propagation + per-layer KV selection (docs/policies/fastkv.md).
 
 * driver tests run the compressor on a bare SieveCache layer fed with random K/V and queries and compare its
   choices (the layer's kept KV per head, the propagated tokens) with a straightforward re-implementation;

@@ -1,6 +1,6 @@
 """RPC (Reasoning Path Compression): schedule, lengths, selection parity, integration with model.generate.
 
-The facts pinned here come from ALGORITHMS.md, "RPC". Two kinds of tests:
+The facts pinned here come from the RPC paper (docs/policies/rpc.md). Two kinds of tests:
 
 * driver tests run the compressor on a bare :class:`SieveCache` fed with random K/V and queries, one decode
   step at a time (fast: no model), and compare its choices with a straightforward re-implementation;
@@ -39,7 +39,7 @@ def kept_per_interval(P: int, ratio: float) -> int:
 
 
 def expected_length(prompt_len: int, generated: int, P: int, R: int, ratio: float) -> int:
-    """ALGORITHMS.md: after k compressions a layer holds Lp + k*T + R entries (+ tokens since the k-th);
+    """The paper's schedule: after k compressions a layer holds Lp + k*T + R entries (+ tokens since the k-th);
     compressions fire at P + R generated tokens, then every P; T = floor(ratio * P)."""
     k = max(generated - R, 0) // P
     if k == 0:
@@ -97,7 +97,7 @@ class Driver:
 
 
 def reference_keep(keys, queries, n_prompt, R, keep, kernel, aggregation, scale):
-    """Indices (into the live slots) that RPC keeps, written straight from ALGORITHMS.md for one row.
+    """Indices (into the live slots) that RPC keeps, written straight from the paper's description for one row.
 
     Args:
         keys: ``[Hkv, L, d]`` the row's live keys; queries: ``[H, R, d]`` its last R queries.
@@ -228,7 +228,7 @@ def test_budget_is_the_tokens_kept_per_interval():
 
 
 def test_paper_schedule():
-    """ALGORITHMS.md: P=1024, R=32 fires at decode steps 1056, 2080, 3104 with candidate pools of 1024, 1280,
+    """The paper's schedule: P=1024, R=32 fires at decode steps 1056, 2080, 3104 with candidate pools of 1024, 1280,
     1536 that keep 256, 512, 768."""
     rpc = RPC(interval=1024, window=32, ratio=0.25)
     fired = [g for g in range(1, 3200) if rpc.fires_at(g)]

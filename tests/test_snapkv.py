@@ -1,4 +1,4 @@
-"""SnapKV against ALGORITHMS.md, on the model's own post-RoPE queries and keys.
+"""SnapKV against the paper's description (docs/policies/snapkv.md), on the model's own post-RoPE queries and keys.
 
 With budget ``B`` and window ``w``, per KV head the kept prompt tokens are the last ``w`` plus the top
 ``B - w`` of the rest by the SnapKV score: softmax of each window query over every prompt key it causally sees

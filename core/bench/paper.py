@@ -17,8 +17,8 @@ __all__ = [
     "prefill_goals",
 ]
 
-#: RPC paper, decode throughput in tokens/s (ALGORITHMS.md: synthetic 128-token prompt, greedy, fixed output length,
-#: most likely batch 32; their GPU, not an H200). ``None``: out of memory in the paper.
+#: RPC paper, decode throughput in tokens/s (the paper's setting: synthetic 128-token prompt, greedy, fixed output
+#: length, most likely batch 32; their GPU, not an H200). ``None``: out of memory in the paper.
 PAPER_DECODE_TOKENS_PER_S = {
     ("r1-qwen-7b", "none"): {8192: 653.0, 16384: 504.5, 32768: 342.9},
     ("r1-qwen-7b", "rpc"): {8192: 709.0, 16384: 671.4, 32768: 575.2},
