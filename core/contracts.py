@@ -55,6 +55,19 @@ def describe_class(policy: Any, kind: str) -> str:
     return f"{kind} policy {name!r} (class {type(policy).__module__}.{type(policy).__qualname__})"
 
 
+def _read_all(values: list[torch.Tensor]) -> list[int]:
+    """Device scalars as host ints: one read per device they live on (a model split over devices puts each
+    layer's flags on that layer's device)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(i)
+    out = [0] * len(values)
+    for indices in by_device.values():
+        for i, got in zip(indices, torch.stack([values[i].to(torch.long) for i in indices]).tolist(), strict=True):
+            out[i] = got
+    return out
+
+
 def _fingerprint(layer: SieveLayer) -> torch.Tensor:
     """``float32 [2]`` and ``int64 [3]`` sums of keys, values (in their own dtype: a sum with another ``dtype``
     copies the whole buffer first), positions, starts and ends, as one ``float64 [5]``."""
@@ -89,7 +102,7 @@ class ContractGuard:
         """Read ``values`` (device scalars) in one host read, together with the pending fault flags; raise the
         first fault found."""
         flags = [flag for flag, _ in self._pending]
-        got = torch.stack([v.to(torch.long) for v in (*values, *flags)]).tolist() if values or flags else []
+        got = _read_all([*values, *flags])
         self._raise_first(got[len(values):])
         return got[: len(values)]
 

@@ -125,6 +125,7 @@ def _expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b]]`` along dim 1 for ``x`` of shape ``[1 or B, Q, ...]``."""
     x = _expand_batch(x, index.shape[0])
+    index = index.to(x.device)  # a model split over devices computes position embeddings on its first device
     idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
     return x.gather(1, idx)
 
@@ -136,6 +137,7 @@ def _gather_mask(mask: torch.Tensor, index: torch.Tensor, num_tokens: int) -> to
             f"token propagation needs a 4D attention mask (or None), got shape {tuple(mask.shape)}"
         )
     B, K = index.shape
+    index = index.to(mask.device)
     mask = _expand_batch(mask, B)
     heads, cols = mask.shape[1], mask.shape[3]
     rows = mask.gather(2, index[:, None, :, None].expand(B, heads, K, cols))
