@@ -18,6 +18,7 @@ import torch
 
 from kvsieve.budget import Budget
 from kvsieve.contracts import ContractGuard, checks_enabled
+from kvsieve.parallel import LOCAL
 from kvsieve.policy import ScoringContext, ScoringPolicy, Selection, SelectionPolicy
 
 if TYPE_CHECKING:
@@ -215,6 +216,7 @@ def compress_layer(
             queries_are_last=queries_are_last,
             # exact (cand_ends = max(ends - tail, cand_starts)); unknown on the host when the tails differ per row
             candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else None,
+            heads=engine.heads if engine is not None else LOCAL,
         )
         fingerprint = guard.fingerprint(layer)
         scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,

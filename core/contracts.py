@@ -33,7 +33,7 @@ from kvsieve.policy import Selection
 if TYPE_CHECKING:
     from kvsieve.cache import SieveLayer
 
-__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "describe_class"]
+__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "debug_checks", "describe_class"]
 
 _OFF = ("0", "off", "false", "no")
 
@@ -47,6 +47,12 @@ def checks_enabled(default: bool | None = None) -> bool:
     if default is not None:
         return default
     return os.environ.get("KVSIEVE_CHECKS", "on").strip().lower() not in _OFF
+
+
+def debug_checks() -> bool:
+    """Whether ``KVSIEVE_DEBUG`` asks for the checks that cost a host read each (e.g. that tensor-parallel ranks
+    agree on what FastKV propagates)."""
+    return os.environ.get("KVSIEVE_DEBUG", "").strip().lower() not in ("", *_OFF)
 
 
 def describe_class(policy: Any, kind: str) -> str:

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
 from kvsieve.contracts import ContractGuard, checks_enabled
+from kvsieve.parallel import HeadGroup, tensor_parallel_group
 from kvsieve.plugins import describe_object, has_layer_compressed_observers, notify_layer_compressed
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class Engine:
         propagation: the current forward's token-propagation state (:mod:`kvsieve.propagation`), if any.
         observed: whether a plugin observes compactions (``kvsieve_layer_compressed``).
         guard: the :class:`~kvsieve.contracts.ContractGuard` every compaction's plugin output goes through.
+        heads: the :class:`~kvsieve.parallel.HeadGroup` scores that span heads are reduced over (a
+            tensor-parallel group when the model is split by heads).
     """
 
     def __init__(self, model: torch.nn.Module, compressor: Compressor, backend: KVBackend,
@@ -124,6 +127,7 @@ class Engine:
         self._previous_attention: str | None = None
         self.observed = has_layer_compressed_observers()
         self.guard = ContractGuard(checks_enabled(checks), describe=describe_object)
+        self.heads = HeadGroup(tensor_parallel_group(model))  # this rank's KV heads, or a tensor-parallel group
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:

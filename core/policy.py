@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 import torch
 
+from kvsieve.parallel import LOCAL, HeadGroup
+
 if TYPE_CHECKING:
     from kvsieve.backend import KVBackend
 
@@ -39,6 +41,8 @@ class ScoringContext:
             policy may normalise over every key they causally see.
         candidate_count: ``N = max(cand_ends - cand_starts)`` when the caller knows it on the host (``None``:
             read from the device when needed). Must be exact.
+        heads: the KV heads a score may span (:mod:`kvsieve.parallel`): under tensor parallelism this rank holds
+            only some; :meth:`sum_over_heads` reduces over all of them.
     """
 
     queries: torch.Tensor
@@ -54,6 +58,7 @@ class ScoringContext:
     backend: KVBackend
     queries_are_last: bool = False
     candidate_count: int | None = None
+    heads: HeadGroup = LOCAL
 
     @property
     def cand_counts(self) -> torch.Tensor:
@@ -76,6 +81,12 @@ class ScoringContext:
 
         return call_window_scores(self.backend, self.queries if queries is None else queries, self.keys,
                                   self.cand_starts, self.cand_ends, self.scale, lse, self.candidate_count)
+
+    def sum_over_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, N]``: ``scores`` ``[B, Hkv, N]`` summed over every KV head of the layer, across the ranks of a
+        tensor-parallel group too (:mod:`kvsieve.parallel`). Any ranking shared by heads must use this, not
+        ``scores.sum(dim=1)``, so that every rank keeps the tokens one device would."""
+        return self.heads.sum_over_heads(scores)
 
     def candidate_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, valid)``, both ``[B, Hkv, N]``: the cache slot of candidate ``n`` (clamped into the buffer)

@@ -23,6 +23,8 @@ import torch
 import kvsieve
 from kvsieve.budget import Budget
 from kvsieve.compressor import LayerEvent, select_rows
+from kvsieve.contracts import debug_checks
+from kvsieve.parallel import LOCAL
 from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy
 from kvsieve.prompt import PromptCompressor
@@ -226,8 +228,11 @@ class FastKV(PromptCompressor):
             scale=event.scale,
             backend=event.backend,
             queries_are_last=True,
+            heads=event.engine.heads if event.engine is not None else LOCAL,
         )
-        per_token = self.scoring.score(ctx).sum(dim=1)  # [B, N]: candidate n is token starts + n
+        # [B, N]: candidate n is token starts + n; over every KV head, across tensor-parallel ranks too, so that
+        # every rank propagates the same tokens
+        per_token = ctx.sum_over_heads(self.scoring.score(ctx))[:, 0]
         B, N = per_token.shape
         starts, counts = layer.starts[:, 0], ctx.cand_counts[:, 0]  # prefill: the same for every KV head
         offsets = torch.arange(N, device=per_token.device)
@@ -255,7 +260,13 @@ class FastKV(PromptCompressor):
         fill = torch.tensor([K - b for b in budgets], device=scores.device)[:, None]  # [B, 1]
         j = torch.arange(K, device=scores.device)
         from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))
-        return torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)
+        keep = torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)
+        heads = event.engine.heads if event.engine is not None else LOCAL
+        if heads.distributed and debug_checks() and not heads.same_on_every_rank(keep):
+            raise RuntimeError(
+                f"fastkv: the tensor-parallel ranks chose different tokens to propagate at layer {event.layer_idx}"
+            )
+        return keep
 
 
 @kvsieve.hookimpl

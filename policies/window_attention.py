@@ -72,8 +72,8 @@ class WindowAttentionScoring(ScoringPolicy):
                 )
             lse = ctx.backend.window_lse(ctx.queries, ctx.keys, ctx.starts, ctx.ends, ctx.scale)
         scores = pool_scores(ctx.window_scores(lse), self.pooling, self.kernel)
-        if self.aggregation == "all":
-            scores = scores.sum(dim=1, keepdim=True).expand_as(scores)
+        if self.aggregation == "all":  # over every head of the layer, across tensor-parallel ranks too
+            scores = ctx.sum_over_heads(scores).expand_as(scores)
         return scores
 
 

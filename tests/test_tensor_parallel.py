@@ -1,0 +1,80 @@
+"""Scores that span heads under tensor parallelism (kvsieve.parallel), on the CPU with gloo and 2 processes: each
+rank holds half the KV heads (and their query heads) of a layer; with the reduction, every rank scores and keeps
+exactly what one process holding all heads does; without it (today's per-rank sum) they would not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kvsieve.backends.torch_ref import TorchBackend
+from kvsieve.parallel import HeadGroup
+from kvsieve.policies.topk import TopKSelection
+from kvsieve.policies.window_attention import WindowAttentionScoring
+from kvsieve.policy import ScoringContext
+
+B, H, HKV, W, L, D = 2, 8, 4, 4, 30, 16
+WORLD = 2
+
+
+def full_tensors():
+    gen = torch.Generator().manual_seed(7)
+    queries = torch.randn(B, H, W, D, generator=gen)
+    keys = torch.randn(B, HKV, L, D, generator=gen)
+    starts = torch.tensor([[0] * HKV, [5] * HKV])
+    return queries, keys, starts
+
+
+def context(queries, keys, starts, heads: HeadGroup) -> ScoringContext:
+    hkv = keys.shape[1]
+    ends = torch.full((B, hkv), L)
+    return ScoringContext(queries=queries, keys=keys, values=keys, starts=starts[:, :hkv], ends=ends,
+                          cand_starts=starts[:, :hkv], cand_ends=ends - W, positions=torch.arange(L).expand(B, hkv, L),
+                          layer_idx=0, scale=D**-0.5, backend=TorchBackend(), queries_are_last=True, heads=heads)
+
+
+def score_and_keep(ctx: ScoringContext, normalization: str):
+    scores = WindowAttentionScoring(pooling="avg", kernel=3, aggregation="all", normalization=normalization).score(ctx)
+    counts = ctx.cand_counts
+    return scores, TopKSelection().select(scores, counts, 9).keep
+
+
+def rank_main(rank: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        queries, keys, starts = full_tensors()
+        kv = slice(rank * HKV // WORLD, (rank + 1) * HKV // WORLD)
+        q = slice(rank * H // WORLD, (rank + 1) * H // WORLD)
+        results = {}
+        for normalization in ("candidates", "visible"):
+            for name, heads in (("reduced", HeadGroup(dist.group.WORLD)), ("local", HeadGroup())):
+                ctx = context(queries[:, q].contiguous(), keys[:, kv].contiguous(), starts, heads)
+                results[(normalization, name)] = score_and_keep(ctx, normalization)
+        results["same"] = HeadGroup(dist.group.WORLD).same_on_every_rank(torch.tensor([1, 2, 3]))
+        results["differ"] = HeadGroup(dist.group.WORLD).same_on_every_rank(torch.tensor([rank]))
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_ranks_score_and_keep_what_one_process_does(tmp_path):
+    mp.spawn(rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    queries, keys, starts = full_tensors()
+    for normalization in ("candidates", "visible"):
+        full_scores, full_keep = score_and_keep(context(queries, keys, starts, HeadGroup()), normalization)
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"rank{rank}.pt")
+            kv = slice(rank * HKV // WORLD, (rank + 1) * HKV // WORLD)
+            scores, keep = got[(normalization, "reduced")]
+            torch.testing.assert_close(scores, full_scores[:, kv], rtol=1e-5, atol=1e-6)
+            assert torch.equal(keep, full_keep[:, kv]), (normalization, rank)
+            _, local_keep = got[(normalization, "local")]
+            assert not torch.equal(local_keep, full_keep[:, kv]), "without the reduction the ranks keep other tokens"
+    got = torch.load(tmp_path / "rank0.pt")
+    assert got["same"] is True and got["differ"] is False
