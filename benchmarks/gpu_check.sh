@@ -12,7 +12,8 @@
 # profile (torch.profiler over one prefill per compressor at 8K), profile-decode (one decode step's kernels),
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
 # RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K), tp (tensor parallelism on TP_GPUS=2 GPUs: every rank
-# keeps what one GPU keeps; needs a machine with that many GPUs). PREFILL_BACKEND picks the prefill stages' backend.
+# keeps what one GPU keeps; needs a machine with that many GPUs), device-map (a model split over 2 GPUs by accelerate
+# keeps the one-GPU tokens). PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -59,6 +60,7 @@ for stage in $stages; do
     fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;
     rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
     checks)  python benchmarks/check_cost.py "$out" 2>&1 | tail -n 30 ;;
+    device-map) python benchmarks/device_map_check.py "$out" 2>&1 | grep -v Warning | tail -n 20 ;;
     tp)      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
              python benchmarks/tp_check.py prepare "$site/tp-model" && \
              python benchmarks/tp_check.py single "$site/tp-model" "$out" && \

@@ -14,6 +14,7 @@ tensors (Triton's interpreter, ~0.5 ms per program instance: for tests at tiny s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -48,7 +49,10 @@ class _AutoPriority:
         return -10 if interpret_mode() else 30
 
 
-def _require_runnable(*tensors: torch.Tensor) -> None:
+def _launching_on(*tensors: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Check the tensors can run here, and make their GPU the current device while kernels launch: Triton launches
+    on the current device and its stream, so a layer on another GPU than the current one (a ``device_map`` split)
+    would otherwise run on the wrong GPU, unordered with that layer's own stream."""
     for t in tensors:
         if t.device.type != "cuda" and not interpret_mode():
             raise RuntimeError(
@@ -56,6 +60,8 @@ def _require_runnable(*tensors: torch.Tensor) -> None:
                 "(set TRITON_INTERPRET=1 before importing triton to run it on CPU through Triton's "
                 "interpreter, slowly)"
             )
+    device = tensors[0].device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class TritonBackend(KVBackend):
@@ -87,30 +93,30 @@ class TritonBackend(KVBackend):
         return prefill_attention(queries, keys, values, attention_mask, scale)
 
     def decode_attention(self, queries, keys, values, starts, ends, scale):
-        _require_runnable(queries, keys, values)
         from .decode_attention import decode_attention
 
-        return decode_attention(queries, keys, values, starts, ends, scale)
+        with _launching_on(queries, keys, values):
+            return decode_attention(queries, keys, values, starts, ends, scale)
 
     # ------------------------------------------------------------------ scoring
     def window_lse(self, queries, keys, starts, ends, scale):
-        _require_runnable(queries, keys)
         from .window_scores import window_lse
 
-        return window_lse(queries, keys, starts, ends, scale)
+        with _launching_on(queries, keys):
+            return window_lse(queries, keys, starts, ends, scale)
 
     def window_scores(self, queries, keys, cand_starts, cand_ends, scale, lse=None, num_candidates=None):
-        _require_runnable(queries, keys)
         from .window_scores import window_scores
 
-        return window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates=num_candidates)
+        with _launching_on(queries, keys):
+            return window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates=num_candidates)
 
     # ------------------------------------------------------------------ compaction
     def compact(self, keys, values, keep, counts, dest_starts):
-        _require_runnable(keys, values)
         from .compaction import compact
 
-        compact(keys, values, keep, counts, dest_starts)
+        with _launching_on(keys, values):
+            compact(keys, values, keep, counts, dest_starts)
 
 
 @kvsieve.hookimpl
