@@ -30,6 +30,7 @@ from kvsieve.evaluation.configs import expand_configs
 from kvsieve.evaluation.fidelity import MODES, run_fidelity
 from kvsieve.evaluation.report import report
 from kvsieve.evaluation.retrieval import load_model, run_retrieval
+from kvsieve.evaluation.sharding import Shard
 from kvsieve.evaluation.tasks import FILLERS, TEMPLATES
 from kvsieve.params import parse_compressor_specs, parse_params
 from kvsieve.plugins import registry
@@ -194,7 +195,9 @@ def _add_common(sub: argparse.ArgumentParser, defaults: dict, phase: str) -> Non
         + (defaults["depths"] or "the n prompts of a length spread over (0,1)")
         + ")",
     )
-    sub.add_argument("--n", type=int, default=defaults["n"], help=f"samples per cell (default {defaults['n']})")
+    sub.add_argument("--n", "--samples", dest="n", type=int, default=defaults["n"],
+                     help=f"samples per cell (default {defaults['n']}); under torchrun write --samples (torchrun "
+                     "takes --n for its own --nnodes)")
     sub.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     sub.add_argument("--backend", default="auto", help="kernel backend (default auto)")
     sub.add_argument("--out", type=Path, default=None, help="output directory (default kvsieve-eval/<task>)")
@@ -236,6 +239,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    shard = Shard.from_environment()
+    if shard.sharded and task == "fidelity":
+        raise ValueError("eval fidelity does not split over processes yet: run it in one process (no torchrun)")
     phase = "decode" if task == "fidelity" else "prefill"
     specs = args.compressor or parse_compressor_specs(default_compressors(phase))
     configs = expand_configs(specs, parse_params(args.set), args.budgets, args.budget_param)
@@ -271,6 +277,9 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         run_retrieval(task, model, tokenizer, configs, **common)
+    if shard.rank != 0:
+        print(f"rank {shard.rank} of {shard.world}: done; rank 0 merges the results into {out}/")
+        return 0
     print((out / "summary.md").read_text())
     print(f"results in {out}/")
     return 0

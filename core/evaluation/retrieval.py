@@ -25,13 +25,16 @@ from kvsieve import integration, models
 from kvsieve.evaluation.configs import CompressorConfig
 from kvsieve.evaluation.outputs import append_jsonl, run_metadata, start_jsonl, write_json
 from kvsieve.evaluation.report import write_retrieval_report
+from kvsieve.evaluation.sharding import Shard, merge_parts
 from kvsieve.evaluation.tasks import Prompt, PromptTooLongError, make_prompts, score
 
 __all__ = ["check_fits", "context_limit", "full_cache_tokens", "load_model", "run_retrieval"]
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32"):
-    """``(model, tokenizer)`` through :func:`kvsieve.models.load`; ``device="auto"`` picks CUDA when present."""
+    """``(model, tokenizer)`` through :func:`kvsieve.models.load`; ``device="auto"`` picks CUDA when present (this
+    process's GPU under torchrun)."""
+    device = Shard.from_environment().device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return models.load(name, dtype=getattr(torch, dtype), device=device)
@@ -119,15 +122,19 @@ def run_retrieval(
         template=template,
         progress=progress,
     )
-    results_path = start_jsonl(out, "results.jsonl")
-    if out is not None:
+    shard = Shard.from_environment()  # under torchrun: this process's share of prompts (kvsieve.evaluation.sharding)
+    if shard.sharded and out is None:
+        raise ValueError("a sweep split over processes (torchrun) needs an output directory to merge into")
+    results_path = start_jsonl(out, shard.part(out, "results.jsonl").name) if out is not None else None
+    if out is not None and shard.rank == 0:
         with (out / "prompts.jsonl").open("w") as f:
             for prompt in prompts:
                 f.write(json.dumps(prompt.to_json()) + "\n")
     device = next(model.parameters()).device
     records = []
-    bar = tqdm(total=len(prompts) * len(configs), desc=f"{task} eval", disable=not progress, unit="prompt")
-    for prompt in prompts:  # prompt-major: a partial run has every configuration on the first prompts
+    mine = [prompt for i, prompt in enumerate(prompts) if shard.mine(i)]
+    bar = tqdm(total=len(mine) * len(configs), desc=f"{task} eval", disable=not progress, unit="prompt")
+    for prompt in mine:  # prompt-major: a partial run has every configuration on the first prompts
         ids = torch.tensor([prompt.input_ids], device=device)
         for config in configs:
             bar.set_postfix_str(f"{config.label} L={prompt.length}", refresh=False)
@@ -138,6 +145,12 @@ def run_retrieval(
                 append_jsonl(results_path, record)
             bar.update()
     bar.close()
+    if shard.sharded:
+        shard.mark_done(out)
+        if shard.rank != 0:
+            return records  # rank 0 merges and reports
+        order = [(prompt.id, config.label) for prompt in prompts for config in configs]
+        records = merge_parts(out, "results.jsonl", shard, order, key=lambda r: (r["prompt_id"], r["compressor"]))
     if out is not None:
         meta["seconds"] = round(time.perf_counter() - started, 1)
         meta.update(
@@ -152,6 +165,7 @@ def run_retrieval(
             budget_param=budget_param,
         )
         write_json(out / "meta.json", meta)
+        meta["processes"] = shard.world
         write_retrieval_report(out, records, budget_param, meta)
     return records
 
