@@ -14,6 +14,9 @@ Every layer implements one interface, :class:`SieveLayer`:
   so new tokens always get their true absolute positions however much was evicted.
 * ``row_lengths``: the real (not padding) tokens of each row that the layer's prefill computed on, on the host:
   budgets given as a ratio resolve against them, so a row is compressed as it would be alone.
+* per-slot side buffers (:meth:`SieveLayer.slot_buffer`): ``[B, Hkv, C]`` values a compressor keeps for each
+  cached token (H2O's accumulated attention). They move with the tokens: compaction, growth, shrinking and row
+  reordering treat them like ``positions``, and a slot that holds no token holds the buffer's fill value.
 
 Two implementations:
 
@@ -70,6 +73,8 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         self.prompt_len = 0
         self.row_lengths: tuple[int, ...] = ()
         self.compactions = 0
+        self.slot_buffers: dict[str, torch.Tensor] = {}  # name -> [B, Hkv, C] (see slot_buffer)
+        self.slot_fills: dict[str, float] = {}  # name -> the value of slots that hold no token
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -96,10 +101,12 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         return self.starts + in_prompt.sum(dim=-1)
 
     def nbytes(self) -> int:
-        """Bytes of storage allocated for keys and values (what the cache really occupies)."""
+        """Bytes of storage allocated for keys and values, and for the per-slot side buffers if any (what the cache
+        really occupies)."""
         if self.keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        tensors = (self.keys, self.values, *self.slot_buffers.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def live_nbytes(self) -> int:
         """Bytes of K/V in live slots (the sum over rows and heads of live lengths)."""
@@ -181,6 +188,34 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         oldest_first = (n + torch.arange(R, device=self.queries.device)) % R  # the oldest sits at slot n % R
         return self.queries[:, :, oldest_first]
 
+    # ------------------------------------------------------------------ per-slot side buffers
+    def slot_buffer(self, name: str, fill: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[B, Hkv, C]`` side buffer ``name``: one value per cache slot that moves with the slot's token.
+
+        Created on first use (after the first append), every slot holding ``fill`` (``fill`` and ``dtype`` are
+        only read then). Compaction moves each kept token's value with it and sets every slot that no longer holds
+        a token back to ``fill``; free slots always hold ``fill``, so a token appended later starts from it.
+        Growth, shrinking and row reordering keep the buffer aligned with ``keys``. A layer may replace the
+        tensor when it reallocates: ask for it again rather than keeping it across steps.
+        """
+        buffer = self.slot_buffers.get(name)
+        if buffer is None:
+            if self.positions is None:
+                raise RuntimeError(f"slot buffer {name!r}: the layer holds no tokens yet (ask after the first append)")
+            buffer = torch.full(self.positions.shape, fill, dtype=dtype, device=self.positions.device)
+            self.slot_buffers[name], self.slot_fills[name] = buffer, fill
+        return buffer
+
+    def _resized_slot_buffers(self, capacity: int, used: int) -> dict[str, torch.Tensor]:
+        """Every side buffer moved into a new one of ``capacity`` slots (slots ``[0, used)`` copied, the rest
+        the buffer's fill)."""
+        out = {}
+        for name, old in self.slot_buffers.items():
+            new = old.new_full((*old.shape[:2], capacity), self.slot_fills[name])
+            new[:, :, :used] = old[:, :, :used]
+            out[name] = new
+        return out
+
     # ------------------------------------------------------------------ compaction
     def compact(
         self,
@@ -208,6 +243,9 @@ class SieveLayer(CacheLayerMixin, abc.ABC):
         ends = dest_starts + counts
         free = ~range_mask(torch.zeros_like(ends), ends, self.capacity)
         self.positions.masked_fill_(free, -1)
+        for name, buffer in self.slot_buffers.items():
+            buffer.scatter_(2, dst, buffer.gather(2, src))
+            buffer.masked_fill_(free, self.slot_fills[name])
         self.compactions += 1
         # padding inside the region is gone
         self._store_range(torch.minimum(self.starts, dest_starts), ends, reserve)
@@ -288,6 +326,7 @@ class DynamicSieveLayer(SieveLayer):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, indices))
+        self.slot_buffers = {name: buffer.index_select(0, indices) for name, buffer in self.slot_buffers.items()}
 
     def push_queries(self, queries: torch.Tensor) -> None:
         R = self.query_window
@@ -317,6 +356,7 @@ class DynamicSieveLayer(SieveLayer):
             new = old.new_full((B, Hkv, capacity, *old.shape[3:]), fill)
             new[:, :, :used] = old[:, :, :used]
             setattr(self, name, new)
+        self.slot_buffers = self._resized_slot_buffers(capacity, used)
 
     def shrink_to_fit(self, reserve: int = 0) -> None:
         """Free capacity well beyond ``max_end + reserve`` slots (a quarter of slack is tolerated)."""

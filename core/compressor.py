@@ -51,6 +51,9 @@ class LayerEvent:
         query_window: how many of the layer's recent queries this compressor scores with (0: all the layer
             keeps). A composition whose parts use different windows narrows it per part.
         reserve: slots of headroom a compaction keeps allocated (what is appended before the next one).
+        queries: ``[B, H, Q, d]`` the forward's own post-RoPE queries (query ``i`` is the token at slot
+            ``ends - Q + i``), for an event the forward itself delivers (prefill, eager decode); ``None`` for the
+            fast path's decode events, which run between replayed steps (use :meth:`window_queries`).
     """
 
     phase: str
@@ -63,6 +66,7 @@ class LayerEvent:
     generated: int
     query_window: int = 0
     reserve: int = 0
+    queries: torch.Tensor | None = attrs.field(default=None, eq=False, repr=False)
 
     def window_queries(self) -> torch.Tensor:
         """``[B, H, W, d]`` the most recent ``query_window`` queries of the layer, oldest first."""

@@ -246,12 +246,13 @@ class Engine:
         # a compressor hears only the phases it declares (eager and fast path alike); on the fast path decode
         # events wait for run_decode_schedule
         if self.phase in self.compressor.phases and (self.phase == "prefill" or not self.decode_between_steps):
-            self.compressor.after_attention(self.layer_event(layer_idx))
+            self.compressor.after_attention(self.layer_event(layer_idx, queries=query))
         return out
 
-    def layer_event(self, layer_idx: int, cache: SieveCache | None = None) -> LayerEvent:
+    def layer_event(self, layer_idx: int, cache: SieveCache | None = None,
+                    queries: torch.Tensor | None = None) -> LayerEvent:
         """The :class:`~kvsieve.compressor.LayerEvent` of layer ``layer_idx`` of ``cache`` (default: the current
-        forward's) in the current phase."""
+        forward's) in the current phase; ``queries``: the forward's own queries, when the forward delivers it."""
         layer = (self.cache if cache is None else cache).layers[layer_idx]
         return LayerEvent(
             phase=self.phase,
@@ -263,6 +264,7 @@ class Engine:
             scale=self.scales[layer_idx],
             generated=layer.seen - layer.prompt_len,
             reserve=self.compressor.reserve,
+            queries=queries,
         )
 
     # ------------------------------------------------------------------ the fast path

@@ -67,6 +67,8 @@ class StaticSieveLayer(SieveLayer):
         static.queries, static.num_queries = layer.queries, layer.num_queries
         static.seen, static.prompt_len, static.compactions = layer.seen, layer.prompt_len, layer.compactions
         static.row_lengths = layer.row_lengths
+        static.slot_fills = dict(layer.slot_fills)
+        static.slot_buffers = layer._resized_slot_buffers(capacity, used)
         static.device_seen = torch.tensor([layer.seen], dtype=torch.long, device=layer.device)
         static.device_queries = torch.tensor([layer.num_queries], dtype=torch.long, device=layer.device)
         static.end_bound = used
@@ -131,7 +133,8 @@ class StaticSieveLayer(SieveLayer):
             )
         indices = indices.to(self.device)
         self._reorder_row_lengths(indices)
-        for tensor in (self.keys, self.values, self.positions, self.starts, self.ends, self.queries):
+        for tensor in (self.keys, self.values, self.positions, self.starts, self.ends, self.queries,
+                       *self.slot_buffers.values()):
             if tensor is not None:
                 tensor.copy_(tensor.index_select(0, indices))
 

@@ -116,6 +116,7 @@ def test_compact_matches_a_naive_gather(case):
     for i, k in enumerate(keeps):
         keep[i // Hkv, i % Hkv, : len(k)] = torch.tensor(k, dtype=torch.long)
     counts = torch.tensor([len(k) for k in keeps]).reshape(B, Hkv)
+    layer.slot_buffer("position", fill=-7.0).copy_(layer.positions)  # a side buffer that names each slot's token
     layer.compact(BACKEND, keep, counts, dest, reserve=reserve)
     assert torch.equal(layer.ends, dest + counts)
     assert torch.equal(layer.starts, torch.minimum(starts, dest))
@@ -127,6 +128,8 @@ def test_compact_matches_a_naive_gather(case):
         n = len(slots)
         assert layer.positions[b, j, :n].tolist() == slots
         assert layer.positions[b, j, n:].eq(-1).all()
+        assert layer.slot_buffer("position")[b, j, :n].tolist() == slots  # moved with the tokens
+        assert layer.slot_buffer("position")[b, j, n:].eq(-7).all()  # no token: the fill
         torch.testing.assert_close(layer.keys[b, j, :n], keys[b, j, slots], rtol=0, atol=0)
         torch.testing.assert_close(layer.values[b, j, :n], values[b, j, slots], rtol=0, atol=0)
 
@@ -151,6 +154,53 @@ def test_compact_keeps_the_reserve_allocated():
     keep = torch.arange(10).reshape(1, 1, 10)
     layer.compact(BACKEND, keep, torch.tensor([[10]]), torch.zeros(1, 1, dtype=torch.long), reserve=100)
     assert layer.capacity >= 110
+
+
+# ---------------------------------------------------------------------------------------------- slot buffers
+def _named_by_position(layer, name: str) -> bool:
+    """Whether side buffer ``name`` holds each live token's position and the fill (-1) everywhere else."""
+    return torch.equal(layer.slot_buffer(name), layer.positions.float())
+
+
+def test_slot_buffers_follow_their_tokens_through_compaction_growth_shrinking_and_reordering():
+    layer, _, _ = filled_layer(2, 2, [300])
+    with pytest.raises(RuntimeError, match="holds no tokens yet"):
+        DynamicSieveLayer().slot_buffer("score")
+    buffer = layer.slot_buffer("score", fill=-1.0)
+    assert buffer.shape == (2, 2, layer.capacity) and buffer.dtype == torch.float32 and buffer.eq(-1).all()
+    assert layer.slot_buffer("score") is buffer  # created once
+    assert layer.nbytes() == 2 * 2 * 2 * layer.capacity * D * 4 + buffer.numel() * 4  # side buffers count
+    buffer.copy_(layer.positions)  # live slots: their token's position; free slots: -1, the fill
+    keep = torch.tensor([[[3, 100, 299], [0, 1, 2]], [[7, 8, 9], [5, 50, 250]]])
+    layer.compact(BACKEND, keep, torch.full((2, 2), 3), torch.zeros(2, 2, dtype=torch.long))
+    assert layer.capacity == 64 and layer.slot_buffer("score").shape[-1] == 64  # shrunk with the keys
+    assert _named_by_position(layer, "score")
+    layer.update(*kv(2, 2, 1, 5))  # a new token starts from the fill
+    assert layer.slot_buffer("score")[:, :, 3].eq(-1).all()
+    layer.slot_buffer("score")[:, :, 3] = 300.0
+    layer.update(*kv(2, 2, 100, 6))  # growth keeps every value
+    assert layer.capacity > 64 and layer.slot_buffer("score")[:, :, 4:104].eq(-1).all()
+    layer.slot_buffer("score")[:, :, 4:104] = torch.arange(301, 401).float()
+    assert _named_by_position(layer, "score")
+    before = layer.slot_buffer("score").clone()
+    layer.batch_select_indices(torch.tensor([1, 0, 0]))
+    torch.testing.assert_close(layer.slot_buffer("score"), before[[1, 0, 0]], rtol=0, atol=0)
+
+
+def test_slot_buffers_move_into_a_static_layer_and_follow_its_compactions():
+    from kvsieve.static import StaticSieveLayer
+
+    layer, _, _ = filled_layer(2, 1, [10])
+    layer.slot_buffer("score", fill=-1.0).copy_(layer.positions)
+    static = StaticSieveLayer.from_layer(layer, capacity=20)
+    buffer = static.slot_buffer("score")
+    assert buffer.shape == (2, 1, 20) and _named_by_position(static, "score")
+    keep = torch.tensor([[[1, 4, 9]], [[0, 2, 3]]])
+    static.compact(BACKEND, keep, torch.full((2, 1), 3), torch.zeros(2, 1, dtype=torch.long))
+    assert static.slot_buffer("score") is buffer  # a static layer keeps its storage
+    assert _named_by_position(static, "score")
+    static.batch_select_indices(torch.tensor([1, 0]))
+    assert buffer[:, 0, :3].tolist() == [[0.0, 2.0, 3.0], [1.0, 4.0, 9.0]]
 
 
 # ------------------------------------------------------------------------------------------ batch reordering
