@@ -27,6 +27,14 @@ def tova_registered():
         plugins.unregister("tova-test")
 
 
+def test_the_example_takes_no_builtin_name(tova_registered, recwarn):
+    """The example registers ``tova_example`` and ``last_query_example``: ``tova`` is the built-in, untouched."""
+    assert type(resolve_compressor("tova_example")) is tova.TOVA
+    assert type(resolve_compressor("tova")).__module__ == "kvsieve.policies.tova"
+    assert plugins.registry().get("scoring", "last_query_example").obj is tova.LastQueryScoring
+    assert not [w for w in recwarn if "tova" in str(w.message)]
+
+
 def test_a_tova_plugin_on_the_base_fits_in_40_lines():
     lines = TOVA_SOURCE.read_text().splitlines()
     assert len(lines) <= 40, len(lines)
@@ -41,11 +49,11 @@ def test_tova_runs_and_keeps_its_budget_on_a_padded_batch(tova_registered, llama
     model, tok = llama
     ids, mask, _ = left_padded(tok, [40, 27], seed=5)
     new = 6
-    out = generate(model, ids, mask, compressor="tova", params={"ratio": 0.25}, backend="torch", fast=fast,
+    out = generate(model, ids, mask, compressor="tova_example", params={"ratio": 0.25}, backend="torch", fast=fast,
                    max_new_tokens=new, min_new_tokens=new, do_sample=False)
     kept = -(-ids.shape[1] // 4)  # ceil(0.25 * padded prompt); padding dropped, then new - 1 appended
     assert out.kv_lengths == [kept + new - 1] * model.config.num_hidden_layers
-    assert out.compressor["scoring"] == {"name": "last_query"} and out.compressor["window"] == 1
+    assert out.compressor["scoring"] == {"name": "last_query_example"} and out.compressor["window"] == 1
 
 
 def test_tova_scores_are_the_last_querys_attention_averaged_over_heads():
@@ -70,14 +78,14 @@ def test_tova_scores_are_the_last_querys_attention_averaged_over_heads():
 
 def test_prompt_compressor_rules(tova_registered):
     with pytest.raises(ValueError, match="either ratio or budget"):
-        resolve_compressor("tova", {"ratio": 0.2, "budget": 10})
+        resolve_compressor("tova_example", {"ratio": 0.2, "budget": 10})
     with pytest.raises(ValueError, match="budget=4 must exceed window=8"):
-        resolve_compressor("tova", {"budget": 4, "window": 8})
+        resolve_compressor("tova_example", {"budget": 4, "window": 8})
     with pytest.raises(ValueError, match=r"kept fraction, in \(0, 1\].*got 4"):
-        resolve_compressor("tova", {"ratio": 4})
+        resolve_compressor("tova_example", {"ratio": 4})
     with pytest.raises(UnknownParameterError, match="has no parameter 'pooling'"):
-        resolve_compressor("tova", {"pooling": "max"})
-    assert resolve_compressor("tova").config()["ratio"] == 0.2  # the base's default, reported resolved
+        resolve_compressor("tova_example", {"pooling": "max"})
+    assert resolve_compressor("tova_example").config()["ratio"] == 0.2  # the base's default, reported resolved
 
 
 def test_nested_policy_parameters_reach_the_policy():

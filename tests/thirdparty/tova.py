@@ -12,7 +12,7 @@ from kvsieve.prompt import PromptCompressor
 class LastQueryScoring(ScoringPolicy):
     """Attention of the most recent query (softmax over every key it sees), averaged over every head."""
 
-    name = "last_query"
+    name = "last_query_example"
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         last = ctx.queries[:, :, -1:]  # [B, H, 1, d]
@@ -23,7 +23,7 @@ class LastQueryScoring(ScoringPolicy):
 
 @attrs.frozen
 class TOVA(PromptCompressor):
-    name = "tova"
+    name = "tova_example"  # "tova" is the built-in (kvsieve.policies.tova); built-ins win name clashes
     default_window = 1  # the last prompt token: the query that scores, always kept
 
     def default_scoring(self) -> ScoringPolicy:
