@@ -4,7 +4,9 @@ prompt phase against the 40-line example plugin; eager vs fast path; the paramet
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import attrs
 import pytest
@@ -20,6 +22,11 @@ from kvsieve.policies.causal_attention import CausalAttentionScoring, causal_att
 from kvsieve.policies.tova import TOVA
 from kvsieve.policy import ScoringContext
 from kvsieve.testing import assert_scoring_conforms
+
+# Triton's kernels run on CPU only through its interpreter (set before triton is imported), else on a GPU
+TRITON = importlib.util.find_spec("triton") is not None and (
+    os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available())
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton and TRITON_INTERPRET=1 (or a CUDA GPU)")
 
 
 # ------------------------------------------------------------------------------------------------ the scoring
@@ -60,6 +67,23 @@ def test_causal_attention_equals_a_direct_softmax(chunk):
     got = causal_attention(q, k, starts, ends, cand_starts, cand_ends, 0.4, TorchBackend(), N + 3, chunk=chunk)
     torch.testing.assert_close(got[..., :N].double(), want, rtol=1e-5, atol=1e-6)
     assert got[..., N:].eq(0).all() and got.dtype == torch.float32  # a larger N pads with zeros
+
+
+@needs_triton
+def test_causal_attention_on_the_triton_backend_matches_torch():
+    from kvsieve.backends.triton.backend import TritonBackend
+
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hkv, W, C, d = 2, 4, 2, 7, 20, 16
+    q, k = torch.randn(B, H, W, d, generator=gen), torch.randn(B, Hkv, C, d, generator=gen)
+    starts, ends = torch.tensor([[0, 0], [4, 4]]), torch.tensor([[18, 18], [15, 15]])
+    cand_starts, cand_ends = torch.tensor([[0, 9], [4, 6]]), torch.tensor([[18, 14], [15, 12]])
+    args = [t.to(device) for t in (q, k, starts, ends, cand_starts, cand_ends)]
+    for chunk in (2, 128):
+        want = causal_attention(*args, 0.3, TorchBackend(), 14, chunk=chunk)
+        got = causal_attention(*args, 0.3, TritonBackend(), 14, chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("aggregation", ["all", "group"])
@@ -142,6 +166,20 @@ def test_eager_and_fast_path_give_the_same_tokens(llama, params):
     assert torch.equal(eager.sequences, fast.sequences) and eager.kv_lengths == fast.kv_lengths
     tova = resolve_compressor("tova", params)
     assert eager.kv_lengths == [tova.held(33, 17)] * model.config.num_hidden_layers
+
+
+@needs_triton
+@pytest.mark.parametrize("compressor, params", [("tova", dict(budget=9)), ("h2o", dict(budget=10, block=2))])
+def test_the_triton_backend_gives_the_torch_tokens(llama, compressor, params):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the tiny model runs on CPU here")
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, [21, 13], seed=2)
+    kwargs = dict(compressor=compressor, params=params, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    want = generate(model, ids, mask, backend="torch", **kwargs)
+    for fast in (False, True):
+        got = generate(model, ids, mask, backend="triton", fast=fast, **kwargs)
+        assert torch.equal(got.sequences, want.sequences) and got.kv_lengths == want.kv_lengths
 
 
 def test_parameter_rules():
