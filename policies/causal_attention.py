@@ -3,8 +3,10 @@
 Each window query's softmax runs over every key it causally sees (``[starts, its own slot]``), as in the model's
 own attention; the weights it put on each candidate are summed over the window queries and the GQA group, then
 aggregated over heads. With one query (the current token) this is TOVA's score; summed over every prompt query
-it is H2O's accumulated attention of the prompt. Unlike ``window_attention``'s ``"visible"`` normalisation,
-candidates may lie inside the window: a query only counts the keys it could see.
+it is H2O's accumulated attention of the prompt. A ranking shared by the heads sums over every KV head of the
+layer, across tensor-parallel ranks too (:meth:`~kvsieve.policy.ScoringContext.sum_over_heads`). Unlike
+``window_attention``'s ``"visible"`` normalisation, candidates may lie inside the window: a query only counts the
+keys it could see.
 
 Flash-style: no ``[W, L]`` attention matrix is stored. The window queries go in chunks; for each chunk the
 backend gives the log-sum-exp over what each query sees (``window_lse``) and the mass on the candidates up to the
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 import kvsieve
 from kvsieve.backend import call_window_scores
+from kvsieve.parallel import LOCAL, HeadGroup
 from kvsieve.policy import ScoringContext, ScoringPolicy
 from kvsieve.validators import one_of
 
@@ -36,11 +39,12 @@ AGGREGATIONS = ("group", "all")
 QUERY_CHUNK = 128
 
 
-def aggregate(scores: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """``[B, Hkv, N]`` per-KV-head scores (summed over each GQA group) kept per KV head (``"group"``) or averaged
-    over the KV heads, one ranking shared by the layer (``"all"``)."""
+def aggregate(scores: torch.Tensor, aggregation: str, heads: HeadGroup = LOCAL) -> torch.Tensor:
+    """``[B, Hkv, N]`` per-KV-head scores (summed over each GQA group) kept per KV head (``"group"``) or summed
+    over every KV head of the layer, one ranking shared by its heads (``"all"``; ``heads``: the
+    :class:`~kvsieve.parallel.HeadGroup` that spans them, a tensor-parallel group included)."""
     if aggregation == "all":
-        return scores.mean(dim=1, keepdim=True).expand_as(scores)
+        return heads.sum_over_heads(scores).expand_as(scores)
     return scores
 
 
@@ -126,8 +130,8 @@ class CausalAttentionScoring(ScoringPolicy):
     and in decode for a compressor that scores right after the step with its current query (TOVA, H2O).
 
     Args:
-        aggregation: ``"all"`` (averaged over every head: one ranking per layer, TOVA's) or ``"group"`` (per KV
-            head, summed over its GQA group). Default ``"all"``.
+        aggregation: ``"all"`` (summed over every head: one ranking per layer, TOVA's, whose average over the
+            heads is the same ranking) or ``"group"`` (per KV head, summed over its GQA group). Default ``"all"``.
     """
 
     name: ClassVar[str] = "causal_attention"
@@ -143,7 +147,7 @@ class CausalAttentionScoring(ScoringPolicy):
             )
         scores = causal_attention(ctx.queries, ctx.keys, ctx.starts, ctx.ends, ctx.cand_starts, ctx.cand_ends,
                                   ctx.scale, ctx.backend, ctx.num_candidates)
-        return aggregate(scores, self.aggregation)
+        return aggregate(scores, self.aggregation, ctx.heads)
 
 
 @kvsieve.hookimpl

@@ -22,6 +22,7 @@ import torch
 
 import kvsieve
 from kvsieve.compressor import LayerEvent
+from kvsieve.parallel import LOCAL
 from kvsieve.policies.causal_attention import AGGREGATIONS, aggregate, causal_attention
 from kvsieve.policies.eviction import BudgetedEviction, SlotScores
 from kvsieve.policy import ScoringPolicy
@@ -41,7 +42,7 @@ class H2O(BudgetedEviction):
             heavy hitters and recent tokens).
         block: evict once ``budget + block`` tokens are held, down to ``budget``. Default 1 (every step).
         aggregation: ``"group"`` (each KV head keeps its own heavy hitters; the attention of its GQA group is
-            summed: the paper's per-head H2O) or ``"all"`` (averaged over every head: one set per layer).
+            summed: the paper's per-head H2O) or ``"all"`` (summed over every head: one set per layer).
         selection: a selection policy. Default ``"topk"``.
     """
 
@@ -64,7 +65,8 @@ class H2O(BudgetedEviction):
         step = causal_attention(queries, layer.keys, layer.starts, layer.ends, layer.starts, layer.ends,
                                 event.scale, event.backend, N)
         slots = (layer.starts[..., None] + torch.arange(N, device=step.device)).clamp(max=N - 1)
-        layer.slot_buffer(self.name).scatter_add_(2, slots, aggregate(step, self.aggregation))
+        heads = event.engine.heads if event.engine is not None else LOCAL  # "all" spans tensor-parallel ranks
+        layer.slot_buffer(self.name).scatter_add_(2, slots, aggregate(step, self.aggregation, heads))
 
     def eviction_scoring(self, event: LayerEvent) -> ScoringPolicy:
         return SlotScores(event.layer.slot_buffer(self.name))

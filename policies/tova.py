@@ -34,7 +34,8 @@ class TOVA(BudgetedEviction):
             attention to itself usually keeps it); ``None``: half of the budget.
         block: evict once ``budget + block`` tokens are held, down to ``budget``. Default 1 (every step).
         scoring: a scoring policy. Default ``causal_attention`` with ``aggregation="all"`` (the current query's
-            attention averaged over every head); ``scoring.aggregation=group`` ranks per KV head.
+            attention summed over every head: the paper's average, the same ranking); ``scoring.aggregation=group``
+            ranks per KV head.
         selection: a selection policy. Default ``"topk"``.
     """
 

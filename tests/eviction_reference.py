@@ -77,7 +77,7 @@ class DenseEviction:
 
     Args:
         Q, K: the driver's tokens. budgets, windows: per row. block: evict at ``budget + block``, down to budget.
-        aggregation: ``"group"`` (per KV head, summed over its GQA group) or ``"all"`` (averaged over KV heads).
+        aggregation: ``"group"`` (per KV head, summed over its GQA group) or ``"all"`` (summed over KV heads).
     """
 
     def __init__(self, Q, K, pads, Lp, budgets, windows, block, aggregation, accumulate):
@@ -114,8 +114,8 @@ class DenseEviction:
                     mass[k] += m
             per_head.append(mass)
         if self.aggregation == "all":  # every head holds the same tokens
-            mean = {k: sum(m[k] for m in per_head) / self.Hkv for k in per_head[0]}
-            per_head = [dict(mean) for _ in per_head]
+            total = {k: sum(m[k] for m in per_head) for k in per_head[0]}
+            per_head = [dict(total) for _ in per_head]
         return per_head
 
     def _evict(self, b: int, scores: list[dict[int, float]]) -> None:

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.parallel import HeadGroup
+from kvsieve.policies.causal_attention import CausalAttentionScoring
 from kvsieve.policies.topk import TopKSelection
 from kvsieve.policies.window_attention import WindowAttentionScoring
 from kvsieve.policy import ScoringContext
@@ -38,8 +39,15 @@ def context(queries, keys, starts, heads: HeadGroup) -> ScoringContext:
                           layer_idx=0, scale=D**-0.5, backend=TorchBackend(), queries_are_last=True, heads=heads)
 
 
+NORMALIZATIONS = ("candidates", "visible", "causal")  # window_attention's two, and causal_attention (TOVA's)
+
+
 def score_and_keep(ctx: ScoringContext, normalization: str):
-    scores = WindowAttentionScoring(pooling="avg", kernel=3, aggregation="all", normalization=normalization).score(ctx)
+    if normalization == "causal":
+        policy = CausalAttentionScoring(aggregation="all")
+    else:
+        policy = WindowAttentionScoring(pooling="avg", kernel=3, aggregation="all", normalization=normalization)
+    scores = policy.score(ctx)
     counts = ctx.cand_counts
     return scores, TopKSelection().select(scores, counts, 9).keep
 
@@ -51,7 +59,7 @@ def rank_main(rank: int, out: str) -> None:
         kv = slice(rank * HKV // WORLD, (rank + 1) * HKV // WORLD)
         q = slice(rank * H // WORLD, (rank + 1) * H // WORLD)
         results = {}
-        for normalization in ("candidates", "visible"):
+        for normalization in NORMALIZATIONS:
             for name, heads in (("reduced", HeadGroup(dist.group.WORLD)), ("local", HeadGroup())):
                 ctx = context(queries[:, q].contiguous(), keys[:, kv].contiguous(), starts, heads)
                 results[(normalization, name)] = score_and_keep(ctx, normalization)
@@ -66,7 +74,7 @@ def rank_main(rank: int, out: str) -> None:
 def test_ranks_score_and_keep_what_one_process_does(tmp_path):
     mp.spawn(rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
     queries, keys, starts = full_tensors()
-    for normalization in ("candidates", "visible"):
+    for normalization in NORMALIZATIONS:
         full_scores, full_keep = score_and_keep(context(queries, keys, starts, HeadGroup()), normalization)
         for rank in range(WORLD):
             got = torch.load(tmp_path / f"rank{rank}.pt")

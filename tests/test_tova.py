@@ -98,7 +98,7 @@ def test_causal_attention_scoring_conforms_and_aggregates(aggregation):
                          positions=torch.arange(N).expand(B, Hkv, N), layer_idx=0, scale=0.3,
                          backend=TorchBackend(), queries_are_last=True)
     per_head = _direct(q, k, zeros, ends, zeros, ends, 0.3).float()
-    want = per_head.mean(1, keepdim=True).expand_as(per_head) if aggregation == "all" else per_head
+    want = per_head.sum(1, keepdim=True).expand_as(per_head) if aggregation == "all" else per_head
     torch.testing.assert_close(policy.score(ctx), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs the window queries to be the last live tokens"):
         policy.score(attrs.evolve(ctx, queries_are_last=False))
