@@ -150,7 +150,7 @@ def test_in_the_decode_slot_of_a_composition(llama, prefill):
 
 
 def test_parameter_rules():
-    assert resolve_compressor("h2o").config() | {} == {
+    assert resolve_compressor("h2o").config() == {
         "name": "h2o", "window": None, "ratio": 0.2, "budget": None, "block": 1, "selection": {"name": "topk"},
         "aggregation": "group",
     }
