@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HeadGroup", "tensor_parallel_group"]
+__all__ = ["HeadGroup", "tensor_parallel_group", "tensor_parallel_size"]
 
 
 class HeadGroup:
@@ -66,15 +66,34 @@ LOCAL = HeadGroup()
 def tensor_parallel_group(model: torch.nn.Module) -> Any:
     """The process group over which ``model``'s attention heads are split, or None (one device, ``device_map``).
 
-    transformers' tensor parallelism keeps a device mesh on the model (``model.device_mesh`` in 5.x); its group is
-    the tensor-parallel group. A mesh of one device is no split.
+    transformers' tensor parallelism keeps a device mesh on the model (``model.device_mesh`` or
+    ``model._device_mesh``): either the tensor-parallel mesh itself (one dimension), or, as transformers 5.24 makes
+    it, a mesh with the dimensions ``(pp, fsdp, tp)`` (sizes 1, 1, world under ``tp_plan="auto"``) whose
+    tensor-parallel group is the ``tp`` dimension's (what transformers' own layers all-reduce over; ``get_group()``
+    without a dimension raises on such a mesh, which left the heads unreduced). A mesh of one device is no split,
+    and so is a multi-dimensional mesh without a ``tp`` dimension.
     """
     mesh = getattr(model, "device_mesh", None) or getattr(model, "_device_mesh", None)
     if mesh is None:
         return None
     try:
+        if mesh.ndim > 1:
+            if "tp" not in (mesh.mesh_dim_names or ()):
+                return None
+            mesh = mesh["tp"]
         if mesh.size() <= 1:
             return None
         return mesh.get_group()
-    except (AttributeError, RuntimeError, ValueError):  # a mesh without a single dimension group
+    except (AttributeError, KeyError, RuntimeError, ValueError):  # not a mesh transformers makes
         return None
+
+
+def tensor_parallel_size(model: torch.nn.Module) -> int:
+    """How many ranks ``model``'s attention heads are split over (1 on one device): each rank's KV cache holds
+    ``config.num_key_value_heads / tensor_parallel_size(model)`` heads."""
+    group = tensor_parallel_group(model)
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)

@@ -1,6 +1,7 @@
 """Scores that span heads under tensor parallelism (kvsieve.parallel), on the CPU with gloo and 2 processes: each
 rank holds half the KV heads (and their query heads) of a layer; with the reduction, every rank scores and keeps
-exactly what one process holding all heads does; without it (today's per-rank sum) they would not."""
+exactly what one process holding all heads does; without it (a per-rank sum) they would not. And the tensor-parallel
+group is found on each kind of mesh transformers keeps on a model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvsieve.backends.torch_ref import TorchBackend
-from kvsieve.parallel import HeadGroup
+from kvsieve.parallel import HeadGroup, tensor_parallel_group, tensor_parallel_size
 from kvsieve.policies.causal_attention import CausalAttentionScoring
 from kvsieve.policies.topk import TopKSelection
 from kvsieve.policies.window_attention import WindowAttentionScoring
@@ -65,9 +66,28 @@ def rank_main(rank: int, out: str) -> None:
                 results[(normalization, name)] = score_and_keep(ctx, normalization)
         results["same"] = HeadGroup(dist.group.WORLD).same_on_every_rank(torch.tensor([1, 2, 3]))
         results["differ"] = HeadGroup(dist.group.WORLD).same_on_every_rank(torch.tensor([rank]))
+        results["mesh"] = mesh_groups()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def mesh_groups() -> dict[str, int]:
+    """The group size :func:`tensor_parallel_group` finds on a model holding each kind of mesh transformers makes:
+    a one-dimensional one, and 5.24's ``(pp, fsdp, tp)`` (whose ``get_group()`` without a dimension raises)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    meshes = {"1d": init_device_mesh("cpu", (WORLD,)),
+              "pp-fsdp-tp": init_device_mesh("cpu", (1, 1, WORLD), mesh_dim_names=("pp", "fsdp", "tp")),
+              "no-tp": init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("pp", "dp"))}
+    sizes = {}
+    for name, mesh in meshes.items():
+        model = torch.nn.Linear(1, 1)
+        model._device_mesh = mesh
+        group = tensor_parallel_group(model)
+        sizes[name] = 0 if group is None else dist.get_world_size(group)
+        assert tensor_parallel_size(model) == max(sizes[name], 1)
+    return sizes
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
@@ -86,3 +106,5 @@ def test_ranks_score_and_keep_what_one_process_does(tmp_path):
             assert not torch.equal(local_keep, full_keep[:, kv]), "without the reduction the ranks keep other tokens"
     got = torch.load(tmp_path / "rank0.pt")
     assert got["same"] is True and got["differ"] is False
+    # the tensor-parallel group is found on a 1-D mesh and on the tp dimension of a (pp, fsdp, tp) one
+    assert got["mesh"] == {"1d": WORLD, "pp-fsdp-tp": WORLD, "no-tp": 0}
