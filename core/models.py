@@ -265,14 +265,17 @@ def _tiny_random(family: str, dtype, device, attn_implementation, seed):
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def random_paper_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
+def random_paper_model(shape: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0,
+                       overrides: dict | None = None):
     """A random-weight model with the shapes of a paper model (``PAPER_SHAPES``), built directly on ``device``.
 
-    For speed and memory benchmarks only (its outputs are meaningless). Returns the model in eval mode.
+    For speed and memory benchmarks only (its outputs are meaningless). ``overrides`` replace config fields (e.g.
+    ``num_hidden_layers`` to cut the model). Returns the model in eval mode.
     """
     if shape not in PAPER_SHAPES:
         raise ModelNotFoundError(f"unknown paper shape {shape!r}: use one of {', '.join(PAPER_SHAPES)}")
     config_class, dims = PAPER_SHAPES[shape]
+    dims = dims | (overrides or {})
     config = config_class(**dims, use_sliding_window=False) if config_class is Qwen2Config else config_class(**dims)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)

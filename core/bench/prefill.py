@@ -20,6 +20,7 @@ from kvsieve.bench.timing import (
 )
 from kvsieve.fastpath import StaticDecoder
 from kvsieve.integration import apply
+from kvsieve.parallel import tensor_parallel_group
 
 __all__ = ["bench_prefill"]
 
@@ -33,12 +34,15 @@ def bench_prefill(
     backend: str = "auto",
     new_tokens: int = 256,
     hf_eager: bool = True,
+    hf_sdpa: bool = True,
     use_cuda_graph: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Per context: TTFT of plain HF sdpa and of each compressor, then ``new_tokens`` real fast-path decode steps
-    (batch 1), and HF's eager decode step at that context."""
+    """Per context: TTFT of plain HF sdpa (unless ``hf_sdpa=False``) and of each compressor, then ``new_tokens``
+    real fast-path decode steps (batch 1), and HF's eager decode step at that context (``hf_eager``, with
+    ``hf_sdpa``). Under tensor parallelism every rank calls it alike; clocks start and stop with every rank."""
     device = next(model.parameters()).device
+    group = tensor_parallel_group(model)
     weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     vocab = model.config.vocab_size
@@ -49,20 +53,9 @@ def bench_prefill(
     for context in contexts:
         ids = torch.randint(100, vocab, (1, context), device=device)
         base = dict(model=model_name, context=context, new_tokens=new_tokens)
-        reset_peak(device)
-        try:
-            with torch.inference_mode():
-                seconds, _ = timed(lambda ids=ids: model(input_ids=ids, use_cache=True, logits_to_keep=1), device)
-            row = base | dict(run="hf-sdpa", ttft_s=round(seconds, 4), peak_gib=peak_gib(device))
-            if hf_eager:
-                reset_peak(device)
-                step = hf_eager_step_seconds(model, 1, context, steps=12)
-                row.update(decode_step_ms=round(step * 1e3, 3), decode_tokens_per_s=round(1 / step, 1))
-        except torch.OutOfMemoryError as exc:
-            reset_peak(device)
-            row = base | dict(run="hf-sdpa", error=f"OOM: {str(exc)[:120]}")
-        rows.append(row)
-        log(json.dumps(row))
+        if hf_sdpa:
+            rows.append(base | _hf_sdpa_row(model, ids, hf_eager, group))
+            log(json.dumps(rows[-1]))
         for name, params in compressors:
             reset_peak(device)
             try:
@@ -77,6 +70,24 @@ def bench_prefill(
     return rows
 
 
+def _hf_sdpa_row(model, ids, hf_eager, group) -> dict[str, Any]:
+    """Plain HF sdpa (no kvsieve): TTFT, and HF's eager decode step at that context."""
+    device = ids.device
+    reset_peak(device)
+    try:
+        with torch.inference_mode():
+            seconds, _ = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device, group)
+        row = dict(run="hf-sdpa", ttft_s=round(seconds, 4), peak_gib=peak_gib(device))
+        if hf_eager:
+            reset_peak(device)
+            step = hf_eager_step_seconds(model, 1, ids.shape[1], steps=12)
+            row.update(decode_step_ms=round(step * 1e3, 3), decode_tokens_per_s=round(1 / step, 1))
+    except torch.OutOfMemoryError as exc:
+        reset_peak(device)
+        row = dict(run="hf-sdpa", error=f"OOM: {str(exc)[:120]}")
+    return row
+
+
 def _prefill_row(model, name, params, backend, ids, new_tokens, use_cuda_graph, weights, per_token, bandwidth):
     device = ids.device
     with torch.inference_mode(), apply(model, name, backend, params=params) as engine:
@@ -84,7 +95,7 @@ def _prefill_row(model, name, params, backend, ids, new_tokens, use_cuda_graph, 
         StaticDecoder(model, engine, use_cuda_graph).prefill(ids[:, : min(2048, ids.shape[1])], None, 4)
         reset_peak(device)
         decoder = StaticDecoder(model, engine, use_cuda_graph)
-        ttft, logits = timed(lambda d=decoder: d.prefill(ids, None, new_tokens), device)
+        ttft, logits = timed(lambda d=decoder: d.prefill(ids, None, new_tokens), device, engine.heads.group)
         lengths = decoder.cache.kv_lengths()
         tokens = logits.argmax(-1)
         for _ in range(3):  # warm-up and capture
@@ -95,7 +106,7 @@ def _prefill_row(model, name, params, backend, ids, new_tokens, use_cuda_graph, 
             for _ in range(new_tokens - 4):
                 tokens = decoder.step(tokens).argmax(-1)
 
-        seconds, _ = timed(decode, device)
+        seconds, _ = timed(decode, device, engine.heads.group)
         step = seconds / (new_tokens - 4)
         row = dict(run=f"fast:{name}", compressor=name, params=params, backend=engine.backend.name,
                    ttft_s=round(ttft, 4), kv_len_min=min(lengths), kv_len_max=max(lengths),

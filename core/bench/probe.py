@@ -18,15 +18,21 @@ class DecodeProbe:
         batch, prompt_len: the random prompt (no padding).
         new_tokens: sizes the static cache as a run of that many tokens would.
         use_cuda_graph: as :class:`StaticDecoder` (default: on CUDA).
+
+    Under tensor parallelism every rank makes its own probe with the same arguments and calls the same methods in
+    the same order (each step runs the model's collectives); the prompt is the same on every rank (a seeded CPU
+    generator), and the clocks start and stop with every rank of the group (:func:`~kvsieve.bench.timing.timed`).
     """
 
     def __init__(self, model, engine, batch: int, prompt_len: int, new_tokens: int,
                  use_cuda_graph: bool | None = None, seed: int = 0):
         self.device = next(model.parameters()).device
+        self.group = engine.heads.group  # the tensor-parallel group, or None
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(100, model.config.vocab_size, (batch, prompt_len), generator=gen).to(self.device)
         self.decoder = StaticDecoder(model, engine, use_cuda_graph)
-        self.prefill_seconds, logits = timed(lambda: self.decoder.prefill(ids, None, new_tokens), self.device)
+        self.prefill_seconds, logits = timed(lambda: self.decoder.prefill(ids, None, new_tokens), self.device,
+                                             self.group)
         self.tokens = logits.argmax(-1)
         cache = self.decoder.cache
         self.base_starts = [layer.starts.clone() for layer in cache.layers]
@@ -59,7 +65,7 @@ class DecodeProbe:
             for _ in range(count):
                 tokens = self.decoder.step(tokens).argmax(-1)
 
-        return timed(run, self.device)[0]
+        return timed(run, self.device, self.group)[0]
 
     def step_seconds(self, live: int, steps: int = 16) -> float:
         """Mean time of a decode step attending over the prompt plus ``live`` generated entries (no compression

@@ -1,5 +1,9 @@
 """Clocks and sizes for the benchmarks: synchronised timing, copy bandwidth, what fits in GPU memory, peak memory,
-the bytes a model's weights and its KV cache take, and the step time of HF's own eager decode loop."""
+the bytes a model's weights and its KV cache take, and the step time of HF's own eager decode loop.
+
+Under tensor parallelism (transformers' ``tp_plan``) sizes are this rank's: its shards of the weights and its
+``num_key_value_heads / world`` KV heads (:func:`kvsieve.parallel.tensor_parallel_size`); :func:`timed` given the
+tensor-parallel group starts and stops its clock with every rank at the same point."""
 
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ from typing import Any
 
 import torch
 
+from kvsieve.parallel import tensor_parallel_size
+
 __all__ = [
     "copy_bandwidth",
     "fits",
     "hf_eager_step_seconds",
     "kv_bytes_per_token",
+    "kv_heads",
     "peak_gib",
     "reset_peak",
     "sync",
@@ -23,18 +30,27 @@ __all__ = [
 ]
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+def sync(device: torch.device, group: Any = None) -> None:
+    """Wait for the device's queued work (CUDA; nothing on the CPU), then, given a process group, for every rank of
+    it to get here (a one-element all-reduce, waited for on the host)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """``(seconds, fn())``: wall time of ``fn`` with the device synchronised before and after."""
-    sync(device)
+def timed(fn: Callable[[], Any], device: torch.device, group: Any = None) -> tuple[float, Any]:
+    """``(seconds, fn())``: wall time of ``fn`` with the device synchronised before and after; given a process group
+    (the tensor-parallel one), with every rank of it synchronised there too, so that no rank's clock counts the
+    time another took to arrive."""
+    sync(device, group)
     start = time.perf_counter()
     out = fn()
-    sync(device)
+    sync(device, group)
     return time.perf_counter() - start, out
 
 
@@ -59,16 +75,28 @@ def fits(device: torch.device, nbytes: int, margin: float = 0.92) -> bool:
     return nbytes < margin * free
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads(model) -> int:
+    """KV heads of one layer on this rank: the config's, divided among the tensor-parallel ranks."""
+    return model.config.num_key_value_heads // tensor_parallel_size(model)
+
+
 def kv_bytes_per_token(model) -> int:
-    """K and V bytes of one token across every layer."""
+    """K and V bytes of one token across every layer (this rank's KV heads)."""
     cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads(model) * _head_dim(cfg) * next(model.parameters()).element_size()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # a DTensor (tensor parallelism): this rank's shard
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's parameters (what a decode step reads once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the model's parameters on this rank (what a decode step reads once)."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
 
 
 def reset_peak(device: torch.device) -> None:
@@ -103,12 +131,12 @@ def hf_eager_step_seconds(model, batch: int, cached: int, steps: int = 12, seed:
 
     device = next(model.parameters()).device
     cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d, heads = _head_dim(cfg), kv_heads(model)
     dtype = next(model.parameters()).dtype
     cache = DynamicCache()
     gen = torch.Generator(device).manual_seed(seed)
     for layer in range(cfg.num_hidden_layers):
-        shape = (batch, cfg.num_key_value_heads, cached, d)
+        shape = (batch, heads, cached, d)
         k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         cache.update(k, torch.randn(shape, generator=gen, device=device, dtype=dtype), layer)
     ids = torch.randint(100, cfg.vocab_size, (batch, cached + 1), device=device)
