@@ -12,8 +12,11 @@
 # profile (torch.profiler over one prefill per compressor at 8K), profile-decode (one decode step's kernels),
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
 # RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K), tp (tensor parallelism on TP_GPUS=2 GPUs: every rank
-# keeps what one GPU keeps; needs a machine with that many GPUs), device-map (a model split over 2 GPUs by accelerate
-# keeps the one-GPU tokens). PREFILL_BACKEND picks the prefill stages' backend.
+# keeps what one GPU keeps; needs a machine with that many GPUs), tp-speed (TP=TP_GPUS vs TP=1 speed and memory:
+# decode on QwQ-32B shapes cut to TP_SPEED_LAYERS=16 of 64 layers, Llama-3.1-8B TTFT at 32K/128K; models saved
+# under TP_SPEED_DIR=/tmp/kvsieve-tp-speed, about 35 GB; ~6 min on 2 H200s, each run cut at TP_SPEED_TIMEOUT=210 s,
+# keeping its rows; TP_SPEED_PREPARE=--tiny runs it on tiny shapes on the CPU), device-map (a model split over 2 GPUs by accelerate keeps the one-GPU tokens). PREFILL_BACKEND
+# picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -67,6 +70,16 @@ for stage in $stages; do
              torchrun --nproc_per_node "${TP_GPUS:-2}" benchmarks/tp_check.py tp "$site/tp-model" "$out" 2>&1 \
                | grep -v Warning | tail -n 20 && \
              python benchmarks/tp_check.py compare "$out" ;;
+    tp-speed) export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+             models=${TP_SPEED_DIR:-/tmp/kvsieve-tp-speed}
+             python benchmarks/tp_speed.py prepare "$models" --layers "${TP_SPEED_LAYERS:-16}" ${TP_SPEED_PREPARE:-} 2>&1 \
+               | grep -v -e Warning -e "Writing model" | tail -n 5 && {
+             timeout -k 10 "${TP_SPEED_TIMEOUT:-210}" python benchmarks/tp_speed.py single "$models" "$out/tp-speed" \
+               2>&1 | grep -v -e Warning -e "Loading weights" | tail -n 20
+             timeout -k 10 "${TP_SPEED_TIMEOUT:-210}" torchrun --nproc_per_node "${TP_GPUS:-2}" \
+               benchmarks/tp_speed.py tp "$models" "$out/tp-speed" 2>&1 | grep -v -e Warning -e "Loading weights" \
+               | tail -n 20
+             python benchmarks/tp_speed.py compare "$out/tp-speed"; } ;;
     bench-decode-r1)  python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton \
                         --out "$out/bench-decode-r1" 2>&1 | tail -n 40 ;;
     bench-decode-qwq) python -m kvsieve.cli bench decode --model qwq-32b --backend triton --no-hf \
