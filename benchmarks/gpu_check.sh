@@ -14,7 +14,7 @@
 # RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K), tp (tensor parallelism on TP_GPUS=2 GPUs: every rank
 # keeps what one GPU keeps; needs a machine with that many GPUs), tp-speed (TP=TP_GPUS vs TP=1 speed and memory:
 # decode on QwQ-32B shapes cut to TP_SPEED_LAYERS=16 of 64 layers, Llama-3.1-8B TTFT at 32K/128K; models saved
-# under TP_SPEED_DIR=/tmp/kvsieve-tp-speed, about 35 GB; ~6 min on 2 H200s, each run cut at TP_SPEED_TIMEOUT=210 s,
+# under TP_SPEED_DIR=/tmp/kvsieve-tp-speed, about 35 GB; ~6 min on 2 H200s, each run cut at TP_SPEED_TIMEOUT=180 s,
 # keeping its rows; TP_SPEED_PREPARE=--tiny runs it on tiny shapes on the CPU), device-map (a model split over 2 GPUs by accelerate keeps the one-GPU tokens). PREFILL_BACKEND
 # picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
@@ -74,9 +74,9 @@ for stage in $stages; do
              models=${TP_SPEED_DIR:-/tmp/kvsieve-tp-speed}
              python benchmarks/tp_speed.py prepare "$models" --layers "${TP_SPEED_LAYERS:-16}" ${TP_SPEED_PREPARE:-} 2>&1 \
                | grep -v -e Warning -e "Writing model" | tail -n 5 && {
-             timeout -k 10 "${TP_SPEED_TIMEOUT:-210}" python benchmarks/tp_speed.py single "$models" "$out/tp-speed" \
+             timeout -k 10 "${TP_SPEED_TIMEOUT:-180}" python benchmarks/tp_speed.py single "$models" "$out/tp-speed" \
                2>&1 | grep -v -e Warning -e "Loading weights" | tail -n 20
-             timeout -k 10 "${TP_SPEED_TIMEOUT:-210}" torchrun --nproc_per_node "${TP_GPUS:-2}" \
+             timeout -k 10 "${TP_SPEED_TIMEOUT:-180}" torchrun --nproc_per_node "${TP_GPUS:-2}" \
                benchmarks/tp_speed.py tp "$models" "$out/tp-speed" 2>&1 | grep -v -e Warning -e "Loading weights" \
                | tail -n 20
              python benchmarks/tp_speed.py compare "$out/tp-speed"; } ;;
