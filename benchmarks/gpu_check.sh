@@ -89,6 +89,12 @@ for stage in $stages; do
     profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
     bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast \
                         --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
+    # HF's StaticCache + generate's auto-compile (docs/benchmarks.md) beside the fast path's full cache, R1-7B
+    # shapes, batch 32, 16K and 32K: one compile per HF row (~4-5 min in all; the sdpa rows come first).
+    bench-decode-hf-static) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
+                        --new-tokens 16K,32K --samples 2 --steps 6 --compressor none --no-hf \
+                        --hf-static sdpa,sdpa-uncompiled,flex_attention \
+                        --out "$out/bench-decode-hf-static" 2>&1 | grep -v Warning | tail -n 20 ;;
     profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;

@@ -17,6 +17,9 @@ from kvsieve import models
 from kvsieve.bench import DecodeProbe, decode_schedule, interpolate, modelled_decode_seconds
 from kvsieve.bench import cli as bench_cli
 from kvsieve.bench.cli import register
+from kvsieve.bench.hf_static import hf_static_step_seconds, random_static_cache, set_static_length
+from kvsieve.bench.schedule import full_cache_decode_seconds
+from kvsieve.bench.timing import cache_kwarg
 from kvsieve.cli import main
 from kvsieve.integration import apply
 from kvsieve.params import parse_compressor_specs
@@ -68,6 +71,11 @@ def test_modelled_time_sums_steps_and_compressions():
     total = modelled_decode_seconds(live, compressions, lambda n: 0.001 * n, lambda k: 0.5 * k)
     expected = sum(0.001 * n for n in live) + sum(0.5 * k for k in range(1, len(compressions) + 1))
     assert total == pytest.approx(expected) and len(compressions) == 5
+
+
+def test_full_cache_decode_time_sums_one_step_per_generated_token_after_the_first():
+    assert full_cache_decode_seconds(10, 4, lambda n: n) == 11 + 12 + 13
+    assert full_cache_decode_seconds(10, 1, lambda n: n) == 0
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +212,117 @@ def test_cli_paper_shapes_need_a_gpu(tmp_path, capsys):
     assert main(["bench", "decode", "--model", "r1-qwen-7b", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "paper-shaped models are built on a CUDA GPU" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------------- HF static cache rows
+def test_static_cache_at_a_length_decodes_as_a_dynamic_cache_of_its_entries(qwen2):
+    """The HF static rows' synthetic state is a real one: a StaticCache of 40 random slots set to hold 17 entries gives
+    the next token the logits a DynamicCache holding exactly those 17 entries gives (the 23 slots past them, random
+    too, are masked out), and the step writes its K/V at slot 17."""
+    from transformers import DynamicCache
+
+    cfg = qwen2.config
+    static = random_static_cache(qwen2, 2, 40, seed=3)
+    set_static_length(static, 17)
+    dynamic = DynamicCache()
+    for i, layer in enumerate(static.layers):
+        dynamic.update(layer.keys[:, :, :17].clone(), layer.values[:, :, :17].clone(), i)
+    ids = torch.randint(100, cfg.vocab_size, (2, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = qwen2(input_ids=ids, **{cache_kwarg(qwen2): static}).logits
+        want = qwen2(input_ids=ids, **{cache_kwarg(qwen2): dynamic}).logits
+    torch.testing.assert_close(got, want)
+    assert [int(layer.cumulative_length) for layer in static.layers] == [18] * cfg.num_hidden_layers
+    torch.testing.assert_close(static.layers[0].keys[:, :, 17], dynamic.layers[0].keys[:, :, 17])
+    with pytest.raises(ValueError, match="outside the static cache's 0..40"):
+        set_static_length(static, 41)
+
+
+def _compile_on_cpu():
+    """generate's auto-compile on the CPU (HF compiles on CUDA only, unless told to): dynamo without inductor, so that
+    it takes seconds."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    return config
+
+
+def test_hf_static_timing_says_whether_generate_compiled_its_forward(qwen2):
+    points = [8, 30, 56]
+    # HF's default setting on the CPU: generate's criteria refuse to compile (not a CUDA/XPU device)
+    default = hf_static_step_seconds(qwen2, 2, 64, points, variant="sdpa", steps=6)
+    assert (default.auto_compiled, default.compiled, default.compile_seconds, default.graphs) == (False, False, None, 0)
+    assert default.points == points and len(default.step_seconds) == 3 and min(default.step_seconds) > 0
+    # told to compile: one dynamo graph for the whole forward, reused at every length (no recompilation)
+    compiled = hf_static_step_seconds(qwen2, 2, 64, points, variant="sdpa", steps=6, compile_config=_compile_on_cpu())
+    assert compiled.auto_compiled and compiled.compiled
+    assert (compiled.graphs, compiled.graph_breaks, compiled.graphs_while_timed) == (1, 0, 0)
+    assert compiled.cuda_graphs is False and compiled.compile_seconds >= 0
+    assert compiled.compile_config["backend"] == "eager"
+    # disable_compile wins over a compile config
+    control = hf_static_step_seconds(qwen2, 2, 64, points, variant="sdpa-uncompiled", steps=6,
+                                     compile_config=_compile_on_cpu())
+    assert (control.auto_compiled, control.compiled, control.graphs) == (False, False, 0)
+    # the model is left as it was: no compiled forward kept, its attention implementation unchanged
+    assert "_compiled_call" not in qwen2.__dict__ and qwen2.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"do not fit a static cache of 64 slots"):
+        hf_static_step_seconds(qwen2, 2, 64, [60], steps=6)
+
+
+def test_cli_decode_hf_static_rows(tmp_path):
+    out = tmp_path / "static"
+    assert main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--batches", "1",
+                 "--new-tokens", "20", "--prompt-len", "8", "--samples", "3", "--steps", "4", "--no-fast", "--no-hf",
+                 "--hf-static", "sdpa,sdpa-uncompiled", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "decode.jsonl").read_text().splitlines()][1:]
+    assert [r["run"] for r in rows] == ["hf-static:sdpa", "hf-static:sdpa-uncompiled"]
+    for row in rows:
+        assert row["capacity"] == 28 and row["tokens_per_s"] > 0 and row["compiled"] is False  # CPU: HF does not
+        assert row["step_points"] == [8, 16, 24] and len(row["step_ms"]) == 3
+    table = (out / "decode.md").read_text()
+    assert "| tiny-random-qwen2 | 1 | 20 | hf-static:sdpa | hf-sdpa |" in table and "| compiled |" in table
+
+
+@pytest.mark.parametrize(
+    "argv, cuda, settings",
+    [
+        ([], True, ["sdpa"]),
+        ([], False, []),
+        (["--no-hf"], True, []),
+        (["--no-hf-static"], True, []),
+        (["--no-hf", "--hf-static", "flex_attention,sdpa-uncompiled"], True, ["flex_attention", "sdpa-uncompiled"]),
+        (["--hf-static", "sdpa"], False, ["sdpa"]),
+    ],
+)
+def test_cli_hf_static_settings(argv, cuda, settings):
+    assert bench_cli._hf_static_settings(_bench_args("decode", *argv), cuda=cuda) == settings
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hf-static", "sdpa,bogus"], "argument --hf-static: expected a comma list of HF static-cache settings"),
+        (["--hf-static", "sdpa", "--no-hf-static"], "argument --no-hf-static: not allowed with argument --hf-static"),
+    ],
+)
+def test_cli_refuses_bad_hf_static_settings(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--model", "tiny-random-qwen2", "--device", "cpu", "--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["sdpa", "flex_attention"])
+def test_hf_static_compiles_on_the_gpu(variant):
+    """On CUDA, generate's auto-compile engages with HF's default CompileConfig (inductor, reduce-overhead), and the
+    compiled forward is not recompiled across live lengths; with sdpa the whole forward is one graph replayed as a
+    CUDA graph."""
+    model, _ = models.load("tiny-random-qwen2")
+    model = model.to("cuda")
+    t = hf_static_step_seconds(model, 4, 256, [16, 200], variant=variant, steps=8)
+    assert t.auto_compiled and t.compiled and t.graphs >= 1 and t.graphs_while_timed == 0
+    assert t.compile_seconds > 0 and t.compile_config["mode"] == "reduce-overhead"
+    assert min(t.step_seconds) > 0 and "_compiled_call" not in model.__dict__
+    if variant == "sdpa":
+        assert (t.graphs, t.graph_breaks, t.cuda_graphs) == (1, 0, True)

@@ -18,7 +18,11 @@ compressor keeps of ``t`` generated tokens (``cache_length``; the full cache kee
 between measured ``k`` likewise. ``--validate B:N`` also runs one configuration for real
 (``kvsieve.generate(fast=True)``) and reports measured vs modelled. HF rows: ``model.generate`` without kvsieve
 (HF's eager loop over a DynamicCache pre-filled with random K/V to the length), step times from timestamps taken
-by a stopping criterion, integrated the same way.
+by a stopping criterion, integrated the same way. HF static rows (``--hf-static``, on by default on CUDA): the same
+``model.generate`` over HF's ``StaticCache`` sized for the run (``max_cache_len`` = prompt + new tokens) with
+random K/V in every slot and its length set to each measured point, through generate's auto-compiled forward
+(or a setting from :data:`~kvsieve.bench.hf_static.HF_STATIC_VARIANTS`), compiled afresh per row after a warm-up
+whose extra time is reported as the compile time; each row says whether the compile engaged.
 
 ``kvsieve bench prefill`` (FastKV vs SnapKV vs full, Llama-3.1-8B shapes): per context, the time to first token of
 plain HF sdpa and of each compressor (eager prefill with the compressor, then the move into the static cache), then
@@ -27,27 +31,32 @@ plain HF sdpa and of each compressor (eager prefill with the compressor, then th
 Both write ``OUT/<which>.jsonl`` (one record per row), ``OUT/<which>.md`` and PNG plots when matplotlib is
 importable (``kvsieve bench report OUT`` re-renders them elsewhere).
 
-Modules: :mod:`~kvsieve.bench.timing` (clocks, bandwidth, memory, HF's eager step), :mod:`~kvsieve.bench.schedule`
-(the schedule model), :mod:`~kvsieve.bench.probe` (:class:`DecodeProbe`), :mod:`~kvsieve.bench.decode` and
+Modules: :mod:`~kvsieve.bench.timing` (clocks, bandwidth, memory, HF's eager step),
+:mod:`~kvsieve.bench.hf_static` (HF's static cache and compiled forward), :mod:`~kvsieve.bench.schedule` (the
+schedule model), :mod:`~kvsieve.bench.probe` (:class:`DecodeProbe`), :mod:`~kvsieve.bench.decode` and
 :mod:`~kvsieve.bench.prefill` (the rows), :mod:`~kvsieve.bench.paper` (the papers' numbers, the goals),
 :mod:`~kvsieve.bench.report` (markdown, plots) and :mod:`~kvsieve.bench.cli` (the subcommand).
 """
 
 from kvsieve.bench.decode import bench_decode
+from kvsieve.bench.hf_static import HF_STATIC_VARIANTS, hf_static_step_seconds
 from kvsieve.bench.paper import PAPER_DECODE_TOKENS_PER_S
 from kvsieve.bench.prefill import bench_prefill
 from kvsieve.bench.probe import DecodeProbe
-from kvsieve.bench.schedule import decode_schedule, interpolate, modelled_decode_seconds
+from kvsieve.bench.schedule import decode_schedule, full_cache_decode_seconds, interpolate, modelled_decode_seconds
 from kvsieve.bench.timing import copy_bandwidth, hf_eager_step_seconds, kv_bytes_per_token, weight_bytes
 
 __all__ = [
+    "HF_STATIC_VARIANTS",
     "PAPER_DECODE_TOKENS_PER_S",
     "DecodeProbe",
     "bench_decode",
     "bench_prefill",
     "copy_bandwidth",
     "decode_schedule",
+    "full_cache_decode_seconds",
     "hf_eager_step_seconds",
+    "hf_static_step_seconds",
     "interpolate",
     "kv_bytes_per_token",
     "modelled_decode_seconds",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kvsieve.bench.decode import bench_decode
+from kvsieve.bench.hf_static import HF_STATIC_VARIANTS
 from kvsieve.bench.prefill import bench_prefill
 from kvsieve.bench.report import environment, rerender, write_report
 from kvsieve.cli_types import comma_list, compressor_specs, size, sizes
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         prompt_len=128,
         samples=6,
         steps=16,
+        hf_static=["sdpa"],  # on CUDA; none on the CPU, where HF's generate does not compile
     ),
     "prefill": dict(
         model="llama-3.1-8b",
@@ -44,6 +46,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _VALIDATE = "BATCH:TOKENS pairs such as 32:8K (8K = 8192)"
+_HF_STATIC = f"HF static-cache settings ({', '.join(HF_STATIC_VARIANTS)})"
+
+
+def _hf_static_variant(text: str) -> str:
+    if text not in HF_STATIC_VARIANTS:
+        raise ValueError(f"unknown HF static-cache setting {text!r}")
+    return text
 
 
 def _batch_and_tokens(text: str) -> tuple[int, int]:
@@ -90,7 +99,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d["steps"], help=f"steps timed per cache length (default {d['steps']})")
     p.add_argument("--validate", type=comma_list(_batch_and_tokens, _VALIDATE), default=[],
                    help=f"configurations also run for real: {_VALIDATE}")
-    p.add_argument("--no-fast", action="store_true", help="only HF's eager baseline rows")
+    p.add_argument("--no-fast", action="store_true", help="only HF's baseline rows")
+    hf_static = p.add_mutually_exclusive_group()
+    hf_static.add_argument("--hf-static", type=comma_list(_hf_static_variant, _HF_STATIC), metavar="SETTING,...",
+                           help="also time HF's static cache (max_cache_len = the run's length) with these settings: "
+                           + "; ".join(f"{v.name} = {v.help}" for v in HF_STATIC_VARIANTS.values())
+                           + f" (default on CUDA: {_shown(d['hf_static'])}, unless --no-hf; none on the CPU)")
+    hf_static.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache rows")
     d = DEFAULTS["prefill"]
     p = sub.add_parser("prefill", help="TTFT and decode after prefill: FastKV vs SnapKV vs full")
     common(p, d)
@@ -114,6 +129,16 @@ def _compressors(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"--compressor {spec}: {exc}") from exc
     return [(spec.name, spec.params) for spec in specs]
+
+
+def _hf_static_settings(args: argparse.Namespace, cuda: bool) -> list[str]:
+    """The HF static-cache settings to time: ``--hf-static``'s, else the default on CUDA unless ``--no-hf`` or
+    ``--no-hf-static`` (none on the CPU, where HF's generate does not compile)."""
+    if args.hf_static is not None:
+        return args.hf_static
+    if args.no_hf_static or args.no_hf or not cuda:
+        return []
+    return list(DEFAULTS["decode"]["hf_static"])
 
 
 def _load_model(name: str, device: str):
@@ -154,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
             f.write(line + "\n")
 
     if args.bench == "decode":
+        hf_static = _hf_static_settings(args, cuda=next(model.parameters()).device.type == "cuda")
         rows = bench_decode(model, args.model, args.batches, args.new_tokens, compressors, backend=args.backend,
                             prompt_len=args.prompt_len, samples=args.samples, steps=args.steps,
-                            hf_eager=not args.no_hf, fast=not args.no_fast, validate=args.validate,
+                            hf_eager=not args.no_hf, hf_static=hf_static, fast=not args.no_fast, validate=args.validate,
                             use_cuda_graph=graph, log=log)
     else:
         rows = bench_prefill(model, args.model, args.contexts, compressors, backend=args.backend,

@@ -1,17 +1,26 @@
 """``kvsieve bench decode``'s rows: modelled decode throughput and measured peak memory per (batch, output length,
-compressor) on the fast path, and HF's eager full-cache loop as the baseline."""
+compressor) on the fast path, and HF's full-cache loops as the baselines: eager over a DynamicCache, and its static
+cache with generate's compiled forward (:mod:`kvsieve.bench.hf_static`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
+from kvsieve.bench.hf_static import HF_STATIC_VARIANTS, hf_static_step_seconds
 from kvsieve.bench.paper import paper_columns
 from kvsieve.bench.probe import DecodeProbe
-from kvsieve.bench.schedule import decode_schedule, interpolate, modelled_decode_seconds, sample_points
+from kvsieve.bench.schedule import (
+    decode_schedule,
+    full_cache_decode_seconds,
+    interpolate,
+    modelled_decode_seconds,
+    sample_points,
+)
 from kvsieve.bench.timing import (
     copy_bandwidth,
     fits,
@@ -40,13 +49,16 @@ def bench_decode(
     steps: int = 16,
     compression_samples: int = 4,
     hf_eager: bool = True,
+    hf_static: Sequence[str] = (),
     fast: bool = True,
     validate: Sequence[tuple[int, int]] = (),
     use_cuda_graph: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Modelled decode throughput and measured peak memory per (batch, output length, compressor); see the module
-    docstring. Returns one record per row (``run`` = ``hf-eager:none`` or ``fast:<compressor>``)."""
+    docstring. ``hf_static`` names the HF static-cache settings to time (:data:`HF_STATIC_VARIANTS`; rows
+    ``hf-static:<setting>``, after the fast rows of each batch). Returns one record per row (``run`` =
+    ``hf-eager:none``, ``fast:<compressor>`` or ``hf-static:<setting>``)."""
     device = next(model.parameters()).device
     weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
@@ -67,6 +79,9 @@ def bench_decode(
                     rows.append(base | dict(error=f"does not fit: {str(exc)[:160]}"))
                 rows[-1].update(paper_columns(model_name, name, n))
                 log(json.dumps(rows[-1]))
+        for variant in hf_static:
+            rows += _hf_static_rows(model, model_name, batch, new_tokens, prompt_len, samples, steps, variant,
+                                    weights, per_token, log)
     return rows
 
 
@@ -171,7 +186,7 @@ def _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, p
         if not points or points[-1] < prompt_len + n:
             row["error"] = "does not fit: a DynamicCache of this length does not fit next to the weights"
         else:
-            total = sum(interpolate(points, times, prompt_len + t + 1) for t in range(n - 1))
+            total = full_cache_decode_seconds(prompt_len, n, lambda x: interpolate(points, times, x))
             row.update(tokens_per_s=round(batch * n / total, 1), seconds=round(total, 3),
                        step_ms_first=round(times[0] * 1e3, 3), step_ms_last=round(times[-1] * 1e3, 3),
                        step_points=points, step_ms=[round(s * 1e3, 3) for s in times],
@@ -182,3 +197,53 @@ def _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, p
     return rows
 
 
+
+
+def _hf_static_rows(model, model_name, batch, new_tokens, prompt_len, samples, steps, variant, weights, per_token,
+                    log) -> list[dict]:
+    """HF's static cache sized for each run (``max_cache_len = prompt + new tokens``, as generate sizes it) with the
+    ``variant``'s setting: step times at up to 3 live lengths over the run (a step's cost is set by the capacity,
+    which it reads whole, more than by the live length), integrated like the eager rows; compiled afresh per row."""
+    device = next(model.parameters()).device
+    setting = HF_STATIC_VARIANTS[variant]
+    cfg = model.config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    rows = []
+    for n in new_tokens:
+        capacity = prompt_len + n
+        row = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run=f"hf-static:{variant}",
+                   compressor="none", params={}, backend=f"hf-{setting.attn_implementation}", setting=setting.help,
+                   capacity=capacity)
+        # the static K/V, plus one layer's K/V repeated to every query head (sdpa with a mask repeats them)
+        needed = batch * per_token * capacity * (cfg.num_hidden_layers + groups) // cfg.num_hidden_layers
+        reset_peak(device)
+        if capacity - steps < prompt_len:
+            row["error"] = f"--new-tokens {n} is shorter than --steps {steps}"
+        elif not fits(device, needed):
+            row["error"] = (f"does not fit: a static cache of {capacity} slots needs about {needed / 2**30:.1f} GiB "
+                            "with the repeated K/V of one layer")
+        else:
+            points = sample_points(prompt_len, capacity - steps, min(samples, 3))
+            try:
+                t = hf_static_step_seconds(model, batch, capacity, points, variant=variant, steps=steps)
+            except torch.OutOfMemoryError as exc:
+                row["error"] = f"does not fit: {str(exc)[:160]}"
+            except Exception as exc:  # noqa: BLE001 - one setting failing (a compile error) must not end the run
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            else:
+                total = full_cache_decode_seconds(prompt_len, n, partial(interpolate, t.points, t.step_seconds))
+                row.update(tokens_per_s=round(batch * n / total, 1), seconds=round(total, 3),
+                           step_ms_first=round(t.step_seconds[0] * 1e3, 3),
+                           step_ms_last=round(t.step_seconds[-1] * 1e3, 3),
+                           step_points=t.points, step_ms=[round(s * 1e3, 3) for s in t.step_seconds],
+                           compiled=t.compiled, auto_compiled=t.auto_compiled, cuda_graphs=t.cuda_graphs,
+                           compile_s=None if t.compile_seconds is None else round(t.compile_seconds, 1),
+                           dynamo_graphs=t.graphs, graph_breaks=t.graph_breaks,
+                           recompiles_timed=t.graphs_while_timed, compile_config=t.compile_config,
+                           peak_gib=peak_gib(device),
+                           formula_gib=round((weights + batch * per_token * capacity) / 2**30, 2))
+            reset_peak(device)
+        row.update(paper_columns(model_name, "none", n))
+        rows.append(row)
+        log(json.dumps(row))
+    return rows

@@ -17,7 +17,8 @@ __all__ = ["environment", "rerender", "write_report"]
 _DECODE_COLUMNS = ["model", "batch", "new_tokens", "run", "backend", "tokens_per_s", "paper_tokens_per_s",
                    "vs_fast_full", "seconds", "compressions", "compression_s", "step_ms_first", "step_ms_last",
                    "floor_ratio_last", "live_max", "peak_gib", "formula_gib", "paper_peak_gb", "validated_tokens_per_s",
-                   "modelled_over_measured", "error"]
+                   "modelled_over_measured", "capacity", "compiled", "cuda_graphs", "compile_s", "graph_breaks",
+                   "error"]
 _PREFILL_COLUMNS = ["model", "context", "run", "backend", "ttft_s", "ttft_speedup_vs_full", "ttft_speedup_vs_hf",
                     "kv_len_mean", "decode_step_ms", "decode_tokens_per_s", "decode_speedup_vs_hf_eager", "floor_ms",
                     "floor_ratio", "peak_gib", "error"]

@@ -7,7 +7,14 @@ from collections.abc import Callable, Sequence
 
 from kvsieve.compressor import Compressor
 
-__all__ = ["decode_schedule", "held_generated", "interpolate", "modelled_decode_seconds", "sample_points"]
+__all__ = [
+    "decode_schedule",
+    "full_cache_decode_seconds",
+    "held_generated",
+    "interpolate",
+    "modelled_decode_seconds",
+    "sample_points",
+]
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -57,6 +64,13 @@ def modelled_decode_seconds(
 ) -> float:
     """``sum_t step_at(live[t]) + sum_k compression_at(k)`` (``k`` = 1, 2, ... the compression's rank)."""
     return sum(step_at(n) for n in live) + sum(compression_at(k) for k in range(1, len(compressions) + 1))
+
+
+def full_cache_decode_seconds(prompt_len: int, new_tokens: int, step_at: Callable[[int], float]) -> float:
+    """The decode time of a run that keeps every entry (HF's loops): its ``new_tokens - 1`` steps attend over
+    ``prompt_len + 1``, ..., ``prompt_len + new_tokens - 1`` cached entries; ``step_at(entries)`` is a step's time."""
+    live = [prompt_len + g for g in range(1, new_tokens)]
+    return modelled_decode_seconds(live, [], step_at, lambda k: 0.0)
 
 
 def sample_points(lo: int, hi: int, count: int) -> list[int]:

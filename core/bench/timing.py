@@ -8,6 +8,7 @@ tensor-parallel group starts and stops its clock with every rank at the same poi
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +18,10 @@ import torch
 from kvsieve.parallel import tensor_parallel_size
 
 __all__ = [
+    "cache_kwarg",
     "copy_bandwidth",
     "fits",
+    "generate_step_seconds",
     "hf_eager_step_seconds",
     "kv_bytes_per_token",
     "kv_heads",
@@ -124,10 +127,29 @@ class _Timestamps:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def cache_kwarg(model) -> str:
+    """The name under which ``model.generate`` takes a cache: ``past_key_values`` (transformers 5.17), ``cache``
+    (later versions, where the old name is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def generate_step_seconds(model, ids: torch.Tensor, cache, tokens: int, **generate_kwargs) -> list[float]:
+    """The host time between consecutive tokens of one greedy ``model.generate`` of ``tokens`` tokens after ``ids``
+    over ``cache`` (which holds all but the last of ``ids``): ``tokens - 1`` decode steps, in order. HF's loop
+    synchronises every step (its stopping check), so host timestamps time it."""
+    from transformers import StoppingCriteriaList
+
+    stamps = _Timestamps()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache},
+                   max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                   stopping_criteria=StoppingCriteriaList([stamps]), **generate_kwargs)
+    return [b - a for a, b in zip(stamps.times, stamps.times[1:])]
+
+
 def hf_eager_step_seconds(model, batch: int, cached: int, steps: int = 12, seed: int = 0) -> float:
     """Median time of one step of HF's ``model.generate`` (no kvsieve) over a DynamicCache holding ``cached``
-    random entries per layer. HF's loop synchronises every step (its stopping check), so host timestamps time it."""
-    from transformers import DynamicCache, StoppingCriteriaList
+    random entries per layer (:func:`generate_step_seconds`, its first two steps left out)."""
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
     cfg = model.config
@@ -140,14 +162,9 @@ def hf_eager_step_seconds(model, batch: int, cached: int, steps: int = 12, seed:
         k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
         cache.update(k, torch.randn(shape, generator=gen, device=device, dtype=dtype), layer)
     ids = torch.randint(100, cfg.vocab_size, (batch, cached + 1), device=device)
-    stamps = _Timestamps()
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                       max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                       stopping_criteria=StoppingCriteriaList([stamps]))
+        diffs = sorted(generate_step_seconds(model, ids, cache, steps)[2:])
     del cache
-    diffs = sorted(b - a for a, b in zip(stamps.times[2:], stamps.times[3:]))
     if not diffs:
         raise ValueError(f"steps={steps} is too few to time HF's loop (at least 4)")
     return diffs[len(diffs) // 2]
-
