@@ -13,7 +13,9 @@
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
 # RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K), tp (tensor parallelism on TP_GPUS=2 GPUs: every rank
 # keeps what one GPU keeps; needs a machine with that many GPUs), device-map (a model split over 2 GPUs by accelerate
-# keeps the one-GPU tokens). PREFILL_BACKEND picks the prefill stages' backend.
+# keeps the one-GPU tokens), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
+# TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
+# PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -79,6 +81,11 @@ for stage in $stages; do
     profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
+    prefill-graphs) { python -m pytest -q -m gpu -p no:cacheprovider tests/test_prefill_graph.py 2>&1 | tail -n 30 \
+                        | tee "$out/gpu_tests_prefill_graph.txt"; tests_rc=${PIPESTATUS[0]}
+                      python benchmarks/prefill_host.py "$out/prefill-graphs" --backend "${PREFILL_BACKEND:-auto}" \
+                        2>&1 | tail -n 20; bench_rc=${PIPESTATUS[0]}
+                      [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]; } ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
