@@ -344,4 +344,6 @@ def test_graph_replays_do_not_synchronise(cuda_model6):
     ids, mask = prompts("cuda")[1]
     on = _synchronisations(cuda_model6, ids, mask, prefill_graphs=True)
     off = _synchronisations(cuda_model6, ids, mask, prefill_graphs=False)
+    if off == 0:
+        pytest.skip("torch.cuda.set_sync_debug_mode('warn') reported no synchronisation on this build")
     assert on + LAYERS <= off, (on, off)
