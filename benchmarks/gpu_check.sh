@@ -15,8 +15,11 @@
 # keeps what one GPU keeps; needs a machine with that many GPUs), tp-speed (TP=TP_GPUS vs TP=1 speed and memory:
 # decode on QwQ-32B shapes cut to TP_SPEED_LAYERS=16 of 64 layers, Llama-3.1-8B TTFT at 32K/128K; models saved
 # under TP_SPEED_DIR=/tmp/kvsieve-tp-speed, about 35 GB; ~6 min on 2 H200s, each run cut at TP_SPEED_TIMEOUT=180 s,
-# keeping its rows; TP_SPEED_PREPARE=--tiny runs it on tiny shapes on the CPU), device-map (a model split over 2 GPUs by accelerate keeps the one-GPU tokens). PREFILL_BACKEND
-# picks the prefill stages' backend.
+# keeping its rows; TP_SPEED_PREPARE=--tiny runs it on tiny shapes on the CPU), device-map (a model split over 2
+# GPUs by accelerate keeps the one-GPU tokens), bench-decode-hf-static (HF's static cache with generate's compile
+# beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
+# TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
+# PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
 # package name, and a dist-info carries the entry points so plugin discovery works as after an install.
@@ -98,6 +101,11 @@ for stage in $stages; do
     profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
+    prefill-graphs) { python -m pytest -q -m gpu -p no:cacheprovider tests/test_prefill_graph.py 2>&1 | tail -n 30 \
+                        | tee "$out/gpu_tests_prefill_graph.txt"; tests_rc=${PIPESTATUS[0]}
+                      python benchmarks/prefill_host.py "$out/prefill-graphs" --backend "${PREFILL_BACKEND:-auto}" \
+                        2>&1 | tail -n 20; bench_rc=${PIPESTATUS[0]}
+                      [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]; } ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

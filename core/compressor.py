@@ -32,6 +32,7 @@ __all__ = [
     "Compressor",
     "LayerEvent",
     "compress_layer",
+    "score_and_select",
     "select_rows",
 ]
 
@@ -201,12 +202,71 @@ def compress_layer(
     uniform = len(set(budgets)) == 1 and len(set(tails)) == 1
     budget_arg = budgets[0] if uniform else _row_tensor(budgets, counts)
     tail_arg = tails[0] if uniform else _row_tensor(tails, counts)
-    if all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True)):  # all kept is protected: no scores
-        scores = torch.zeros(*counts.shape, N, device=counts.device)
+    scored = scoring is not None and not all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True))
+    queries = event.window_queries() if scored and scoring.needs_queries else layer.keys.new_zeros(0)
+    keep_slots, kept, dest = score_and_select(
+        event, guard, layer, queries, scoring=scoring, selection=selection, cand_starts=cand_starts, counts=counts,
+        N=N, budgets=budgets, tails=tails, protect_head=protect_head, budget_arg=budget_arg, tail_arg=tail_arg,
+        region_starts=region_starts, queries_are_last=queries_are_last,
+    )
+    layer.compact(event.backend, keep_slots, kept, dest, reserve=event.reserve)
+    if observed:
+        event.engine.notify_compressed(event, before=before, after=layer.max_live)
+
+
+def score_and_select(
+    event: LayerEvent,
+    guard: ContractGuard,
+    layer: Any,
+    queries: torch.Tensor,
+    *,
+    scoring: ScoringPolicy | None,
+    selection: SelectionPolicy,
+    cand_starts: torch.Tensor,
+    counts: torch.Tensor,
+    N: int,
+    budgets: list[int],
+    tails: list[int],
+    protect_head: int,
+    budget_arg: int | torch.Tensor,
+    tail_arg: int | torch.Tensor,
+    region_starts: torch.Tensor | None,
+    queries_are_last: bool,
+    context_type: type[ScoringContext] = ScoringContext,
+    scored_count: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device part of :func:`compress_layer`, after its host checks: score, select, check; no host read.
+
+    Shared by the eager path and the prefill graphs (:mod:`kvsieve.prefill_graph`), which call it on static
+    copies of a layer's tensors, so that both issue the same kernels in the same order.
+
+    Args:
+        event: the layer event (its ``layer_idx``, ``scale``, ``backend`` and ``engine`` are read, not its layer).
+        guard: where plugin output is checked.
+        layer: what holds ``keys``, ``values`` (``[B, Hkv, C, d]``), ``starts``, ``ends`` (``int64 [B, Hkv]``) and
+            ``positions`` (``int64 [B, Hkv, C]``): the layer itself, or static copies of its tensors.
+        queries: ``[B, H, W, d]`` the window queries (a 0-element tensor when the scoring reads none).
+        counts: ``int64 [B, Hkv]`` candidates per row and KV head (``ends - cand_starts``, at least 0); ``N`` their
+            maximum, known on the host.
+        budget_arg, tail_arg: ``budgets`` and ``tails`` as the selection takes them: ints when every row has the
+            same, else ``int64 [B, Hkv]`` (made before a capture: a host-to-device copy cannot be captured).
+        context_type: the class of the scoring context (a subclass when the caller watches what a policy reads).
+        scored_count: the scored candidates' count ``max(cand_ends - cand_starts)`` when the tails differ per row
+            and the caller knows it on the host (else the backend reads it).
+        The rest as :func:`compress_layer`.
+
+    Returns:
+        ``(keep_slots, kept, dest)``: ``int64 [B, Hkv, K]`` absolute kept slots (sorted; ``kept`` real),
+        ``int64 [B, Hkv]`` their count, and ``int64 [B, Hkv]`` where the compacted region begins.
+    """
+    engine = event.engine
+    ends = layer.ends
+    if scoring is None or all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True)):
+        scores = torch.zeros(*counts.shape, N, device=counts.device)  # all kept is protected: no scores
     else:
         # the protected tail is not scored: candidates for scoring end before it (RPC: softmax over [Lp, L-R))
-        ctx = ScoringContext(
-            queries=event.window_queries() if scoring.needs_queries else layer.keys.new_zeros(0),
+        ctx = context_type(
+            queries=queries,
             keys=layer.keys,
             values=layer.values,
             starts=layer.starts,
@@ -219,20 +279,19 @@ def compress_layer(
             backend=event.backend,
             queries_are_last=queries_are_last,
             # exact (cand_ends = max(ends - tail, cand_starts)); unknown on the host when the tails differ per row
-            candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else None,
+            candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else scored_count,
             heads=engine.heads if engine is not None else LOCAL,
         )
         fingerprint = guard.fingerprint(layer)
         scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,
                                     fingerprint)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway
-    chosen = select_rows(selection, scores, counts, budgets, protect_head, tails)
+    row_tensors = None if isinstance(budget_arg, int) else (budget_arg, tail_arg)
+    chosen = select_rows(selection, scores, counts, budgets, protect_head, tails, row_tensors=row_tensors)
     keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection)
     keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
-    layer.compact(event.backend, keep_slots, kept, dest, reserve=event.reserve)
-    if observed:
-        event.engine.notify_compressed(event, before=before, after=layer.max_live)
+    return keep_slots, kept, dest
 
 
 def _per_row(value: int | Sequence[int], rows: int, name: str) -> list[int]:
@@ -250,14 +309,18 @@ def _row_tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
 
 
 def select_rows(selection: SelectionPolicy, scores: torch.Tensor, counts: torch.Tensor, budgets: list[int],
-                protect_head: int, tails: list[int]) -> Selection:
+                protect_head: int, tails: list[int],
+                row_tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
     """``selection.select`` with one budget and protected tail per row (``budgets[b]``, ``tails[b]``): one call
     with integers when every row has the same, one call with ``int64 [B, Hkv]`` tensors for a policy with
-    ``per_row_budgets``, else one call per row (``keep`` padded with -1 to the widest row)."""
+    ``per_row_budgets`` (``row_tensors``: those tensors when the caller made them already), else one call per row
+    (``keep`` padded with -1 to the widest row)."""
     if len(set(budgets)) == 1 and len(set(tails)) == 1:
         return selection.select(scores, counts, budgets[0], protect_head, tails[0])
     if selection.per_row_budgets:
-        return selection.select(scores, counts, _row_tensor(budgets, counts), protect_head, _row_tensor(tails, counts))
+        if row_tensors is None:
+            row_tensors = (_row_tensor(budgets, counts), _row_tensor(tails, counts))
+        return selection.select(scores, counts, row_tensors[0], protect_head, row_tensors[1])
     parts = [selection.select(scores[b : b + 1], counts[b : b + 1], budgets[b], protect_head, tails[b])
              for b in range(len(budgets))]
     if not all(isinstance(part, Selection) for part in parts):

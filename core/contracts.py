@@ -22,8 +22,9 @@ the device checks off for a plugin that passed the conformance kit; the shape ch
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,7 +34,7 @@ from kvsieve.policy import Selection
 if TYPE_CHECKING:
     from kvsieve.cache import SieveLayer
 
-__all__ = ["ContractGuard", "PluginContractError", "checks_enabled", "debug_checks", "describe_class"]
+__all__ = ["ContractGuard", "FlagSink", "PluginContractError", "checks_enabled", "debug_checks", "describe_class"]
 
 _OFF = ("0", "off", "false", "no")
 
@@ -87,6 +88,45 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.nan_to_num(nan=0.0) != b.nan_to_num(nan=0.0)).any()
 
 
+class FlagSink:
+    """Device fault flags that accumulate over replays of a captured CUDA graph.
+
+    ``flags`` (``bool [capacity]``) is allocated outside any capture, so a graph's private memory never aliases
+    it; the ``i``-th check a run makes ORs its flag into ``flags[i]``, so a fault in any replay stays set until
+    :meth:`reset` (once per forward). Every run must make the same checks in the same order (the same captured
+    work): ``messages[i]`` names entry ``i``.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 64):
+        self.flags = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.messages: list[str] = []
+        self._views: list[torch.Tensor] = []
+        self._next = 0
+
+    def begin(self) -> None:
+        self._next = 0
+
+    def add(self, broken: torch.Tensor, message: str) -> None:
+        i = self._next
+        if i >= self.flags.numel():
+            raise RuntimeError(f"more than {self.flags.numel()} contract checks in one captured compression")
+        if i == len(self.messages):
+            self.messages.append(message)
+            self._views.append(self.flags[i])
+        elif self.messages[i] != message:
+            raise RuntimeError("a captured compression made other contract checks than its first run")
+        self._views[i].logical_or_(broken.reshape(()))
+        self._next = i + 1
+
+    def entries(self) -> list[tuple[torch.Tensor, str]]:
+        """``(flag, message)`` of every entry in use (0-dim views of ``flags``)."""
+        return list(zip(self._views, self.messages, strict=True))
+
+    def reset(self) -> None:
+        """Clear the flags (a device write, no read)."""
+        self.flags.zero_()
+
+
 class ContractGuard:
     """Checks plugin output and holds the device-side faults until the next host read (module docstring).
 
@@ -102,6 +142,7 @@ class ContractGuard:
                  describe: Callable[[Any, str], str] = describe_class):
         self.enabled, self.immediate, self.describe = enabled, immediate, describe
         self._pending: list[tuple[torch.Tensor, str]] = []
+        self._sink: FlagSink | None = None
 
     # ------------------------------------------------------------------ host reads
     def read(self, *values: torch.Tensor) -> list[int]:
@@ -118,9 +159,30 @@ class ContractGuard:
             self.read()
 
     def _defer(self, broken: torch.Tensor, message: str) -> None:
+        if self._sink is not None:
+            self._sink.add(broken, message)
+            return
         self._pending.append((broken, message))
         if self.immediate:
             self.flush()
+
+    # ------------------------------------------------------------------ work replayed from a CUDA graph
+    @contextlib.contextmanager
+    def accumulating(self, sink: FlagSink) -> Iterator[None]:
+        """While active, every device fault flag is OR-ed into ``sink``'s next entry instead of being queued
+        (work captured in a CUDA graph: the flags must land in storage that outlives the replays)."""
+        previous, self._sink = self._sink, sink
+        sink.begin()
+        try:
+            yield
+        finally:
+            self._sink = previous
+
+    def watch(self, sink: FlagSink) -> None:
+        """Queue ``sink``'s accumulated flags for the next host read (once: a flag already queued is not added
+        again)."""
+        queued = {id(flag) for flag, _ in self._pending}
+        self._pending += [(flag, message) for flag, message in sink.entries() if id(flag) not in queued]
 
     def _raise_first(self, values: list[int]) -> None:
         pending, self._pending = self._pending, []

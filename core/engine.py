@@ -37,6 +37,7 @@ from kvsieve.compressor import LayerEvent
 from kvsieve.contracts import ContractGuard, checks_enabled
 from kvsieve.parallel import HeadGroup, tensor_parallel_group
 from kvsieve.plugins import describe_object, has_layer_compressed_observers, notify_layer_compressed
+from kvsieve.prefill_graph import PrefillGraphs, prefill_graphs_enabled
 
 if TYPE_CHECKING:
     from kvsieve.backend import KVBackend
@@ -96,6 +97,9 @@ class Engine:
         backend: the kernel backend (already resolved for the model's device and dtype).
         checks: run the device-side contract checks on plugin output (:mod:`kvsieve.contracts`). Default: on,
             unless ``KVSIEVE_CHECKS=off``.
+        prefill_graphs: on CUDA, replay each layer's prompt compression from a captured CUDA graph
+            (:mod:`kvsieve.prefill_graph`; the same results, less host time). Default: on, unless
+            ``KVSIEVE_PREFILL_GRAPHS=0``.
 
     Attributes:
         cache: the cache of the forward that runs (or ran last); ``None`` while a forward runs without one
@@ -107,10 +111,13 @@ class Engine:
         guard: the :class:`~kvsieve.contracts.ContractGuard` every compaction's plugin output goes through.
         heads: the :class:`~kvsieve.parallel.HeadGroup` scores that span heads are reduced over (a
             tensor-parallel group when the model is split by heads).
+        prefill_graphs: whether prompt compressions may be replayed from CUDA graphs; ``prefill_graph_cache`` the
+            :class:`~kvsieve.prefill_graph.PrefillGraphs` (captured graphs, freed on :meth:`detach`).
+        forwards: forwards begun so far (a new forward clears the graphs' fault flags).
     """
 
     def __init__(self, model: torch.nn.Module, compressor: Compressor, backend: KVBackend,
-                 checks: bool | None = None):
+                 checks: bool | None = None, prefill_graphs: bool | None = None):
         config = model.config
         self.model, self.compressor, self.backend = model, compressor, backend
         self.num_layers: int = config.num_hidden_layers
@@ -128,6 +135,11 @@ class Engine:
         self.observed = has_layer_compressed_observers()
         self.guard = ContractGuard(checks_enabled(checks), describe=describe_object)
         self.heads = HeadGroup(tensor_parallel_group(model))  # this rank's KV heads, or a tensor-parallel group
+        self.prefill_graphs = prefill_graphs_enabled(prefill_graphs)
+        self.prefill_graph_cache = PrefillGraphs()
+        self.forwards = 0
+        # the prefill's left padding, read once per mask (every layer of a forward gets the same mask object)
+        self._padding_memo: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -165,6 +177,8 @@ class Engine:
             self.model.set_attn_implementation(self._previous_attention)
             self._previous_attention = None
         self.cache, self.propagation = None, None
+        self.prefill_graph_cache.clear()
+        self._padding_memo = None
 
     # ------------------------------------------------------------------ forwards
     def new_cache(self) -> SieveCache:
@@ -203,6 +217,7 @@ class Engine:
         return args, kwargs
 
     def _after_forward(self, module, args, output):
+        self._padding_memo = None
         self.guard.flush()  # a contract fault of this forward's last compactions (one read, only if pending)
 
     def begin_forward(self, cache: SieveCache | None) -> None:
@@ -213,6 +228,8 @@ class Engine:
                 "instance cannot be shared between threads: give each thread its own model (and apply)"
             )
         self.cache = cache
+        self.forwards += 1
+        self._padding_memo = None
         if cache is not None:
             self.last_cache = cache
             self.phase = "prefill" if cache.get_seq_length() == 0 else "decode"
@@ -235,8 +252,7 @@ class Engine:
         layer = self.cache.layers[layer_idx]
         self.scales[layer_idx] = scale
         if self.phase == "prefill":
-            B, Hkv = layer.ends.shape
-            padding, pad_list = padding_starts(attention_mask, B, Hkv, query.device)
+            padding, pad_list = self._padding(attention_mask, *layer.ends.shape, query.device)
             end = layer.max_end
             layer.begin_prompt(padding, tuple(end - pad for pad in pad_list))
             out = self.backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
@@ -248,6 +264,17 @@ class Engine:
         if self.phase in self.compressor.phases and (self.phase == "prefill" or not self.decode_between_steps):
             self.compressor.after_attention(self.layer_event(layer_idx, queries=query))
         return out
+
+    def _padding(self, attention_mask: torch.Tensor | None, B: int, Hkv: int,
+                 device) -> tuple[torch.Tensor, list[int]]:
+        """:func:`padding_starts`, read once per mask object in a forward (HF hands every layer the same mask;
+        token propagation one gathered mask to the layers after it), so no layer reads the device for it."""
+        memo = self._padding_memo
+        if memo is not None and memo[0] is attention_mask and memo[1:4] == (B, Hkv, device):
+            return memo[4], memo[5]
+        padding, pad_list = padding_starts(attention_mask, B, Hkv, device)
+        self._padding_memo = (attention_mask, B, Hkv, device, padding, pad_list)
+        return padding, pad_list
 
     def layer_event(self, layer_idx: int, cache: SieveCache | None = None,
                     queries: torch.Tensor | None = None) -> LayerEvent:

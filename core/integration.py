@@ -183,6 +183,7 @@ def apply(
     params: dict[str, Any] | None = None,
     allow_unsupported: bool = False,
     checks: bool | None = None,
+    prefill_graphs: bool | None = None,
 ) -> Iterator[Engine]:
     """Compress the KV cache of ``model`` while the context is active.
 
@@ -199,6 +200,9 @@ def apply(
         allow_unsupported: try model types kvsieve has not been tested on.
         checks: check plugin output on the device before it enters the cache (:mod:`kvsieve.contracts`).
             Default: on, unless the environment sets ``KVSIEVE_CHECKS=off``.
+        prefill_graphs: on CUDA, replay each layer's prompt compression from a captured CUDA graph
+            (:mod:`kvsieve.prefill_graph`: the same results, less host time). Default: on, unless the environment
+            sets ``KVSIEVE_PREFILL_GRAPHS=0``.
 
     Yields:
         the :class:`~kvsieve.engine.Engine` (``engine.last_cache`` is the cache of the latest forward).
@@ -207,7 +211,8 @@ def apply(
     compressor = resolve_compressor(compressor, params)
     compressor.check_model(model.config)
     first = next(model.parameters())
-    engine = Engine(model, compressor, resolve_backend(backend, first.device, first.dtype), checks=checks)
+    engine = Engine(model, compressor, resolve_backend(backend, first.device, first.dtype), checks=checks,
+                    prefill_graphs=prefill_graphs)
     engine.attach()
     try:
         yield engine
@@ -282,6 +287,7 @@ def generate(
     static_capacity: int | None = None,
     use_cuda_graph: bool | None = None,
     checks: bool | None = None,
+    prefill_graphs: bool | None = None,
     **generate_kwargs: Any,
 ) -> GenerationResult:
     """``model.generate`` with a compressed KV cache; returns the sequences and the cache's measurements.
@@ -292,12 +298,12 @@ def generate(
     ``fast=True`` decodes through the fast path instead (:func:`kvsieve.fastpath.fast_generate`, docs/fast-path.md):
     a static-capacity cache whose decode step is replayed from a CUDA graph (``use_cuda_graph``, default on CUDA),
     ``static_capacity`` slots per layer (default: sized from the compressor); greedy search and sampling (a
-    ``generator=`` may be passed), same tokens as the eager path. ``checks``: see :func:`apply`.
+    ``generator=`` may be passed), same tokens as the eager path. ``checks``, ``prefill_graphs``: see :func:`apply`.
     """
     if not fast and (static_capacity is not None or use_cuda_graph is not None):
         raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
     check_inputs(input_ids, attention_mask)
-    with apply(model, compressor, backend, params=params, checks=checks) as engine:
+    with apply(model, compressor, backend, params=params, checks=checks, prefill_graphs=prefill_graphs) as engine:
         start = time.perf_counter()
         with torch.inference_mode():
             if fast:

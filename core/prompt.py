@@ -34,9 +34,10 @@ from typing import ClassVar
 import attrs
 
 from kvsieve.budget import Budget, budget_field, ratio_field
-from kvsieve.compressor import Compressor, LayerEvent, compress_layer
+from kvsieve.compressor import Compressor, LayerEvent
 from kvsieve.plugins import scoring_policy, selection_policy
 from kvsieve.policy import ScoringPolicy, SelectionPolicy
+from kvsieve.prefill_graph import compress_prompt
 from kvsieve.validators import nonnegative_int, positive_int
 
 __all__ = ["PromptCompressor"]
@@ -100,14 +101,12 @@ class PromptCompressor(Compressor):
         budget = self.layer_budget(event)
         if budget is None:
             return
-        layer = event.layer
-        compress_layer(
+        # every real prompt token is a candidate, the left padding before them is dropped; on CUDA replayed from a
+        # captured graph where it can be (kvsieve.prefill_graph), else compress_layer
+        compress_prompt(
             event,
             scoring=self.scoring,
             selection=self.selection,
-            cand_starts=layer.starts,  # every real prompt token is a candidate
-            region_starts=layer.starts.new_zeros(layer.starts.shape),  # the left padding before them is dropped
             budget=budget,
             protect_tail=[min(self.window, b) for b in budget],  # a prompt shorter than the window is kept whole
-            queries_are_last=True,
         )

@@ -1,0 +1,95 @@
+"""What the prefill graphs (kvsieve.prefill_graph) save: time to first token and the host's CPU time of a prefill,
+with the per-layer prompt compression replayed from a CUDA graph (on) or issued eagerly (off), against no
+compression, side by side in one process.
+
+    python benchmarks/prefill_host.py OUTDIR [--contexts 8K,32K --backend auto --repeats 3]
+
+Llama-3.1-8B shapes (random weights, bf16), batch 1, ``model.generate(max_new_tokens=1)`` inside a fresh
+``kvsieve.apply`` per run (as ``kvsieve.generate`` does: every run captures its graph again, on its second layer),
+for snapkv and fastkv at their defaults and ``none``. Each configuration is warmed up once, then timed
+``--repeats`` times, the configurations interleaved (drift hits them alike); reported are the medians of the wall
+time (synchronised) and of ``time.process_time()`` over the run (the host's CPU time, every thread of the process),
+and the graphs captured and replayed in one run. Writes OUTDIR/prefill_host.json and OUTDIR/prefill_host.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kvsieve.integration import apply
+from kvsieve.models import random_paper_model
+from kvsieve.params import parse_size
+from kvsieve.prefill_graph import describe_graphs
+
+RUNS = [  # (label, compressor, prefill graphs)
+    ("none", "none", False),
+    ("snapkv graphs off", "snapkv", False),
+    ("snapkv graphs on", "snapkv", True),
+    ("fastkv graphs off", "fastkv", False),
+    ("fastkv graphs on", "fastkv", True),
+]
+
+
+def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, backend: str) -> dict:
+    torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode(), apply(model, compressor, backend, prefill_graphs=graphs) as engine:
+        model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        counters = describe_graphs(engine)
+        kv = engine.last_cache.kv_lengths()
+    return dict(wall=wall, cpu=cpu, kv_layer0=kv[0], kv_last=kv[-1], **counters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--contexts", default="8K,32K")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = random_paper_model("llama-3.1-8b")
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, backend=args.backend, rows=[])
+    for context in [parse_size(c) for c in args.contexts.split(",")]:
+        ids = torch.randint(100, 120000, (1, context), device="cuda")
+        samples: dict[str, list[dict]] = {label: [] for label, _, _ in RUNS}
+        for _label, compressor, graphs in RUNS:  # warm-up: kernels compiled, allocator warm
+            one_run(model, ids, compressor, graphs, args.backend)
+        for _ in range(args.repeats):
+            for label, compressor, graphs in RUNS:
+                samples[label].append(one_run(model, ids, compressor, graphs, args.backend))
+        base = statistics.median(s["wall"] for s in samples["none"])
+        for label, compressor, graphs in RUNS:
+            runs = samples[label]
+            wall = statistics.median(s["wall"] for s in runs)
+            row = dict(context=context, run=label, compressor=compressor, prefill_graphs=graphs,
+                       ttft_s=round(wall, 4), cpu_s=round(statistics.median(s["cpu"] for s in runs), 4),
+                       over_none=round(wall / base - 1, 4), captures=runs[-1]["captures"],
+                       replays=runs[-1]["replays"], kv_layer0=runs[-1]["kv_layer0"], kv_last=runs[-1]["kv_last"],
+                       ttft_all_s=[round(s["wall"], 4) for s in runs])
+            result["rows"].append(row)
+            print(row, flush=True)
+        del ids
+        torch.cuda.empty_cache()
+    (args.out / "prefill_host.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Prefill graphs: TTFT and host CPU time ({result['gpu']}, torch {result['torch']}, backend "
+             f"{args.backend}, median of {args.repeats})", "",
+             "| context | run | TTFT (s) | vs none | CPU time (s) | graphs captured / replayed |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        lines.append(f"| {row['context']} | {row['run']} | {row['ttft_s']} | {100 * row['over_none']:+.1f}% | "
+                     f"{row['cpu_s']} | {row['captures']} / {row['replays']} |")
+    (args.out / "prefill_host.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
