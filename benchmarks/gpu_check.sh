@@ -83,14 +83,14 @@ for stage in $stages; do
                benchmarks/tp_speed.py tp "$models" "$out/tp-speed" 2>&1 | grep -v -e Warning -e "Loading weights" \
                | tail -n 20
              python benchmarks/tp_speed.py compare "$out/tp-speed"; } ;;
-    bench-decode-r1)  python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton \
+    bench-decode-r1)  python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --no-hf-static \
                         --out "$out/bench-decode-r1" 2>&1 | tail -n 40 ;;
     bench-decode-qwq) python -m kvsieve.cli bench decode --model qwq-32b --backend triton --no-hf \
                         --out "$out/bench-decode-qwq" 2>&1 | tail -n 40 ;;
     bench-validate)   python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
                         --new-tokens 8K --validate 32:8K --no-hf --out "$out/bench-validate" 2>&1 | tail -n 20 ;;
     profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
-    bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast \
+    bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast --no-hf-static \
                         --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
     # HF's StaticCache + generate's auto-compile (docs/benchmarks.md) beside the fast path's full cache, R1-7B
     # shapes, batch 32, 16K and 32K: one compile per HF row (~4-5 min in all; the sdpa rows come first).
