@@ -19,6 +19,7 @@
 # GPUs by accelerate keeps the one-GPU tokens), bench-decode-hf-static (HF's static cache with generate's compile
 # beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
 # TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
+# bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K).
 # PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
@@ -101,6 +102,11 @@ for stage in $stages; do
     profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
+    # span selection's prefill cost against SnapKV's top-k and chunk selection (issue: <= 5% over snapkv at 32K)
+    bench-prefill-selection) python -m kvsieve.cli bench prefill --model llama-3.1-8b --contexts 8K,32K --no-hf \
+                        --new-tokens 2 --compressor none --compressor snapkv --compressor snapkv:selection=chunk \
+                        --compressor attended_spans --backend "${PREFILL_BACKEND:-auto}" \
+                        --out "$out/bench-prefill-selection" 2>&1 | tail -n 20 ;;
     prefill-graphs) { python -m pytest -q -m gpu -p no:cacheprovider tests/test_prefill_graph.py 2>&1 | tail -n 30 \
                         | tee "$out/gpu_tests_prefill_graph.txt"; tests_rc=${PIPESTATUS[0]}
                       python benchmarks/prefill_host.py "$out/prefill-graphs" --backend "${PREFILL_BACKEND:-auto}" \

@@ -20,7 +20,8 @@ Parameters every prompt compressor takes (:mod:`kvsieve.budget` has the vocabula
   (default: :attr:`default_window`);
 * ``scoring``: a scoring policy (registered name or instance; default :meth:`default_scoring`), whose own
   parameters are set as ``scoring.key=value``;
-* ``selection``: a selection policy (default ``"topk"``), ``selection.key=value``.
+* ``selection``: a selection policy (registered name or instance; default :attr:`default_selection`), whose own
+  parameters are set as ``selection.key=value``.
 
 Subclasses may add fields of their own (attrs, keyword-only) and override :meth:`layer_budget` (e.g. a budget
 per layer) or :meth:`after_attention` (e.g. FastKV's token propagation, before calling this one).
@@ -57,12 +58,14 @@ class PromptCompressor(Compressor):
     """Compress each layer's prompt KV once, after prefill (see the module docstring).
 
     Class attributes a subclass may set: ``name`` (required), ``default_ratio`` (0.2), ``default_window`` (32),
+    ``default_selection`` (``"topk"``),
     ``rounding`` of ``ratio * length`` (``"ceil"``).
     """
 
     phases: ClassVar[frozenset[str]] = frozenset({"prefill"})
     default_ratio: ClassVar[float] = 0.2
     default_window: ClassVar[int] = 32
+    default_selection: ClassVar[str] = "topk"
     rounding: ClassVar[str] = "ceil"
 
     ratio: float | None = ratio_field()
@@ -74,7 +77,9 @@ class PromptCompressor(Compressor):
     scoring: ScoringPolicy = attrs.field(
         default=attrs.Factory(lambda self: self.default_scoring(), takes_self=True), converter=scoring_policy
     )
-    selection: SelectionPolicy = attrs.field(default="topk", converter=selection_policy)
+    selection: SelectionPolicy = attrs.field(
+        default=attrs.Factory(lambda self: self.default_selection, takes_self=True), converter=selection_policy
+    )
 
     @abc.abstractmethod
     def default_scoring(self) -> ScoringPolicy:
