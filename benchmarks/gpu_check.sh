@@ -104,7 +104,7 @@ for stage in $stages; do
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
     # span selection's prefill cost against SnapKV's top-k and chunk selection (issue: <= 5% over snapkv at 32K)
     bench-prefill-selection) python -m kvsieve.cli bench prefill --model llama-3.1-8b --contexts 8K,32K --no-hf \
-                        --new-tokens 2 --compressor none --compressor snapkv --compressor snapkv:selection=chunk \
+                        --new-tokens 8 --compressor none --compressor snapkv --compressor snapkv:selection=chunk \
                         --compressor attended_spans --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill-selection" 2>&1 | tail -n 20 ;;
     prefill-graphs) { python -m pytest -q -m gpu -p no:cacheprovider tests/test_prefill_graph.py 2>&1 | tail -n 30 \
