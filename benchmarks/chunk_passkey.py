@@ -13,6 +13,7 @@ the same prompts (how many only one of two selections retrieves, and an exact tw
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -24,14 +25,15 @@ from pathlib import Path
 from kvsieve.evaluation.scoring import key_prefix
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of ``k`` successes in ``n`` trials (95% for the default ``z``)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def _load_intervals():
+    # shared with kvpress_crosscheck.py, which runs without kvsieve installed: loaded by path
+    spec = importlib.util.spec_from_file_location("kvsieve_bench_intervals", Path(__file__).with_name("intervals.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+wilson = _load_intervals().wilson
 
 
 def sign_test(a: int, b: int) -> float:

@@ -8,6 +8,7 @@ its config.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -88,3 +89,30 @@ def left_padded(tokenizer, lengths: list[int], seed: int = 0) -> tuple[torch.Ten
         input_ids[i, width - len(row) :] = row
         attention_mask[i, width - len(row) :] = 1
     return input_ids, attention_mask, rows
+
+
+def greedy(n: int) -> dict:
+    """``generate`` keywords for exactly ``n`` greedy tokens."""
+    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def kept_candidates(policy, scores: list[float], budget: int, counts=None, protect_head=0, protect_tail=0):
+    """The candidates a selection policy keeps of a single row and KV head (``scores`` a list)."""
+    s = torch.tensor([[scores]], dtype=torch.float32)
+    c = torch.tensor([[len(scores) if counts is None else counts]])
+    sel = policy.select(s, c, budget, protect_head, protect_tail)
+    return sel.keep[0, 0, : int(sel.counts[0, 0])].tolist()
+
+
+def gpu_backends() -> list[str]:
+    """The backends a GPU test runs: torch, and triton where it is installed and not interpreted."""
+    names = ["torch"]
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1":
+        names.append("triton")
+    return names
+
+
+@pytest.fixture
+def checks_on(monkeypatch):
+    """The run-time contract checks at their default: on."""
+    monkeypatch.delenv("KVSIEVE_CHECKS", raising=False)

@@ -10,7 +10,8 @@ from fractions import Fraction
 import attrs
 import pytest
 import torch
-from conftest import left_padded, random_prompt
+from conftest import greedy, left_padded, random_prompt
+from conftest import kept_candidates as kept
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,14 +25,6 @@ from kvsieve.testing import assert_selection_conforms, check_selection
 from kvsieve.testing.strategies import SelectionCase, selections
 
 NAN = float("nan")
-
-
-def kept(policy, scores, budget, counts=None, protect_head=0, protect_tail=0) -> list[int]:
-    """The kept candidates of a single row and KV head (``scores`` a list)."""
-    s = torch.tensor([[scores]], dtype=torch.float32)
-    c = torch.tensor([[len(scores) if counts is None else counts]])
-    sel = policy.select(s, c, budget, protect_head, protect_tail)
-    return sel.keep[0, 0, : int(sel.counts[0, 0])].tolist()
 
 
 # ------------------------------------------------------------------------------------------------ contract
@@ -201,10 +194,6 @@ def test_selection_parameters_reach_it_through_a_compressor():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def greedy(n: int) -> dict:
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def assert_whole_chunks(positions: list[int], first: int, n: int, window: int, size: int) -> None:
     """The kept prompt positions of one row and KV head (a prompt of ``n`` tokens from position ``first``) are the
     window plus whole chunks of ``size`` aligned to the prompt's end (the budget less the window is a multiple of
@@ -214,11 +203,6 @@ def assert_whole_chunks(positions: list[int], first: int, n: int, window: int, s
     for p in rel[:-window]:
         chunk = set(range(max(n - (n - p + size - 1) // size * size, 0), n - (n - 1 - p) // size * size))
         assert chunk <= set(rel), f"kept {p} without its whole chunk {sorted(chunk)}: kept {rel}"
-
-
-@pytest.fixture
-def checks_on(monkeypatch):
-    monkeypatch.delenv("KVSIEVE_CHECKS", raising=False)  # the default: on
 
 
 def test_snapkv_keeps_whole_chunks(llama, checks_on):

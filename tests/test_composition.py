@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, left_padded, random_prompt
+from conftest import FAMILIES, greedy, left_padded, random_prompt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +30,6 @@ from kvsieve.policies.rpc import RPC
 from kvsieve.policies.snapkv import SnapKV
 
 HYBRID = "fastkv+rpc"
-
-
-def greedy(n: int) -> dict:
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 def run(model, ids, n, compressor, params=None, mask=None):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, left_padded, random_prompt, tiny_llama
+from conftest import FAMILIES, greedy, left_padded, random_prompt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,10 +38,6 @@ PAD0 = SimpleNamespace(pad_token_id=0)  # the tokenizer facts left_padded needs 
 def model4():
     """A tiny random Llama with 4 layers: the default TSP layer is 4 / 2 - 1 = 1."""
     return tiny_llama(4)
-
-
-def greedy(n: int) -> dict:
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 def assert_keep_all_matches_full(model, ids, mask, n: int) -> None:

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, left_padded, random_prompt
+from conftest import FAMILIES, gpu_backends, left_padded, random_prompt
 
 from kvsieve import models
 from kvsieve.fastpath import StaticDecoder
@@ -295,13 +295,6 @@ def test_triton_backend_greedy_tokens_equal_the_eager_path(llama):
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
-def gpu_backends() -> list[str]:
-    names = ["torch"]
-    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1":
-        names.append("triton")
-    return names
-
-
 @pytest.fixture(scope="module")
 def cuda_llama():
     model, tok = models.load("tiny-random-llama")  # a private copy (moved to the GPU)

@@ -15,14 +15,12 @@ the host falls back with one warning and still gives the eager results.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 
 import attrs
 import pytest
 import torch
-from conftest import left_padded, random_prompt, tiny_llama
+from conftest import gpu_backends, left_padded, random_prompt, tiny_llama
 
 from kvsieve import prefill_graph
 from kvsieve.contracts import ContractGuard, FlagSink, PluginContractError
@@ -228,13 +226,6 @@ def test_the_static_path_reads_nothing_per_layer(model6, static_path_on_cpu):
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-def gpu_backends() -> list[str]:
-    names = ["torch"]
-    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1":
-        names.append("triton")
-    return names
-
-
 @pytest.fixture(scope="module")
 def cuda_model6():
     return tiny_llama(LAYERS).to("cuda")

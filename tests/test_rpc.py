@@ -15,7 +15,7 @@ from typing import ClassVar
 import attrs
 import pytest
 import torch
-from conftest import left_padded, random_prompt
+from conftest import greedy, left_padded, random_prompt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,11 +336,6 @@ def test_length_formula_property(P, R_frac, ratio, n, Lp, aggregation):
 @pytest.fixture(scope="module")
 def prompt():
     return random_prompt(12)
-
-
-def greedy(n: int) -> dict:
-    """``model.generate`` arguments for exactly ``n`` new tokens, greedily."""
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 def run(model, ids, n, compressor="rpc", **params):

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded, random_prompt
+from conftest import greedy, left_padded, random_prompt
+from conftest import kept_candidates as kept
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,14 +21,6 @@ from kvsieve.testing import assert_selection_conforms, check_selection
 from kvsieve.testing.strategies import SelectionCase, selections
 
 NAN = float("nan")
-
-
-def kept(policy, scores, budget, counts=None, protect_head=0, protect_tail=0) -> list[int]:
-    """The kept candidates of a single row and KV head (``scores`` a list)."""
-    s = torch.tensor([[scores]], dtype=torch.float32)
-    c = torch.tensor([[len(scores) if counts is None else counts]])
-    sel = policy.select(s, c, budget, protect_head, protect_tail)
-    return sel.keep[0, 0, : int(sel.counts[0, 0])].tolist()
 
 
 # ------------------------------------------------------------------------------------------------ contract
@@ -136,15 +129,6 @@ def test_attended_spans_defaults_and_the_option_on_other_compressors():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def greedy(n: int) -> dict:
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
-@pytest.fixture
-def checks_on(monkeypatch):
-    monkeypatch.delenv("KVSIEVE_CHECKS", raising=False)  # the default: on
-
-
 def test_a_model_layer_keeps_the_window_and_runs_of_neighbours(llama, checks_on):
     """In a model's layers, attended_spans keeps the window and, before it, runs of consecutive tokens (spans
     around peaks), not only scattered tokens."""
@@ -200,8 +184,16 @@ def test_on_the_gpu_every_backend_keeps_the_cpu_tokens(llama, checks_on, backend
     want = generate(model, ids, mask, compressor="attended_spans", params=params, backend="torch", **greedy(6))
     gpu_model = model.to("cuda")
     try:
-        got = generate(gpu_model, ids.cuda(), mask.cuda(), compressor="attended_spans", params=params,
-                       backend=backend, fast=True, **greedy(6))
+        got = generate(
+            gpu_model,
+            ids.cuda(),
+            mask.cuda(),
+            compressor="attended_spans",
+            params=params,
+            backend=backend,
+            fast=True,
+            **greedy(6),
+        )
     finally:
         model.to("cpu")
     assert got.sequences.cpu().tolist() == want.sequences.tolist()
