@@ -179,7 +179,10 @@ def run_presses(args, runs: list[Path], out: Path, presses: list[str], ratios: l
     done = {record_key(r) for r in read_jsonl(out)} if args.resume else set()
     if not args.resume:
         out.unlink(missing_ok=True)
-    queues = [(run, load_prompts(run, args.lengths)) for run in runs]
+    # each run's prompts by (index, depth): every depth early on, so that a stopped run is not skewed by depth
+    queues = [
+        (run, sorted(load_prompts(run, args.lengths), key=lambda p: (p.get("index", 0), p["depth"]))) for run in runs
+    ]
     # round robin over the runs, so that a stopped run leaves every cell with about as many prompts
     order = [(run, ps[i]) for i in range(max(len(ps) for _, ps in queues)) for run, ps in queues if i < len(ps)]
     started, count = time.perf_counter(), 0
@@ -301,22 +304,25 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
     pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # (ratio, task, column) -> [k, n]
     pairs: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])  # (ratio, task, column) -> [only ours, only theirs]
     verdicts: dict[tuple, list[str]] = defaultdict(list)  # (ratio, task) -> verdicts
-    # full cache first
-    lines += ["", "### Full cache", "", "| task | filler | template | length | n | kvsieve none | kvpress none |"]
+    # full cache first: kvsieve on every prompt of the run, kvpress (and kvsieve again) on those kvpress ran
+    lines += ["", "### Full cache", ""]
+    lines += ["| task | filler | template | length | kvsieve none | kvpress none | kvsieve none, same prompts |"]
     lines.append("|---|---|---|---|---|---|---|")
     for cell, entry in sorted(cells.items()):
         run, ours = entry["run"], entry["ours"]
-        ids = [p for p in entry["prompts"] if (p, "none", None) in ours and (run, p, "none", None) in theirs]
-        k_ours = sum(ours[p, "none", None] for p in ids)
-        k_theirs = sum(theirs[run, p, "none", None] for p in ids)
+        ids = [p for p in entry["prompts"] if (p, "none", None) in ours]
+        both = [p for p in ids if (run, p, "none", None) in theirs]
+        tallies = {
+            "kvsieve none": (sum(ours[p, "none", None] for p in ids), len(ids)),
+            "kvpress none": (sum(theirs[run, p, "none", None] for p in both), len(both)),
+            "kvsieve none, same prompts": (sum(ours[p, "none", None] for p in both), len(both)),
+        }
         for task in (cell[0], "all"):
-            for col, k in (("kvsieve none", k_ours), ("kvpress none", k_theirs)):
+            for col, (k, n) in tallies.items():
                 pooled["full", task, col][0] += k
-                pooled["full", task, col][1] += len(ids)
+                pooled["full", task, col][1] += n
         if ids:
-            lines.append(
-                f"| {' | '.join(map(str, cell))} | {len(ids)} | {fmt(k_ours, len(ids))} | {fmt(k_theirs, len(ids))} |"
-            )
+            lines.append(f"| {' | '.join(map(str, cell))} | " + " | ".join(fmt(*t) for t in tallies.values()) + " |")
     for ratio in ratios:
         head = ["task", "filler", "template", "length", "n", "kvsieve none"]
         head += [f"kvsieve {name}" for name in our_names] + [f"kvpress {c}" for c in columns]
@@ -339,7 +345,8 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
             best = max(counts[f"kvpress {c}"] for c in columns)
             best_names = [c for c in columns if counts[f"kvpress {c}"] == best]
             row = [*map(str, cell), str(len(ids))] + [fmt(counts[h], len(ids)) for h in head[5:-2]]
-            row.append(f"{fmt(best, len(ids))} ({', '.join(best_names)})")
+            named = "every press" if len(best_names) == len(columns) > 1 else ", ".join(best_names)
+            row.append(f"{fmt(best, len(ids))} ({named})")
             if champion:
                 mine = counts[f"kvsieve {champion}"]
                 verdict = "ahead" if mine > best else "tied" if mine == best else "behind"
@@ -359,7 +366,8 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
                             a, b = ours[p, champion, ratio], theirs[run, p, c, ratio]
                             pairs[ratio, task, c][0] += a and not b
                             pairs[ratio, task, c][1] += b and not a
-    tasks = sorted({cell[0] for cell in cells}) + ["all"]
+    tasks = sorted({cell[0] for cell in cells})
+    tasks += ["all"] if len(tasks) > 1 else []
     lines += ["", "### Pooled, with Wilson 95% intervals", ""]
     lines += ["correct/n (accuracy; Wilson 95% interval), pooled over the cells above (same prompts per ratio).", ""]
     lines += [
@@ -368,7 +376,7 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
         "|---|---|---|---|---|",
     ]
     for task in tasks:
-        for col in ("kvsieve none", "kvpress none"):
+        for col in ("kvsieve none", "kvpress none", "kvsieve none, same prompts"):
             k, n = pooled["full", task, col]
             if n:
                 lines.append(f"| full | {task} | {col} | {fmt_wilson(k, n, wilson)} | |")
