@@ -202,7 +202,7 @@ def compress_layer(
     uniform = len(set(budgets)) == 1 and len(set(tails)) == 1
     budget_arg = budgets[0] if uniform else _row_tensor(budgets, counts)
     tail_arg = tails[0] if uniform else _row_tensor(tails, counts)
-    scored = scoring is not None and not all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True))
+    scored = _scores_needed(scoring, budgets, tails, protect_head)
     queries = event.window_queries() if scored and scoring.needs_queries else layer.keys.new_zeros(0)
     keep_slots, kept, dest = score_and_select(
         event, guard, layer, queries, scoring=scoring, selection=selection, cand_starts=cand_starts, counts=counts,
@@ -261,7 +261,7 @@ def score_and_select(
     """
     engine = event.engine
     ends = layer.ends
-    if scoring is None or all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True)):
+    if not _scores_needed(scoring, budgets, tails, protect_head):
         scores = torch.zeros(*counts.shape, N, device=counts.device)  # all kept is protected: no scores
     else:
         # the protected tail is not scored: candidates for scoring end before it (RPC: softmax over [Lp, L-R))
@@ -292,6 +292,11 @@ def score_and_select(
     keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
     return keep_slots, kept, dest
+
+
+def _scores_needed(scoring: ScoringPolicy | None, budgets: list[int], tails: list[int], protect_head: int) -> bool:
+    """Whether a row keeps anything beyond its protected candidates (else no scoring call is made)."""
+    return scoring is not None and not all(b <= protect_head + t for b, t in zip(budgets, tails, strict=True))
 
 
 def _per_row(value: int | Sequence[int], rows: int, name: str) -> list[int]:
