@@ -26,7 +26,8 @@ from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.contracts import debug_checks
 from kvsieve.parallel import LOCAL
 from kvsieve.policies.window_attention import pool_scores
-from kvsieve.policy import ScoringContext, ScoringPolicy
+from kvsieve.plugins import selection_policy
+from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
 from kvsieve.prompt import PromptCompressor
 from kvsieve.propagation import TokenPropagation, propagate
 from kvsieve.validators import nonnegative_int, odd_positive_int, one_of, optional, positive_int, unit_ratio
@@ -103,8 +104,10 @@ class FastKV(PromptCompressor):
         window: last prompt tokens: the observation window, always kept and always propagated. Default 8.
         scoring: a scoring policy (name or instance). Default :class:`HeadPooledWindowScoring` (max pooling,
             kernel 7; ``scoring.pooling=avg`` for FastKV before v3).
-        selection: a selection policy (name or instance) for both the KV and the propagated tokens. Default
-            ``"topk"``.
+        selection: a selection policy (name or instance) for each layer's KV. Default ``"topk"`` (the paper's);
+            ``selection=span`` keeps whole spans (docs/policies/span.md).
+        tsp_selection: a selection policy (name or instance) for the propagated tokens. Default ``"topk"`` (the
+            paper's), independent of ``selection``: changing the KV selection leaves TSP as the paper runs it.
     """
 
     name: ClassVar[str] = "fastkv"
@@ -119,6 +122,8 @@ class FastKV(PromptCompressor):
         default=attrs.Factory(lambda self: None if self.budget is not None or self.tsp_len else 0.2, takes_self=True),
         validator=optional(unit_ratio),
     )
+
+    tsp_selection: SelectionPolicy = attrs.field(default="topk", converter=selection_policy)
 
     def __attrs_post_init__(self):
         constant = {k: getattr(self, k) for k in ("tsp_len", "budget") if getattr(self, k) is not None}
@@ -256,7 +261,7 @@ class FastKV(PromptCompressor):
         budgets = [max(p, K - pad) for p, pad in zip(propagated, padding, strict=True)]  # never more fill than padding
         counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
         tails = [min(self.window, b, n) for b, n in zip(budgets, event.layer.row_lengths, strict=True)]
-        real = select_rows(self.selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
+        real = select_rows(self.tsp_selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
         fill = torch.tensor([K - b for b in budgets], device=scores.device)[:, None]  # [B, 1]
         j = torch.arange(K, device=scores.device)
         from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))

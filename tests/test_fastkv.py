@@ -325,6 +325,28 @@ def test_selection_matches_a_straightforward_implementation(model4, pooling, hea
     assert layer.starts.tolist() == [[0] * kv_heads] * B, "padding is dropped from the KV"
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_kv_selection_leaves_token_selective_propagation_as_the_paper(model4, seed):
+    """``selection`` picks each layer's KV only: with ``selection=span`` the propagated tokens are top-k's, as the
+    paper runs TSP, while the TSP layer's KV differs; ``tsp_selection=span`` changes what propagates."""
+    L, W, T, pads = 61, 5, 2, [0, 9]
+    common = dict(tsp_rate=0.3, ratio=0.2, window=W, scoring=HeadPooledWindowScoring(kernel=3), tsp_layer=T)
+
+    def propagated_and_kv(**params):
+        _, _, cache, engine = run_layer(model4, FastKV(**common, **params), T, pads, 4, 2, L, 8, seed)
+        kv = [live_positions(cache.layers[T], b, j).tolist() for b in range(len(pads)) for j in range(2)]
+        return engine.propagation.pending.clone(), kv
+
+    topk_tokens, topk_kv = propagated_and_kv()
+    span_tokens, span_kv = propagated_and_kv(selection="span")
+    assert torch.equal(span_tokens, topk_tokens)
+    assert span_kv != topk_kv
+    tsp_span_tokens, _ = propagated_and_kv(tsp_selection="span")
+    assert not torch.equal(tsp_span_tokens, topk_tokens)
+    assert FastKV().tsp_selection.name == "topk" and FastKV(tsp_selection="span").config()["tsp_selection"] == {
+        "name": "span", "radius": 3}
+
+
 def test_head_pooled_scoring_equals_window_attention_with_avg_pooling():
     """Average pooling is linear: pooling per query head or after the GQA sum is the same."""
     gen = torch.Generator().manual_seed(0)
