@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvsieve.evaluation.sharding import Shard
 
@@ -53,3 +54,12 @@ def test_shard_from_the_environment(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(ValueError, match="RANK=3 is outside WORLD_SIZE=3"):
         Shard.from_environment()
+
+
+def test_auto_device_puts_processes_on_the_gpus_round_robin(monkeypatch):
+    """More processes than GPUs share them: local rank r runs on cuda:(r % GPUs); cpu and explicit devices stay."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    devices = [Shard(rank, 5, rank).device("auto") for rank in range(5)]
+    assert devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert Shard(3, 5, 3).device("cpu") == "cpu" and Shard(0, 1, 0).device("auto") == "auto"

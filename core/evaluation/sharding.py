@@ -48,11 +48,13 @@ class Shard:
         return index % self.world == self.rank
 
     def device(self, requested: str) -> str:
-        """``auto`` on a sharded CUDA run is this process's GPU (``cuda:LOCAL_RANK``)."""
+        """``auto`` on a sharded CUDA run is this process's GPU: ``cuda:LOCAL_RANK``, round-robin when a node runs
+        more processes than it has GPUs (a small model's sweep is bound by the host, so several processes can
+        share one GPU: ``torchrun --nproc_per_node 16`` on two GPUs puts eight on each)."""
         import torch
 
         if requested == "auto" and self.sharded and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return requested
 
     def part(self, out: Path, name: str) -> Path:
