@@ -3,9 +3,9 @@
     python benchmarks/device_map_check.py OUT
 
 A random-weight Llama (8 layers, hidden 512, 8 heads / 4 KV heads), fp32, a left-padded batch of 2 rows, 48 greedy
-tokens, triton backend; none, snapkv, rpc, fastkv, fastkv+rpc, eager and fast path (without a CUDA graph: one graph
-cannot span two devices yet). Writes OUT/device_map_check.json: per run, whether the split model's tokens equal
-the one-GPU tokens, or the error.
+tokens, triton backend; none, snapkv, streamingllm, rpc, fastkv, fastkv+rpc, eager and fast path (CUDA graphs on:
+one per device's run of layers, kvsieve.fastpath.SegmentGraphs). Writes OUT/device_map_check.json: per run,
+whether the split model's tokens equal the one-GPU tokens, or the error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kvsieve.integration import generate
 
-RUNS = [("none", {}), ("snapkv", {"ratio": 0.3, "window": 4}), ("rpc", {"interval": 16, "window": 4, "ratio": 0.25}),
+RUNS = [("none", {}), ("snapkv", {"ratio": 0.3, "window": 4}), ("streamingllm", {"budget": 64, "sinks": 4}),
+        ("rpc", {"interval": 16, "window": 4, "ratio": 0.25}),
         ("fastkv", {"tsp_rate": 0.4, "ratio": 0.2, "window": 4}),
         ("fastkv+rpc", {"fastkv.tsp_rate": 0.4, "rpc.interval": 16, "rpc.window": 4})]
 
@@ -44,7 +45,7 @@ def main() -> None:
     rows = []
     for name, params in RUNS:
         for fast in (False, True):
-            extra = dict(fast=True, use_cuda_graph=False) if fast else {}
+            extra = dict(fast=True) if fast else {}
             try:
                 want = generate(one, ids.cuda(), mask.cuda(), compressor=name, params=params, backend="triton",
                                 max_new_tokens=48, min_new_tokens=48, do_sample=False, **extra).sequences

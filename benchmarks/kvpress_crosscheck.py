@@ -85,9 +85,30 @@ def default_model_dir() -> Path:
     return Path(os.environ.get("KVSIEVE_CACHE", "~/.cache/kvsieve")).expanduser() / "models" / "smollm2"
 
 
+def import_kvpress():
+    """``import kvpress``. kvpress imports ``datasets`` and ``fire`` at import time only for presses this script
+    never builds (DuoAttention's and ExpectedAttention's statistics downloads); where either cannot be imported
+    (a GPU image without them), a placeholder that fails when used stands in, so the presses compared here load."""
+    import sys
+    import types
+
+    for name in ("datasets", "fire"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            placeholder = types.ModuleType(name)
+
+            def unavailable(*args, _name=name, **kwargs):
+                raise RuntimeError(f"{_name} is not installed: this kvpress press cannot run here")
+
+            placeholder.load_dataset = placeholder.Fire = unavailable
+            sys.modules[name] = placeholder
+    return importlib.import_module("kvpress")
+
+
 def make_press(name: str, ratio: float, args):
     """The kvpress press ``name`` keeping the share ``ratio`` of the compressed tokens."""
-    import kvpress
+    kvpress = import_kvpress()
 
     removed = round(1 - ratio, 6)
     if name == "snapkv":
@@ -155,6 +176,39 @@ def answer(model, tokenizer, ids: list[int], split: int, press, max_new_tokens: 
     return tokenizer.decode(written, skip_special_tokens=True), kept
 
 
+def device_of(args) -> str:
+    """``--device``; ``cuda`` under ``--shard R/W`` is GPU ``R % GPUs`` (several processes share a GPU round-robin)."""
+    import torch
+
+    if args.device == "cuda" and args.shard:
+        return f"cuda:{args.shard[0] % torch.cuda.device_count()}"
+    return args.device
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    rank, _, world = text.partition("/")
+    try:
+        r, w = int(rank), int(world)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes RANK/WORLD (e.g. 0/4), got {text!r}") from None
+    if not 0 <= r < w:
+        raise argparse.ArgumentTypeError(f"--shard {text}: RANK must be in [0, WORLD)")
+    return r, w
+
+
+def part_path(out: Path, shard: tuple[int, int]) -> Path:
+    return out.with_name(f"{out.stem}.part{shard[0]}of{shard[1]}.jsonl")
+
+
+def read_results(out: Path) -> list[dict]:
+    """The records of ``out`` and of its shards' parts (``<stem>.part<R>of<W>.jsonl``), one per record key."""
+    records = {}
+    for path in [out, *sorted(out.parent.glob(f"{out.stem}.part*.jsonl"))]:
+        for record in read_jsonl(path):
+            records.setdefault(record_key(record), record)
+    return list(records.values())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -164,7 +218,7 @@ def record_key(r: dict) -> tuple:
 
 
 def run_presses(args, runs: list[Path], out: Path, presses: list[str], ratios: list[float], protocols: list[str]):
-    import kvpress  # noqa: F401  (patches the attention functions for AdaKV before the model is built)
+    import_kvpress()  # patches the attention functions for AdaKV before the model is built
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -176,6 +230,7 @@ def run_presses(args, runs: list[Path], out: Path, presses: list[str], ratios: l
     model_dir = args.model or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model.to(device_of(args))
     done = {record_key(r) for r in read_jsonl(out)} if args.resume else set()
     if not args.resume:
         out.unlink(missing_ok=True)
@@ -185,7 +240,7 @@ def run_presses(args, runs: list[Path], out: Path, presses: list[str], ratios: l
     ]
     # round robin over the runs, so that a stopped run leaves every cell with about as many prompts
     order = [(run, ps[i]) for i in range(max(len(ps) for _, ps in queues)) for run, ps in queues if i < len(ps)]
-    started, count = time.perf_counter(), 0
+    started, count, item = time.perf_counter(), 0, -1
     for run, prompt in order:
         ids = prompt["input_ids"]
         splits = {"whole": len(ids) - 1}
@@ -195,6 +250,9 @@ def run_presses(args, runs: list[Path], out: Path, presses: list[str], ratios: l
         configs = [("none", "none", None)] if not args.no_baseline else []
         configs += [(press, protocol, ratio) for ratio in ratios for press in presses for protocol in protocols]
         for press_name, protocol, ratio in configs:
+            item += 1
+            if args.shard and item % args.shard[1] != args.shard[0]:
+                continue  # another process's share
             if (run.name, prompt["id"], press_name, protocol, ratio) in done:
                 continue
             if args.time_budget and time.perf_counter() - started > args.time_budget:
@@ -443,6 +501,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the results already in --out and skip those")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many s")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from --out; run nothing")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--shard",
+        type=shard_arg,
+        default=None,
+        help="RANK/WORLD: run every WORLD-th (prompt, press, ratio) from RANK on, into OUT's part file, no report; "
+        "start WORLD processes, then --report-only merges the parts",
+    )
     args = parser.parse_args()
     presses = [p.strip() for p in args.presses.split(",")]
     for p in presses:
@@ -461,9 +527,12 @@ def main() -> None:
         out, table = args.out / "kvpress_results.jsonl", args.out / "kvpress_table.md"
     started = time.perf_counter()
     if not args.report_only:
-        count = run_presses(args, args.runs, out, presses, ratios, protocols)
-        print(f"\n{count} runs in {time.perf_counter() - started:.0f} s; results in {out}\n")
-    text = report(args.runs, read_jsonl(out), args, presses, ratios, protocols)
+        target = part_path(out, args.shard) if args.shard else out
+        count = run_presses(args, args.runs, target, presses, ratios, protocols)
+        print(f"\n{count} runs in {time.perf_counter() - started:.0f} s; results in {target}\n")
+        if args.shard:
+            return  # the report merges every part: --report-only once all shards are done
+    text = report(args.runs, read_results(out), args, presses, ratios, protocols)
     print(text)
     if table is not None:
         table.write_text(text + "\n")

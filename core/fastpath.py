@@ -18,15 +18,17 @@ padded batches get per-row positions as HF computes them from the attention mask
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kvsieve.cache import SieveCache
 from kvsieve.engine import Engine
+from kvsieve.propagation import decoder_layers
 from kvsieve.static import make_static, static_capacity
 
-__all__ = ["StaticDecoder", "fast_generate"]
+__all__ = ["SegmentGraphs", "StaticDecoder", "fast_generate"]
 
 _STOP_CHECK_EVERY = 8  # steps between host reads of "has every row finished?" (the output is trimmed exactly)
 
@@ -34,24 +36,33 @@ _STOP_CHECK_EVERY = 8  # steps between host reads of "has every row finished?" (
 class StaticDecoder:
     """Prefill once, then decode one token per :meth:`step` through a static cache (graph replay on CUDA).
 
+    A model on one device replays its whole step from one graph. A model split over devices (accelerate's
+    ``device_map``) replays each run of consecutive decoder layers on one device from a graph of its own
+    (:class:`SegmentGraphs`), since one graph cannot span devices; the embedding, the final norm and the LM head
+    around them run eagerly. Call :meth:`close` when done (:func:`fast_generate` does).
+
     Args:
         model: the model, inside :func:`kvsieve.apply` (``engine`` is what it yielded).
         engine: the :class:`~kvsieve.engine.Engine` attached to the model.
-        use_cuda_graph: capture the decode step in a CUDA graph. Default: when the model is on a CUDA device.
+        use_cuda_graph: capture the decode step in CUDA graphs. Default: when the model is on CUDA devices.
         warmup_steps: eager steps before the capture (they warm up kernels, cuBLAS and Triton's compiler).
+        graph_breaks: decoder-layer indices where a new segment begins besides the device changes (the segments
+            path on one device, e.g. to test it; eagerly through the same static buffers without CUDA graphs).
     """
 
     def __init__(self, model: torch.nn.Module, engine: Engine, use_cuda_graph: bool | None = None,
-                 warmup_steps: int = 2):
-        device = next(model.parameters()).device
+                 warmup_steps: int = 2, graph_breaks: Sequence[int] = ()):
+        devices = {p.device for p in model.parameters()}
         if use_cuda_graph is None:
-            use_cuda_graph = device.type == "cuda"
-        if use_cuda_graph and device.type != "cuda":
-            raise ValueError(f"use_cuda_graph=True needs a model on a CUDA device, got {device}")
+            use_cuda_graph = all(d.type == "cuda" for d in devices)
+        if use_cuda_graph and any(d.type != "cuda" for d in devices):
+            raise ValueError(f"use_cuda_graph=True needs a model on CUDA devices, got {sorted(map(str, devices))}")
         self.model, self.engine, self.use_cuda_graph, self.warmup_steps = model, engine, use_cuda_graph, warmup_steps
         self.cache: SieveCache | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
+        split = len(devices) > 1 or bool(graph_breaks)
+        self.segments = SegmentGraphs(model, graph_breaks, capture=use_cuda_graph) if split else None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 capacity: int | None = None) -> torch.Tensor:
@@ -105,10 +116,18 @@ class StaticDecoder:
                          **{self.engine.cache_kw: self.cache})
         return out.logits[:, -1]
 
+    def close(self) -> None:
+        """Give the decoder layers their own forwards back (after the segments path); idempotent."""
+        if self.segments is not None:
+            self.segments.remove()
+
     def _run(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
             return self.graph_logits
+        if self.segments is not None and (self.segments.installed or not self.use_cuda_graph):
+            self.segments.install()
+            return self._forward()  # eager around the segments, each replayed (captured on its first call)
         if not self.use_cuda_graph:
             return self._forward()
         if self.eager_steps < self.warmup_steps:
@@ -119,6 +138,9 @@ class StaticDecoder:
                 logits = self._forward()
             torch.cuda.current_stream().wait_stream(side)
             return logits
+        if self.segments is not None:
+            self.segments.install()
+            return self._forward()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records the step without running it
@@ -133,6 +155,127 @@ class StaticDecoder:
         return logits
 
 
+# ---------------------------------------------------------------------------------------------- segments
+class SegmentGraphs:
+    """The decoder layers of a model cut into segments (consecutive layers on one device, also cut at
+    ``graph_breaks``), each run from a CUDA graph of its own.
+
+    :meth:`install` gives the first layer of each segment a forward that copies its inputs (the hidden states and
+    every tensor argument the model passes its layers: position embeddings, position ids, mask) into static buffers
+    on the segment's device, captures the segment's layers in a graph on its first call and replays it on every
+    later one, and returns the graph's output; the segment's other layers pass the hidden states through. The
+    model's own forward around them (embedding, rotary embedding, final norm, LM head, accelerate's device moves)
+    runs eagerly. Without ``capture`` the segment's layers run eagerly on the same static buffers (the path's
+    plumbing, on any device). :meth:`remove` restores the layers' forwards.
+    """
+
+    def __init__(self, model: torch.nn.Module, graph_breaks: Sequence[int] = (), capture: bool = True):
+        layers = decoder_layers(model)
+        devices = [_device_of(layer) for layer in layers]
+        breaks = set(graph_breaks)
+        bad = sorted(b for b in breaks if not 0 < b < len(layers))
+        if bad:
+            raise ValueError(f"graph_breaks={sorted(breaks)}: each must be a layer index in [1, {len(layers) - 1}]")
+        starts = [i for i in range(len(layers)) if i == 0 or i in breaks or devices[i] != devices[i - 1]]
+        ends = [*starts[1:], len(layers)]
+        self.segments = [_Segment(list(layers[a:b]), devices[a], capture) for a, b in zip(starts, ends, strict=True)]
+        self.installed = False
+
+    def install(self) -> None:
+        if not self.installed:
+            for segment in self.segments:
+                segment.install()
+            self.installed = True
+
+    def remove(self) -> None:
+        if self.installed:
+            for segment in self.segments:
+                segment.remove()
+            self.installed = False
+
+
+class _Segment:
+    """Consecutive decoder layers on one device, run from one CUDA graph (see :class:`SegmentGraphs`)."""
+
+    def __init__(self, layers: list[torch.nn.Module], device: torch.device, capture: bool):
+        self.layers, self.device, self.capture = layers, device, capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple | None = None  # the static (hidden_states, args, kwargs)
+        self.output: torch.Tensor | None = None
+
+    def install(self) -> None:
+        self.own = [layer.__dict__.get("forward") for layer in self.layers]  # accelerate's hook wraps it there
+        self.calls = [layer.forward for layer in self.layers]
+        self.layers[0].forward = self.run
+        for layer in self.layers[1:]:
+            layer.forward = _pass_hidden_states
+
+    def remove(self) -> None:
+        for layer, own in zip(self.layers, self.own, strict=True):
+            if own is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = own
+
+    def run(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.inputs is None:
+            self.inputs = _static_copy((hidden_states, args, kwargs), self.device)
+            if self.capture:
+                with torch.cuda.device(self.device):
+                    self.graph = torch.cuda.CUDAGraph()
+                    # a capture stream of this device: torch.cuda.graph's default one belongs to the device that
+                    # made it first, and kernels of another device would then run uncaptured
+                    with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                        self.output = self._layers()  # records the segment without running it
+        else:
+            _copy_into(self.inputs, (hidden_states, args, kwargs))
+        if self.graph is None:
+            self.output = self._layers()
+        else:
+            self.graph.replay()
+        return self.output
+
+    def _layers(self) -> torch.Tensor:
+        hidden_states, args, kwargs = self.inputs
+        for call in self.calls:
+            hidden_states = call(hidden_states, *args, **kwargs)
+        return hidden_states
+
+
+def _pass_hidden_states(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _static_copy(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (also inside tuples, lists and dicts) copied to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
+    if isinstance(value, tuple | list):
+        return type(value)(_static_copy(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _static_copy(v, device) for k, v in value.items()}
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    """Copy every tensor of ``value`` into its static twin (same structure, same shapes: a decode step's)."""
+    if isinstance(static, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != static.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise RuntimeError(f"a graph segment's input changed from {tuple(static.shape)} to {got} between steps")
+        static.copy_(value)
+    elif isinstance(static, tuple | list):
+        for s, v in zip(static, value, strict=True):
+            _copy_into(s, v)
+    elif isinstance(static, dict):
+        for key, s in static.items():
+            _copy_into(s, value[key])
+
+
 # ---------------------------------------------------------------------------------------------- generate
 def fast_generate(
     model: torch.nn.Module,
@@ -143,6 +286,7 @@ def fast_generate(
     static_capacity: int | None = None,
     use_cuda_graph: bool | None = None,
     generator: torch.Generator | None = None,
+    graph_breaks: Sequence[int] = (),
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """``model.generate`` for greedy search and sampling, through :class:`StaticDecoder`.
@@ -151,7 +295,7 @@ def fast_generate(
         model, engine: inside :func:`kvsieve.apply` (``engine`` is what it yielded).
         input_ids, attention_mask: the left-padded prompts.
         static_capacity: slots per layer (default: sized from the compressor, per layer).
-        use_cuda_graph: see :class:`StaticDecoder`.
+        use_cuda_graph, graph_breaks: see :class:`StaticDecoder`.
         generator: the random source of sampling (default: torch's global one, as ``model.generate``).
         generate_kwargs: generation options as ``model.generate`` takes them (``max_new_tokens``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``num_return_sequences``, ...). Beam search,
@@ -169,8 +313,17 @@ def fast_generate(
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - Lp
     if max_new < 1:
         raise ValueError(f"nothing to generate: max_new_tokens={max_new}")
+    decoder = StaticDecoder(model, engine, use_cuda_graph, graph_breaks=graph_breaks)
+    try:
+        return _decode(decoder, config, processors, input_ids, attention_mask, max_new, static_capacity, generator)
+    finally:
+        decoder.close()
+
+
+def _decode(decoder: StaticDecoder, config, processors, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            max_new: int, static_capacity: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    B, Lp = input_ids.shape
     eos, pad = config._eos_token_tensor, config._pad_token_tensor
-    decoder = StaticDecoder(model, engine, use_cuda_graph)
     logits = decoder.prefill(input_ids, attention_mask, max_new, static_capacity)
     sequences = torch.cat([input_ids, input_ids.new_zeros(B, max_new)], dim=1)
     unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)

@@ -22,6 +22,7 @@ from conftest import FAMILIES, gpu_backends, left_padded, random_prompt
 from kvsieve import models
 from kvsieve.fastpath import StaticDecoder
 from kvsieve.integration import apply, generate, resolve_compressor
+from kvsieve.propagation import decoder_layers
 from kvsieve.static import StaticCapacityError, StaticSieveLayer, make_static, static_capacity
 
 RPC = dict(interval=16, window=4, ratio=0.25)  # P=16, R=4, c=4: compressions at 20, 36, 52, 68, 84 generated
@@ -69,6 +70,37 @@ def test_greedy_tokens_equal_the_eager_path(llama, compressor, params):
     eager, fast = both_paths(model, ids, mask, compressor, params, **exactly(40, do_sample=False))
     assert torch.equal(fast.sequences, eager.sequences)
     assert fast.kv_lengths == eager.kv_lengths
+
+
+SEGMENT_RUNS = [
+    ("none", {}),
+    ("rpc", RPC),  # compactions between steps rewrite the buffers the segments read
+    ("snapkv", dict(budget=12, window=4)),
+    ("fastkv+rpc", {"fastkv.tsp_layer": 0, "fastkv.window": 4, **{f"rpc.{k}": v for k, v in RPC.items()}}),
+]
+
+
+@pytest.mark.parametrize("compressor, params", SEGMENT_RUNS)
+def test_graph_segments_give_the_tokens_of_one_step(llama, compressor, params):
+    """The segments path (a split model's: each run of layers on one device from its own graph, here cut at
+    layers 1 and 2 of one CPU model and run eagerly through the same static buffers) keeps every token, and gives
+    the layers their own forwards back."""
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=44)
+    kwargs = dict(compressor=compressor, backend="torch", params=params, fast=True, **exactly(NEW, do_sample=False))
+    whole = generate(model, ids, mask, **kwargs)
+    cut = generate(model, ids, mask, graph_breaks=[1, 2], **kwargs)
+    assert torch.equal(cut.sequences, whole.sequences)
+    assert cut.kv_lengths == whole.kv_lengths
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+
+
+def test_graph_breaks_are_checked(llama):
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=44)
+    with pytest.raises(ValueError, match=r"graph_breaks=\[0, 3\]: each must be a layer index in \[1, 2\]"):
+        generate(model, ids, mask, fast=True, graph_breaks=[0, 3], **exactly(4, do_sample=False))
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))
 
 
 def test_unpadded_single_prompt_equals_plain_hf(llama):
@@ -279,7 +311,7 @@ def test_refusals(llama):
     with pytest.raises(TypeError, match="generation options only"):
         generate(model, ids, backend="torch", fast=True, max_new_tokens=4, output_router_logits=True)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="use_cuda_graph=True needs a model on a CUDA device"):
+        with pytest.raises(ValueError, match="use_cuda_graph=True needs a model on CUDA devices"):
             generate(model, ids, backend="torch", fast=True, use_cuda_graph=True, max_new_tokens=4)
 
 
@@ -339,6 +371,42 @@ def test_replays_after_a_compaction_read_the_compacted_cache(cuda_llama, backend
                 poison_outside_live(graphed.cache)
             torch.testing.assert_close(graphed_logits, eager_logits, atol=1e-4, rtol=0, msg=f"step {step}")
     assert graphed.graph is not None and graphed.cache.layers[0].compactions == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("compressor, params", SEGMENT_RUNS)
+def test_graph_segments_on_one_gpu_give_the_tokens_of_one_graph(cuda_llama, backend, compressor, params):
+    """Layers cut into three graphs (as a model split over devices is) replay the tokens of one whole-step graph."""
+    model, tok = cuda_llama
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=54)
+    kwargs = dict(compressor=compressor, backend=backend, params=params, fast=True, **exactly(NEW, do_sample=False))
+    whole = generate(model, ids.cuda(), mask.cuda(), **kwargs)
+    cut = generate(model, ids.cuda(), mask.cuda(), graph_breaks=[1, 2], **kwargs)
+    assert torch.equal(cut.sequences, whole.sequences)
+    assert cut.kv_lengths == whole.kv_lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("compressor, params", SEGMENT_RUNS)
+def test_a_model_split_over_two_gpus_replays_the_tokens_of_one_gpu(tmp_path, compressor, params):
+    """accelerate's device_map puts layer 0 on cuda:0 and the rest on cuda:1: the fast path (one graph per
+    device's layers) keeps the one-GPU fast path's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = models.load("tiny-random-llama")
+    model.save_pretrained(tmp_path)
+    layout = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+              "model.layers.2": 1, "model.norm": 1, "lm_head": 1}
+    split = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map=layout).eval()
+    assert {p.device.index for p in split.parameters()} == {0, 1}
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=55)
+    kwargs = dict(compressor=compressor, backend="triton", params=params, fast=True, **exactly(NEW, do_sample=False))
+    want = generate(model.to("cuda:0"), ids.cuda(), mask.cuda(), **kwargs)
+    got = generate(split, ids.to("cuda:0"), mask.to("cuda:0"), **kwargs)
+    assert torch.equal(got.sequences.cpu(), want.sequences.cpu())
+    assert got.kv_lengths == want.kv_lengths
 
 
 @pytest.mark.gpu

@@ -1,0 +1,214 @@
+"""The accuracy grid of docs/accuracy.md in one command: ``kvsieve eval`` over tasks x fillers x templates x lengths,
+many processes at once, kvpress's presses on the same prompts, and one table with Wilson intervals and the goals.
+
+``run`` starts one ``kvsieve eval TASK`` per (task, filler, template), each split over ``--procs`` processes the way
+``torchrun`` would split it (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``: kvsieve.evaluation.sharding; the files are the
+rendezvous), all at once; on a GPU machine the processes share the GPUs round-robin, which pays for a small model
+whose evaluation the host bounds. It then (with ``--kvpress-python``) runs ``benchmarks/kvpress_crosscheck.py``
+over the same prompts, split over ``--kvpress-procs`` processes (``--shard``), and merges its report. ``report``
+rebuilds the tables from a finished ``--out``::
+
+    python benchmarks/eval_grid.py run --out runs/grid --procs 4 --n 16 --seed 101 --lengths 1K,2K,4K \\
+        --kvpress-python /tmp/kvpress-venv/bin/python --presses snapkv,tova,streamingllm,knorm,adakv
+    python benchmarks/eval_grid.py report runs/grid
+
+``benchmarks/gpu_check.sh OUT eval-grid`` runs it on a GPU machine (see the stage for its settings).
+
+The report (``OUT/grid.md``, ``OUT/grid.json``): every configuration's exact match per (task, filler, length),
+pooled over templates, with Wilson 95% intervals; the best compressor at each budget; and the issue's goals per
+(task, filler, length): at 20% of the KV at least 90% (or within 5 points of the full cache where the full cache
+itself is below 95%), at 10% at least 75%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOALS = {0.2: 0.90, 0.1: 0.75}  # kept share -> exact match wanted in every (task, filler, length) cell
+FULL_SLACK = 0.05  # where the full cache itself misses: within this of it
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    spec = importlib.util.spec_from_file_location("kvsieve_intervals", HERE / "intervals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.wilson(k, n)
+
+
+def run_dirs(out: Path, args) -> list[tuple[str, str, str, Path]]:
+    return [
+        (task, filler, template, out / f"{task}-{filler}-{template}")
+        for task in args.tasks.split(",")
+        for filler in args.fillers.split(",")
+        for template in args.templates.split(",")
+    ]
+
+
+def launch(commands: list[tuple[list[str], dict[str, str], Path]]) -> None:
+    """Start every command at once, wait for all; on a failure print the log's end and exit."""
+    procs = []
+    for argv, env, log in commands:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        procs.append((subprocess.Popen(argv, env={**os.environ, **env}, stdout=log.open("w"),
+                                       stderr=subprocess.STDOUT), log))
+    failed = [(p.wait(), log) for p, log in procs]
+    failed = [(rc, log) for rc, log in failed if rc != 0]
+    for rc, log in failed:
+        print(f"--- {log} (exit {rc}):\n" + "\n".join(log.read_text().splitlines()[-25:]), file=sys.stderr)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(procs)} processes failed")
+
+
+def run(args) -> None:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.model == "smollm2":  # convert the GGUF once, before the processes race to
+        subprocess.run([sys.executable, "-c", "from kvsieve.models import preview; preview('smollm2')"],
+                       check=True)
+    commands, slot = [], 0
+    for task, filler, template, run_dir in run_dirs(out, args):
+        for rank in range(args.procs):
+            argv = [sys.executable, "-m", "kvsieve.cli", "eval", task, "--model", args.model, "--lengths",
+                    args.lengths, "--samples", str(args.n), "--seed", str(args.seed), "--filler", filler,
+                    "--template", template, "--budgets", args.budgets, "--threads", "1", "--no-progress",
+                    "--device", args.device, "--dtype", args.dtype, "--out", str(run_dir)]
+            for spec in args.compressor:
+                argv += ["--compressor", spec]
+            env = {"RANK": str(rank), "WORLD_SIZE": str(args.procs), "LOCAL_RANK": str(slot)}
+            commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
+            slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
+    print(f"kvsieve eval: {len(commands)} processes", flush=True)
+    launch(commands)
+    print(f"kvsieve eval done in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.kvpress_python:
+        runs = [str(d) for *_, d in run_dirs(out, args)]
+        base = [args.kvpress_python, str(HERE / "kvpress_crosscheck.py"), *runs, "--presses", args.presses,
+                "--ratios", args.kvpress_ratios, "--threads", "1", "--out", str(out / "kvpress")]
+        env = {"PYTHONPATH": args.kvpress_path} if args.kvpress_path else {}
+        device = ["--device", "cuda"] if args.device != "cpu" and args.kvpress_cuda else []
+        shards = [(base + device + ["--shard", f"{i}/{args.kvpress_procs}"], env,
+                   out / "logs" / f"kvpress.part{i}.log") for i in range(args.kvpress_procs)]
+        t0 = time.perf_counter()
+        launch(shards)
+        launch([(base + ["--report-only"], env, out / "logs" / "kvpress.report.log")])
+        print(f"kvpress done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(report(out))
+
+
+def size(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def method_of(record: dict) -> str:
+    """The configuration without its budget: ``fastkv`` with ``{"selection": "span", "ratio": 0.2}`` is
+    ``fastkv(selection=span)``."""
+    params = {k: v for k, v in record.get("params", {}).items() if k not in ("ratio", "budget")}
+    inner = ", ".join(f"{k}={v}" for k, v in params.items())
+    return record["compressor_name"] + (f"({inner})" if inner else "")
+
+
+def report(out: Path) -> str:
+    records = [json.loads(line) for path in sorted(out.glob("*/results.jsonl"))
+               for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise SystemExit(f"no results under {out}/*/results.jsonl")
+    cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        for key in ((r["task"], r["filler"], r["length"]), ("all", "all", r["length"]), ("all", "all", 0)):
+            c = cells[(method_of(r), r["budget"]) + key]
+            c[0] += bool(r["correct"])
+            c[1] += 1
+    configs = sorted({k[:2] for k in cells}, key=lambda k: (k[1] is not None, k[1] or 0, k[0]))
+    places = sorted({k[2:] for k in cells if k[2] != "all"}) + sorted({k[2:] for k in cells if k[2] == "all"},
+                                                                         key=lambda k: -k[2] if k[2] else 0)
+    full = {k[2:]: v for k, v in cells.items() if k[0] == "none"}
+
+    def shown(k: int, n: int) -> str:
+        lo, hi = wilson(k, n)
+        return f"{k}/{n} {k / n:.0%} [{lo:.0%}-{hi:.0%}]"
+
+    prompts = len({(r["prompt_id"], r["template"]) for r in records})
+    lines = [f"# Accuracy grid ({len(records)} answers, {prompts} prompts)", "",
+             "Exact match per (task, filler, length), pooled over templates; Wilson 95% intervals.", ""]
+    place_names = ["all lengths" if p[2] == 0 else ("all" if p[0] == "all" else f"{p[0]} {p[1]}") +
+                   (f" {size(p[2])}" if p[2] else "") for p in places]
+    lines += ["| config | budget | " + " | ".join(place_names) + " |", "|---|---|" + "---|" * len(places)]
+    for method, budget in configs:
+        row = [shown(*cells[(method, budget) + p]) if cells[(method, budget) + p][1] else "" for p in places]
+        lines.append(f"| {method} | {budget if budget is not None else 'full'} | " + " | ".join(row) + " |")
+    verdict: dict = {}
+    for budget, goal in GOALS.items():
+        ranked = sorted(((cells[(m, b, "all", "all", 0)][0], m) for m, b in configs if b == budget), reverse=True)
+        if not ranked:
+            continue
+        best = ranked[0][1]
+        overall = shown(*cells[(best, budget, "all", "all", 0)])
+        lines += ["", f"## Goal at {budget:.0%} of the KV: best is {best} ({overall})",
+                  "", "| cell | full cache | " + best + " | wanted | met |", "|---|---|---|---|---|"]
+        checks = []
+        for p in places:
+            if p[0] == "all":
+                continue
+            k, n = cells[(best, budget) + p]
+            fk, fn = full.get(p, (0, 0))
+            wanted = goal if not fn or fk / fn >= 0.95 else max(0.0, min(goal, fk / fn - FULL_SLACK))
+            met = n > 0 and k / n >= wanted - 1e-9
+            checks.append(met)
+            lines.append(f"| {p[0]} {p[1]} {size(p[2])} | {shown(fk, fn) if fn else '-'} | {shown(k, n)} | "
+                         f"{wanted:.0%} | {'yes' if met else 'NO'} |")
+        verdict[str(budget)] = {"best": best, "cells_met": sum(checks), "cells": len(checks)}
+        lines.append(f"\n{sum(checks)} of {len(checks)} cells meet the goal.")
+    kvpress_table = out / "kvpress" / "kvpress_table.md"
+    if kvpress_table.is_file():
+        lines += ["", f"kvpress on the same prompts: {kvpress_table.relative_to(out)}"]
+    text = "\n".join(lines)
+    (out / "grid.md").write_text(text + "\n")
+    summary = {f"{m}|{b}|{'/'.join(map(str, p))}": cells[(m, b) + p] for m, b in configs for p in places}
+    (out / "grid.json").write_text(json.dumps({"cells": summary, "goals": verdict}, indent=1) + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the grid (and kvpress), then report")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tasks", default="passkey,needle")
+    p.add_argument("--fillers", default="essays,noise")
+    p.add_argument("--templates", default="chat,plain")
+    p.add_argument("--lengths", default="1K,2K,4K")
+    p.add_argument("--n", type=int, default=16, help="prompts per (task, filler, template, length)")
+    p.add_argument("--seed", type=int, default=101)
+    p.add_argument("--compressor", action="append", default=[], help="as kvsieve eval's (default: its default)")
+    p.add_argument("--budgets", default="0.1,0.2,0.5")
+    p.add_argument("--procs", type=int, default=2, help="processes per (task, filler, template)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kvpress-python", default=None, help="a python that imports kvpress (else no kvpress)")
+    p.add_argument("--kvpress-path", default=None, help="PYTHONPATH for it (where kvpress and its transformers are)")
+    p.add_argument("--kvpress-cuda", action="store_true", help="run kvpress on the GPUs too")
+    p.add_argument("--kvpress-procs", type=int, default=2)
+    p.add_argument("--presses", default="snapkv,tova,streamingllm,knorm,expected_attention,adakv")
+    p.add_argument("--kvpress-ratios", default="0.1,0.2,0.5")
+    p = sub.add_parser("report", help="rebuild OUT/grid.md from OUT/*/results.jsonl")
+    p.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args)
+    else:
+        print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
