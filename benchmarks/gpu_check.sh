@@ -20,7 +20,8 @@
 # beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
 # TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
 # bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
-# path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), eval-grid (the accuracy grid of docs/accuracy.md
+# path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), allreduce (one TP all-reduce of a decode step, NCCL
+# and symmetric memory, in a CUDA graph), eval-grid (the accuracy grid of docs/accuracy.md
 # with kvpress beside it; see the stage for its settings).
 # PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
@@ -70,6 +71,9 @@ for stage in $stages; do
     rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
     checks)  python benchmarks/check_cost.py "$out" 2>&1 | tail -n 30 ;;
     device-map) python benchmarks/device_map_check.py "$out" 2>&1 | grep -v Warning | tail -n 20 ;;
+    allreduce) export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+             torchrun --nproc_per_node "${TP_GPUS:-2}" benchmarks/allreduce_latency.py "$out" 2>&1 | grep -v Warning \
+               | tail -n 20 ;;
     device-map-speed) python benchmarks/device_map_speed.py "$out" 2>&1 | grep -v Warning | tail -n 20 ;;
     eval-grid) # the accuracy grid of docs/accuracy.md on SmolLM2-135M (fp32), EVAL_GRID_PROCS processes per
              # (task, filler, template) sharing the GPUs; kvpress's presses on the same prompts when KVPRESS_SITE
