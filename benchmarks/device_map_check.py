@@ -3,7 +3,8 @@
     python benchmarks/device_map_check.py OUT
 
 A random-weight Llama (8 layers, hidden 512, 8 heads / 4 KV heads), fp32, a left-padded batch of 2 rows, 48 greedy
-tokens, triton backend; none, snapkv, streamingllm, rpc, fastkv, fastkv+rpc, eager and fast path (CUDA graphs on:
+tokens, triton backend; every built-in compressor (none, snapkv, streamingllm, rpc, fastkv, fastkv+rpc,
+attended_spans, tova, h2o), eager and fast path (CUDA graphs on:
 one per device's run of layers, kvsieve.fastpath.SegmentGraphs). Writes OUT/device_map_check.json: per run,
 whether the split model's tokens equal the one-GPU tokens, or the error.
 """
@@ -23,7 +24,8 @@ from kvsieve.integration import generate
 RUNS = [("none", {}), ("snapkv", {"ratio": 0.3, "window": 4}), ("streamingllm", {"budget": 64, "sinks": 4}),
         ("rpc", {"interval": 16, "window": 4, "ratio": 0.25}),
         ("fastkv", {"tsp_rate": 0.4, "ratio": 0.2, "window": 4}),
-        ("fastkv+rpc", {"fastkv.tsp_rate": 0.4, "rpc.interval": 16, "rpc.window": 4})]
+        ("fastkv+rpc", {"fastkv.tsp_rate": 0.4, "rpc.interval": 16, "rpc.window": 4}),
+        ("attended_spans", {"ratio": 0.3, "window": 4}), ("tova", {"budget": 64}), ("h2o", {"budget": 64})]
 
 
 def main() -> None:

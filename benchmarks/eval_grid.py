@@ -14,10 +14,10 @@ rebuilds the tables from a finished ``--out``::
 
 ``benchmarks/gpu_check.sh OUT eval-grid`` runs it on a GPU machine (see the stage for its settings).
 
-The report (``OUT/grid.md``, ``OUT/grid.json``): every configuration's exact match per (task, filler, length),
-pooled over templates, with Wilson 95% intervals; the best compressor at each budget; and the issue's goals per
-(task, filler, length): at 20% of the KV at least 90% (or within 5 points of the full cache where the full cache
-itself is below 95%), at 10% at least 75%.
+The report (``OUT/grid.md``, ``OUT/grid.json``, every answer in ``OUT/grid_results.jsonl``): every
+configuration's exact match per (task, filler, length), pooled over templates, with Wilson 95% intervals; the
+best compressor at each budget; and the issue's goals per (task, filler, length): at 20% of the KV at least 90%
+(or within 5 points of the full cache where the full cache itself is below 95%), at 10% at least 75%.
 """
 
 from __future__ import annotations
@@ -53,19 +53,27 @@ def run_dirs(out: Path, args) -> list[tuple[str, str, str, Path]]:
     ]
 
 
-def launch(commands: list[tuple[list[str], dict[str, str], Path]]) -> None:
-    """Start every command at once, wait for all; on a failure print the log's end and exit."""
+def launch(commands: list[tuple[list[str], dict[str, str], Path]], deadline: float | None = None) -> bool:
+    """Start every command at once and wait for all; past ``deadline`` (``time.monotonic()``) stop them and return
+    False (what they wrote stays). On a failure print the log's end and exit."""
     procs = []
     for argv, env, log in commands:
         log.parent.mkdir(parents=True, exist_ok=True)
         procs.append((subprocess.Popen(argv, env={**os.environ, **env}, stdout=log.open("w"),
                                        stderr=subprocess.STDOUT), log))
-    failed = [(p.wait(), log) for p, log in procs]
-    failed = [(rc, log) for rc, log in failed if rc != 0]
+    while any(p.poll() is None for p, _ in procs):
+        if deadline is not None and time.monotonic() > deadline:
+            for p, _ in procs:
+                p.kill()
+            print(f"deadline reached: stopped {sum(p.wait() != 0 for p, _ in procs)} processes", flush=True)
+            return False
+        time.sleep(1)
+    failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
     for rc, log in failed:
         print(f"--- {log} (exit {rc}):\n" + "\n".join(log.read_text().splitlines()[-25:]), file=sys.stderr)
     if failed:
         raise SystemExit(f"{len(failed)} of {len(procs)} processes failed")
+    return True
 
 
 def run(args) -> None:
@@ -88,9 +96,11 @@ def run(args) -> None:
             commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
             slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
     print(f"kvsieve eval: {len(commands)} processes", flush=True)
-    launch(commands)
-    print(f"kvsieve eval done in {time.perf_counter() - started:.0f} s", flush=True)
-    if args.kvpress_python:
+    deadline = time.monotonic() + args.deadline if args.deadline else None
+    finished = launch(commands, deadline)
+    print(f"kvsieve eval {'done' if finished else 'stopped'} in {time.perf_counter() - started:.0f} s", flush=True)
+    left = deadline - time.monotonic() if deadline is not None else None
+    if args.kvpress_python and (left is None or left > 30):
         runs = [str(d) for *_, d in run_dirs(out, args)]
         base = [args.kvpress_python, str(HERE / "kvpress_crosscheck.py"), *runs, "--presses", args.presses,
                 "--ratios", args.kvpress_ratios, "--threads", "1", "--out", str(out / "kvpress")]
@@ -98,6 +108,8 @@ def run(args) -> None:
         device = ["--device", "cuda"] if args.device != "cpu" and args.kvpress_cuda else []
         shards = [(base + device + ["--shard", f"{i}/{args.kvpress_procs}"], env,
                    out / "logs" / f"kvpress.part{i}.log") for i in range(args.kvpress_procs)]
+        if left is not None:
+            base += ["--time-budget", str(int(left - 25))]  # stops starting runs then; the parts keep what ran
         t0 = time.perf_counter()
         launch(shards)
         launch([(base + ["--report-only"], env, out / "logs" / "kvpress.report.log")])
@@ -118,10 +130,14 @@ def method_of(record: dict) -> str:
 
 
 def report(out: Path) -> str:
-    records = [json.loads(line) for path in sorted(out.glob("*/results.jsonl"))
-               for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        merged = run_dir / "results.jsonl"  # a run stopped before its ranks merged keeps their parts
+        for path in [merged] if merged.is_file() else sorted(run_dir.glob("results.rank*.jsonl")):
+            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    (out / "grid_results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     if not records:
-        raise SystemExit(f"no results under {out}/*/results.jsonl")
+        raise SystemExit(f"no results under {out}/*/results*.jsonl")
     cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     for r in records:
         for key in ((r["task"], r["filler"], r["length"]), ("all", "all", r["length"]), ("all", "all", 0)):
@@ -201,6 +217,9 @@ def main() -> None:
     p.add_argument("--kvpress-procs", type=int, default=2)
     p.add_argument("--presses", default="snapkv,tova,streamingllm,knorm,expected_attention,adakv")
     p.add_argument("--kvpress-ratios", default="0.1,0.2,0.5")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole run: the eval stops then, kvpress gets what is left; the report counts "
+                   "what finished")
     p = sub.add_parser("report", help="rebuild OUT/grid.md from OUT/*/results.jsonl")
     p.add_argument("out", type=Path)
     args = parser.parse_args()
