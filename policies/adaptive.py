@@ -81,8 +81,10 @@ class HeadAdaptiveSelection(SelectionPolicy):
         best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # [B, Hkv, N]
         place = torch.empty_like(best).scatter_(-1, best, torch.arange(N, device=device).expand_as(best))
 
-        budgets = torch.as_tensor(budget, dtype=torch.long, device=device).expand(B, Hkv)
-        tails = torch.as_tensor(protect_tail, dtype=torch.long, device=device).expand(B, Hkv)
+        # ints become device tensors by a fill, not a host-to-device copy: the prefill graphs capture this
+        budgets = budget.expand(B, Hkv) if isinstance(budget, torch.Tensor) else counts.new_full((B, Hkv), budget)
+        tails = protect_tail.expand(B, Hkv) if isinstance(protect_tail, torch.Tensor) else \
+            counts.new_full((B, Hkv), protect_tail)
         uniform = counts.clamp(max=budgets)  # [B, Hkv] what uniform selection keeps
         safe = torch.minimum(counts, protect_head + tails) + _floor_product(
             self.alpha, (budgets - protect_head - tails).clamp(min=0))
