@@ -18,7 +18,7 @@ import torch
 
 from kvsieve.budget import Budget
 from kvsieve.contracts import ContractGuard, checks_enabled
-from kvsieve.parallel import LOCAL
+from kvsieve.parallel import LOCAL, HeadGroup
 from kvsieve.policy import ScoringContext, ScoringPolicy, Selection, SelectionPolicy
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "LayerEvent",
     "compress_layer",
     "score_and_select",
+    "select_checked",
     "select_rows",
 ]
 
@@ -286,12 +287,32 @@ def score_and_select(
         scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,
                                     fingerprint)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway
-    row_tensors = None if isinstance(budget_arg, int) else (budget_arg, tail_arg)
-    chosen = select_rows(selection, scores, counts, budgets, protect_head, tails, row_tensors=row_tensors)
-    keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection)
+    keep, kept = select_checked(selection, guard, scores, counts, budgets, protect_head, tails, budget_arg, tail_arg,
+                                heads=engine.heads if engine is not None else LOCAL)
     keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
     return keep_slots, kept, dest
+
+
+def select_checked(selection: SelectionPolicy, guard: ContractGuard, scores: torch.Tensor, counts: torch.Tensor,
+                   budgets: list[int], protect_head: int, tails: list[int], budget_arg: int | torch.Tensor,
+                   tail_arg: int | torch.Tensor, heads: HeadGroup = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, kept)``: :func:`select_rows`, checked by ``guard`` (arguments as :func:`score_and_select`'s).
+
+    A ``head_adaptive`` selection shares a row's budget among every KV head of the layer: under tensor parallelism
+    (``heads`` distributed) the scores and counts of every rank's heads are gathered, the selection and its check
+    run over all of them (the same on every rank), and this rank's heads are kept -- what one device keeps.
+    """
+    if selection.head_adaptive and heads.distributed:
+        scores, counts = heads.gather(scores), heads.gather(counts)
+        if isinstance(budget_arg, torch.Tensor):
+            budget_arg, tail_arg = heads.gather(budget_arg), heads.gather(tail_arg)
+    row_tensors = None if isinstance(budget_arg, int) else (budget_arg, tail_arg)
+    chosen = select_rows(selection, scores, counts, budgets, protect_head, tails, row_tensors=row_tensors)
+    keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection)
+    if selection.head_adaptive and heads.distributed:
+        keep, kept = heads.local(keep), heads.local(kept)
+    return keep, kept
 
 
 def _scores_needed(scoring: ScoringPolicy | None, budgets: list[int], tails: list[int], protect_head: int) -> bool:

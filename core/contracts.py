@@ -7,8 +7,10 @@
   candidate; the scoring call left the layer's cache unchanged (a fingerprint of keys, values, positions and
   the live range, taken before and after the call);
 * a selection: a :class:`~kvsieve.policy.Selection` whose ``keep`` is ``int64 [B, Hkv, K]`` and ``counts``
-  ``int64 [B, Hkv]``; per row and KV head exactly ``min(budget, n)`` kept, ``counts <= K``, the kept indices
-  strictly increasing (sorted, unique), inside ``[0, n)``, the protected head and tail among them.
+  ``int64 [B, Hkv]``; per row and KV head exactly ``min(budget, n)`` kept (for a ``head_adaptive`` policy: per row
+  ``sum_h min(budget, n_h)`` in all, each head keeping from its protected candidates to all of them), ``counts <=
+  K``, the kept indices strictly increasing (sorted, unique), inside ``[0, n)``, the protected head and tail among
+  them.
 
 Shape and type faults are known on the host and raised at once. Value faults live on the device: reading them
 would stall the GPU, so they are recorded as device flags and raised at the next host read the run already
@@ -243,19 +245,29 @@ class ContractGuard:
         real = idx < kept[..., None]
         n = counts[..., None]
         previous = torch.nn.functional.pad(keep[..., :-1], (1, 0), value=-1)
-        # entry p: above the one before (sorted, unique, >= 0) and a candidate; where the row evicts, the protected
+        # entry p: above the one before (sorted, unique, >= 0) and a candidate; where the head evicts, the protected
         # positions hold what protection dictates: p < protect_head holds p, the last protect_tail hold the last
-        # candidates (where no more than the budget exist, everything is kept and the count check covers it)
+        # candidates (where everything is kept, the kept indices are 0..n-1 and the other checks cover it)
         tail = protect_tail[..., None] if isinstance(protect_tail, torch.Tensor) else protect_tail
         protected_value = torch.where(idx < protect_head, idx, n - kept[..., None] + idx)
         is_protected = (idx < protect_head) | (idx >= kept[..., None] - tail)
-        evicting = (counts > budget)[..., None]
+        adaptive = getattr(policy, "head_adaptive", False)
+        evicting = (kept < counts if adaptive else counts > budget)[..., None]
         wrong = (keep <= previous) | (keep >= n) | (is_protected & (keep != protected_value) & evicting)
-        broken = (real & wrong).any() | (kept != expected).any() | (kept > K).any()
+        if adaptive:  # per row: the uniform total; per head: its protected candidates at least, its candidates at most
+            tails = protect_tail if isinstance(protect_tail, torch.Tensor) else torch.full_like(counts, protect_tail)
+            miscounted = (kept.sum(dim=1) != expected.sum(dim=1)).any() | (kept > counts).any() \
+                | (kept < torch.minimum(counts, protect_head + tails)).any()
+        else:
+            miscounted = (kept != expected).any()
+        broken = (real & wrong).any() | miscounted | (kept > K).any()
         rule = "budget" if isinstance(budget, torch.Tensor) else f"budget={budget}"
+        count_rule = (f"sum over KV heads of min({rule}, candidates) per row, each head keeping at least its "
+                      f"protected candidates and at most its candidates" if adaptive else
+                      f"exactly min({rule}, candidates) per row and KV head")
         self._defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
-                            f"candidates, exactly min({rule}, candidates) per row and KV head, with the protected "
-                            f"first {protect_head} and last candidates kept)")
+                            f"candidates, {count_rule}, with the protected first {protect_head} and last "
+                            f"candidates kept)")
         stand_in_counts = expected.clamp(max=K)
         stand_in = torch.where(idx < stand_in_counts[..., None], idx, -1)
         return torch.where(broken, stand_in, keep), torch.where(broken, stand_in_counts, kept)

@@ -9,7 +9,9 @@ sums the local heads and then all-reduces over the tensor-parallel group the eng
 (:func:`tensor_parallel_group`). On one device it is a plain sum.
 
 Per-KV-head rankings (SnapKV's ``aggregation="group"``) need no reduction: each rank ranks its own heads, which is
-what one device does for those heads.
+what one device does for those heads. A head-adaptive selection (Ada-KV: the heads of a row share its budget) does:
+:func:`kvsieve.compressor.select_checked` gathers every rank's scores (:meth:`HeadGroup.gather`), selects over all
+heads on every rank, and keeps this rank's (:meth:`HeadGroup.local`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ class HeadGroup:
             total = total.contiguous()
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         return total
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, ...]``: ``tensor`` (``[B, Hkv_local, ...]``, the same shape on every rank) with every rank's
+        heads, in rank order (an all-gather over the group; ``tensor`` itself when there is none)."""
+        if self.group is None:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                 for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of ``tensor`` (``[B, Hkv, ...]``, every rank's heads in rank order, as :meth:`gather`
+        makes it)."""
+        if self.group is None:
+            return tensor
+        import torch.distributed as dist
+
+        per_rank = tensor.shape[1] // dist.get_world_size(self.group)
+        start = dist.get_rank(self.group) * per_rank
+        return tensor[:, start : start + per_rank]
 
     def same_on_every_rank(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` (same shape on every rank) is equal on all ranks: a debug check of what must agree

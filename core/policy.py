@@ -136,6 +136,13 @@ class SelectionPolicy(abc.ABC):
     inside ``[0, n)``; the first ``protect_head`` and the last ``protect_tail`` valid candidates are always kept
     (the compressor guarantees ``protect_head + protect_tail <= budget``); deterministic.
 
+    Head-adaptive budgets: a policy that sets ``head_adaptive = True`` shares each row's budget among its KV heads
+    instead (Ada-KV, :mod:`kvsieve.policies.adaptive`). Its contract is per row: the row keeps
+    ``sum_h min(budget, n_h)`` candidates in all, as uniform selection does, but a KV head may keep any number
+    from its protected candidates (``min(n_h, protect_head + protect_tail)``, all of them kept) to its ``n_h``
+    candidates; the rest of the contract is unchanged. The cache stores each (row, KV head)'s own count, so the
+    storage of a layer after a compaction follows its longest head.
+
     Per-row budgets: in a padded batch, a budget given as a ratio differs per row (each row is compressed as it
     would be alone). A policy that sets ``per_row_budgets = True`` receives ``budget`` and ``protect_tail`` as
     ``int64 [B, Hkv]`` tensors then; otherwise kvsieve calls it once per row with integers.
@@ -144,6 +151,9 @@ class SelectionPolicy(abc.ABC):
     name: ClassVar[str] = ""
     #: Whether :meth:`select` accepts ``budget`` and ``protect_tail`` as ``int64 [B, Hkv]`` tensors.
     per_row_budgets: ClassVar[bool] = False
+    #: Whether the KV heads of a row share its budget (the row total is ``sum_h min(budget, n_h)``, a head's keep
+    #: varies): see the class docstring.
+    head_adaptive: ClassVar[bool] = False
 
     @abc.abstractmethod
     def select(
@@ -159,8 +169,9 @@ class SelectionPolicy(abc.ABC):
         Args:
             scores: ``float32 [B, Hkv, N]``; entries at or past ``counts`` are padding and never kept.
             counts: ``int64 [B, Hkv]`` valid candidates per row and KV head (``<= N``).
-            budget: how many candidates to keep per row and KV head (fewer when fewer exist); an ``int64 [B, Hkv]``
-                tensor only for a policy with ``per_row_budgets``.
+            budget: how many candidates to keep per row and KV head (fewer when fewer exist; for a
+                ``head_adaptive`` policy, the per-head share of the row's total); an ``int64 [B, Hkv]`` tensor only
+                for a policy with ``per_row_budgets``.
             protect_head: the first ``protect_head`` valid candidates are always kept (e.g. attention sinks).
             protect_tail: the last ``protect_tail`` valid candidates are always kept (e.g. the recent window); a
                 tensor like ``budget``.

@@ -141,14 +141,15 @@ class _Plan:
     """What the host knows of a layer's compression without reading the device.
 
     ``key`` identifies the captured work; ``N``: candidates of the longest row; ``used``: ``max(ends)`` after the
-    compaction (every row keeps ``min(budget, length)``, packed from slot 0).
+    compaction (every row keeps ``min(budget, length)``, packed from slot 0), or ``None`` when the host cannot know
+    it (a ``head_adaptive`` selection: each KV head keeps its own count, read after the replay).
     """
 
     key: tuple
     budgets: tuple[int, ...]
     tails: tuple[int, ...]
     N: int
-    used: int
+    used: int | None
     window: int  # W of the window queries (0: the scoring reads none)
     scored: int  # candidates of the longest row once its protected tail is left out (the scores' width)
 
@@ -197,7 +198,7 @@ def _plan(event: LayerEvent, scoring, selection, budgets: list[int], tails: list
         tuple(layer.values.shape), layer.values.dtype, str(layer.keys.device), window, tuple(budgets), tuple(tails),
         tuple(lengths), end, float(event.scale), engine.guard.enabled, torch.is_inference_mode_enabled(),
     )
-    used = max(min(b, n) for b, n in zip(budgets, lengths, strict=True))
+    used = None if selection.head_adaptive else max(min(b, n) for b, n in zip(budgets, lengths, strict=True))
     scored = max(max(n - t, 0) for n, t in zip(lengths, tails, strict=True))
     return _Plan(key=key, budgets=tuple(budgets), tails=tuple(tails), N=N, used=used, window=window, scored=scored)
 
@@ -349,12 +350,14 @@ class _Runner:
         """Make the compacted static copies the layer's cache, as ``compact`` + ``_store_range`` would: the live
         range, and the storage shrunk (a fresh buffer holding the first ``used`` slots) or, when it keeps its
         capacity, the compacted slots written back into it."""
-        static, used = self.static, self.plan.used
+        static = self.static
         own = (layer.keys, layer.values, layer.positions)
         layer.compactions += 1
         layer.keys, layer.values, layer.positions = static.keys, static.values, static.positions
         layer.starts, layer.ends = starts.clone(), ends.clone()  # the graph's outputs are rewritten by each replay
-        layer._max_end_memo = (layer.ends, used)  # known on the host: no read
+        if self.plan.used is not None:
+            layer._max_end_memo = (layer.ends, self.plan.used)  # known on the host: no read
+        used = layer.max_end  # a head-adaptive selection: one read, as the eager path's shrink makes
         layer.shrink_to_fit(reserve)
         if layer.keys is static.keys:  # no shrink: the layer keeps its own storage, compacted as in place
             keys, values, positions = own

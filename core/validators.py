@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "at_least",
     "budget_from",
     "compression_ratio",
+    "fraction",
     "nonnegative_int",
     "odd_positive_int",
     "one_of",
@@ -42,6 +44,24 @@ def compression_ratio(instance, attribute, value) -> None:
 def unit_ratio(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ValueError(f"{attribute.name} must be a ratio in (0, 1], got {value!r}")
+
+
+def fraction(instance, attribute, value) -> None:
+    """A fraction in [0, 1] (0 and 1 included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+
+
+def at_least(bound: float, meaning: str = ""):
+    """A finite number >= ``bound``; ``meaning`` (e.g. "a multiple of the budget") goes in the error."""
+
+    def check(instance, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or value < bound:
+            note = f" ({meaning})" if meaning else ""
+            raise ValueError(f"{attribute.name} must be a finite number >= {bound:g}{note}, got {value!r}")
+
+    return check
 
 
 def one_of(*options: str):

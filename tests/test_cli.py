@@ -190,3 +190,43 @@ def test_a_corrupt_model_config_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": "three"}')
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "cannot read the model config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, selection",
+    [
+        (("--compressor", "snapkv:selection=adaptive", "--set", "selection.alpha=0.3"),
+         {"name": "adaptive", "alpha": 0.3, "max_share": 2.0}),
+        (("--compressor", "pyramidkv", "--set", "beta=10"), {"name": "topk"}),
+    ],
+)
+def test_generate_takes_head_adaptive_selection_and_pyramidkv(capsys, argv, selection):
+    code, out, _ = run(
+        capsys, "generate", "--model", "tiny-random-llama", *argv, "--set", "budget=12", "--set", "window=4",
+        "--prompt", "hello world, this is a prompt long enough to be compressed " * 2, "--max-new-tokens", "4",
+        "--backend", "torch", "--json",
+    )
+    assert code == 0
+    record = json.loads(out)
+    assert record["compressor"]["selection"] == selection
+    assert max(record["kv_lengths"]) < record["prompt_tokens"]
+
+
+def test_eval_expands_adaptive_and_pyramidkv_specs():
+    from kvsieve.evaluation.configs import expand_configs
+
+    configs = expand_configs(["snapkv:selection=adaptive,pyramidkv"], sets=parse_params(["selection.alpha=0.3"]),
+                             budgets=[0.1, 0.2])
+    resolved = [(c.name, c.build().config()["ratio"], c.build().config()["selection"]) for c in configs]
+    assert resolved == [
+        ("snapkv", 0.1, {"name": "adaptive", "alpha": 0.3, "max_share": 2.0}),
+        ("snapkv", 0.2, {"name": "adaptive", "alpha": 0.3, "max_share": 2.0}),
+        ("pyramidkv", 0.1, {"name": "topk"}),
+        ("pyramidkv", 0.2, {"name": "topk"}),
+    ]
+
+
+def test_a_bad_alpha_is_one_clear_line(capsys):
+    code, _, err = run(capsys, "generate", "--model", "tiny-random-llama", "--prompt", "hi", "--compressor",
+                       "snapkv:selection=adaptive", "--set", "selection.alpha=2")
+    assert code == 2 and "alpha must be a number in [0, 1], got 2" in err

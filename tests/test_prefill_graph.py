@@ -34,8 +34,9 @@ CASES = [
     ("snapkv", {"ratio": 0.3, "window": 4}),
     ("snapkv", {"ratio": 0.3, "window": 4, "selection": "chunk", "selection.size": 4}),
     ("fastkv", {"tsp_rate": 0.5, "ratio": 0.3, "window": 4}),
+    ("snapkv", {"ratio": 0.3, "window": 4, "selection": "adaptive"}),  # each KV head keeps its own count
 ]
-IDS = ["snapkv", "snapkv-chunk", "fastkv"]
+IDS = ["snapkv", "snapkv-chunk", "fastkv", "snapkv-adaptive"]
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +166,25 @@ def test_the_static_path_gives_the_eager_cache_and_tokens(model6, static_path_on
                            greedy(model6, ids, mask, name, params, prefill_graphs=False))
 
 
-def test_the_static_path_keeps_a_cache_that_is_not_shrunk(model6, static_path_on_cpu):
-    params = {"ratio": 0.9, "window": 4}  # keeps almost everything: the layer keeps its own storage
+@pytest.mark.parametrize("selection", ["topk", "adaptive"])
+def test_the_static_path_keeps_a_cache_that_is_not_shrunk(model6, static_path_on_cpu, selection):
+    params = {"ratio": 0.9, "window": 4, "selection": selection}  # keeps almost everything: no shrink
     for ids, mask in prompts():
         on, _ = prefill(model6, ids, mask, "snapkv", params, prefill_graphs=True)
         off, _ = prefill(model6, ids, mask, "snapkv", params, prefill_graphs=False)
         assert_same_cache(on, off)
+
+
+def test_pyramidkv_layers_take_the_static_path_where_their_budgets_repeat(model6, static_path_on_cpu):
+    """PyramidKV's layers keep different budgets, so a shape key repeats only where two layers' budgets agree
+    (none here: every layer runs eagerly); the cache and tokens are the eager path's either way."""
+    params = {"ratio": 0.3, "window": 4}
+    for ids, mask in prompts():
+        on, _ = prefill(model6, ids, mask, "pyramidkv", params, prefill_graphs=True)
+        off, _ = prefill(model6, ids, mask, "pyramidkv", params, prefill_graphs=False)
+        assert_same_cache(on, off)
+        assert torch.equal(greedy(model6, ids, mask, "pyramidkv", params, prefill_graphs=True),
+                           greedy(model6, ids, mask, "pyramidkv", params, prefill_graphs=False))
 
 
 @attrs.frozen

@@ -60,9 +60,12 @@ def takes_parameter(name: str, key: str, value: Any) -> bool:
     return _unknown_parameter(name, key, value) is None
 
 
-def _unknown_parameter(name: str, key: str, value: Any) -> UnknownParameterError | None:
+def _unknown_parameter(name: str, key: str, value: Any,
+                       given: Mapping[str, Any] | None = None) -> UnknownParameterError | None:
+    """The error of building ``name`` with ``key`` set, on top of the parameters its spec ``given`` (a parameter
+    may exist only there: ``selection.alpha`` once the spec says ``selection=adaptive``), or None."""
     try:
-        integration.resolve_compressor(name, {key: value})
+        integration.resolve_compressor(name, {**(given or {}), key: value})
     except UnknownParameterError as exc:
         return exc
     except UnknownNameError:
@@ -96,8 +99,8 @@ def _shared_params(specs: Sequence[CompressorSpec], shared: Mapping[str, Any]) -
     """Each spec's parameters (keyed by the spec's text) plus the shared ones it takes."""
     params = {str(spec): dict(spec.params) for spec in specs}
     for key, value in shared.items():
-        refusals = {spec.name: _unknown_parameter(spec.name, key, value) for spec in specs}
-        takers = [spec for spec in specs if refusals[spec.name] is None]
+        refusals = {str(spec): _unknown_parameter(spec.name, key, value, spec.params) for spec in specs}
+        takers = [spec for spec in specs if refusals[str(spec)] is None]
         if not takers:
             hints = [f"; {exc}" for exc in refusals.values() if "Did you mean" in str(exc)]  # the first suggestion
             raise UnknownParameterError(

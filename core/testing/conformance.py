@@ -179,7 +179,9 @@ def check_selection(
     Always checked, per row ``b`` and KV head ``j`` with ``n = counts[b, j]`` valid candidates and the budget
     ``budget[b, j]`` (an int, or a per-row tensor, see below):
 
-    * ``counts[b, j] == min(budget, n)``; ``keep`` is ``int64 [B, Hkv, K]`` with ``K >= counts.max()``;
+    * ``counts[b, j] == min(budget, n)`` (for a ``head_adaptive`` policy: ``sum_j counts[b, j] == sum_j
+      min(budget, n_j)`` per row, and ``counts[b, j] <= n``); ``keep`` is ``int64 [B, Hkv, K]`` with
+      ``K >= counts.max()``;
     * the first ``counts`` entries of ``keep`` are strictly increasing (sorted, unique) and inside ``[0, n)``
       (so padding is never kept over a real token, whatever its score: +inf, NaN, ...); the rest are -1;
     * the first ``protect_head`` and the last ``protect_tail`` (of the row) valid candidates are kept;
@@ -223,11 +225,23 @@ def check_selection(
     )
     budget_l, tail_l = _rows(case.budget, case.counts), _rows(case.protect_tail, case.counts)
     want = case.counts.cpu().clamp(max=torch.tensor(budget_l, dtype=torch.long).reshape(B, Hkv))
-    _expect(
-        torch.equal(kept.cpu(), want),
-        f"kept counts must be min(budget={_show(case.budget)}, valid candidates): counts={case.counts.tolist()}, "
-        f"expected {want.tolist()}, got {kept.tolist()}",
-    )
+    if policy.head_adaptive:
+        _expect(
+            torch.equal(kept.cpu().sum(dim=1), want.sum(dim=1)),
+            f"a head-adaptive policy keeps sum over KV heads of min(budget={_show(case.budget)}, valid "
+            f"candidates) per row: counts={case.counts.tolist()}, expected row totals {want.sum(dim=1).tolist()}, "
+            f"got {kept.tolist()}",
+        )
+        _expect(
+            bool((kept.cpu() <= case.counts.cpu()).all()),
+            f"a head keeps at most its valid candidates: counts={case.counts.tolist()}, kept {kept.tolist()}",
+        )
+    else:
+        _expect(
+            torch.equal(kept.cpu(), want),
+            f"kept counts must be min(budget={_show(case.budget)}, valid candidates): counts={case.counts.tolist()}, "
+            f"expected {want.tolist()}, got {kept.tolist()}",
+        )
     _expect(
         keep.shape[2] >= int(kept.max()),
         f"Selection.keep has {keep.shape[2]} columns < counts {kept.tolist()}",
