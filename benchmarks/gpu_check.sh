@@ -3,7 +3,8 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
-# Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), fastpath (pytest -m gpu on the fast path only), gputests (the flash, fast-path,
+# Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), pytest-files (pytest -m gpu on
+# GPU_TEST_FILES), fastpath (pytest -m gpu on the fast path only), gputests (the flash, fast-path,
 # integration and bench GPU tests), kernels (Triton kernel benchmark),
 # flash (prefill TTFT per backend), e2e (backend agreement end to end), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
@@ -62,6 +63,8 @@ for stage in $stages; do
     tests)   python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 40 | tee "$out/gpu_tests.txt" ;;
     gputests) python -m pytest -q -m gpu -p no:cacheprovider tests/test_flash_backend.py tests/test_fastpath.py \
                 tests/test_integration.py tests/test_bench.py 2>&1 | tail -n 30 | tee "$out/gpu_tests_flash_fastpath.txt" ;;
+    pytest-files) python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TEST_FILES:?set GPU_TEST_FILES} 2>&1 \
+                | tail -n 40 | tee "$out/gpu_tests_files.txt" ;;
     fastpath) python -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -n 40 \
                 | tee "$out/gpu_tests_fastpath.txt" ;;
     kernels) python benchmarks/kernels.py "$out" 2>&1 | tail -n 80 ;;
