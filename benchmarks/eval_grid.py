@@ -35,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GOALS = {0.2: 0.90, 0.1: 0.75}  # kept share -> exact match wanted in every (task, filler, length) cell
 FULL_SLACK = 0.05  # where the full cache itself misses: within this of it
+NEEDLE_DEPTHS = 5  # kvsieve eval needle's default depths: 0, 0.25, 0.5, 0.75, 1
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -86,8 +87,10 @@ def run(args) -> None:
     commands, slot = [], 0
     for task, filler, template, run_dir in run_dirs(out, args):
         for rank in range(args.procs):
+            # needle: n prompts at each of its 5 default depths, so ceil(n / 5) per depth makes n or more a cell
+            samples = -(-args.n // NEEDLE_DEPTHS) if task == "needle" else args.n
             argv = [sys.executable, "-m", "kvsieve.cli", "eval", task, "--model", args.model, "--lengths",
-                    args.lengths, "--samples", str(args.n), "--seed", str(args.seed), "--filler", filler,
+                    args.lengths, "--samples", str(samples), "--seed", str(args.seed), "--filler", filler,
                     "--template", template, "--budgets", args.budgets, "--threads", "1", "--no-progress",
                     "--device", args.device, "--dtype", args.dtype, "--out", str(run_dir)]
             for spec in args.compressor:
@@ -204,7 +207,7 @@ def main() -> None:
     p.add_argument("--fillers", default="essays,noise")
     p.add_argument("--templates", default="chat,plain")
     p.add_argument("--lengths", default="1K,2K,4K")
-    p.add_argument("--n", type=int, default=16, help="prompts per (task, filler, template, length)")
+    p.add_argument("--n", type=int, default=16, help="prompts per (task, filler, template, length), at least")
     p.add_argument("--seed", type=int, default=101)
     p.add_argument("--compressor", action="append", default=[], help="as kvsieve eval's (default: its default)")
     p.add_argument("--budgets", default="0.1,0.2,0.5")
