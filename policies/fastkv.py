@@ -25,8 +25,8 @@ from kvsieve.budget import Budget
 from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.contracts import debug_checks
 from kvsieve.parallel import LOCAL
-from kvsieve.policies.window_attention import pool_scores
 from kvsieve.plugins import selection_policy
+from kvsieve.policies.window_attention import pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
 from kvsieve.prompt import PromptCompressor
 from kvsieve.propagation import TokenPropagation, propagate
