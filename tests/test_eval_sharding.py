@@ -146,6 +146,8 @@ def test_auto_device_puts_processes_on_the_gpus_round_robin(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     devices = [Shard(rank, 5, rank).device("auto") for rank in range(5)]
     assert devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
-    assert Shard(3, 5, 3).device("cpu") == "cpu" and Shard(0, 1, 0).device("auto") == "auto"
+    assert Shard(3, 5, 3).device("cuda") == "cuda:1", "cuda under torchrun: this process's GPU, not cuda:0"
+    assert Shard(3, 5, 3).device("cpu") == "cpu" and Shard(3, 5, 3).device("cuda:0") == "cuda:0"
+    assert Shard(0, 1, 0).device("auto") == "auto"
     assert Shard(0, 5, 0, 5).gpus_shared() == 2 and Shard(0, 2, 0, 2).gpus_shared() is None
     assert Shard(0, 4, 0, 2).gpus_shared() is None, "two nodes of two processes, each on its two GPUs"

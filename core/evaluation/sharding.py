@@ -69,12 +69,12 @@ class Shard:
         return [unit for i, unit in enumerate(units) if self.mine(i)]
 
     def device(self, requested: str) -> str:
-        """``auto`` on a sharded CUDA run is this process's GPU: ``cuda:LOCAL_RANK``, round-robin when a node runs
-        more processes than it has GPUs (a small model's sweep is bound by the host, so several processes can
-        share one GPU: ``torchrun --nproc_per_node 16`` on two GPUs puts eight on each)."""
+        """``auto`` (or ``cuda``) on a sharded CUDA run is this process's GPU: ``cuda:LOCAL_RANK``, round-robin when
+        a node runs more processes than it has GPUs (a small model's sweep is bound by the host, so several
+        processes can share one GPU: ``torchrun --nproc_per_node 16`` on two GPUs puts eight on each)."""
         import torch
 
-        if requested == "auto" and self.sharded and torch.cuda.is_available():
+        if requested in ("auto", "cuda") and self.sharded and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return requested
 
