@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ import torch
 
 from kvsieve.bench.decode import bench_decode
 from kvsieve.bench.hf_static import HF_STATIC_VARIANTS
-from kvsieve.bench.prefill import bench_prefill
+from kvsieve.bench.prefill import bench_prefill, prefill_ratios
 from kvsieve.bench.report import environment, rerender, write_report
 from kvsieve.cli_types import comma_list, compressor_specs, size, sizes
+from kvsieve.evaluation.sharding import Shard, Share
 from kvsieve.integration import resolve_compressor
 from kvsieve.params import parse_compressor_specs
 
@@ -146,11 +148,13 @@ def _load_model(name: str, device: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # this process's GPU (a data-parallel run): graphs, clocks and peaks on it
     if name in models.PAPER_SHAPES:
-        if device != "cuda":
+        if not device.startswith("cuda"):
             raise ValueError(f"--model {name}: paper-shaped models are built on a CUDA GPU; none is available "
                              "(use a small model such as tiny-random-qwen2 on the CPU)")
-        return models.random_paper_model(name)
+        return models.random_paper_model(name, device=device)
     model, _ = models.load(name)
     return model.to(device).eval()
 
@@ -166,11 +170,22 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < least:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least {least}")
     compressors = _compressors(args)
-    model = _load_model(args.model, args.device)
+    shard = Shard.from_environment()  # under torchrun: this process's share of the rows (kvsieve.evaluation.sharding)
+    share = Share(shard)
+    device = shard.device(args.device)
+    shared = shard.gpus_shared() if device.startswith("cuda") or device == "auto" else None
+    if shared is not None and shard.rank == 0:
+        warnings.warn(f"{shard.local_world or shard.world} processes share {shared} GPU(s): the timings of rows "
+                      "measured at once on one GPU are not comparable (give each process its own GPU)", stacklevel=1)
+    model = _load_model(args.model, device)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = environment() | dict(model=args.model, command=f"kvsieve bench {args.bench}")
+    if shard.sharded:
+        meta.update(processes=shard.world, gpus_shared=shared is not None)
     graph = False if args.no_graph else None
-    partial = args.out / f"{args.bench}.partial.jsonl"  # rows as they come (a run cut short keeps them)
+    name = f"{args.bench}.jsonl"
+    part = share.start(args.out, name) if shard.sharded else None
+    partial = shard.part(args.out, f"{args.bench}.partial.jsonl")  # rows as they come (a run cut short keeps them)
     partial.write_text(json.dumps(meta) + "\n")
 
     def log(line: str) -> None:
@@ -183,12 +198,20 @@ def run(args: argparse.Namespace) -> int:
         rows = bench_decode(model, args.model, args.batches, args.new_tokens, compressors, backend=args.backend,
                             prompt_len=args.prompt_len, samples=args.samples, steps=args.steps,
                             hf_eager=not args.no_hf, hf_static=hf_static, fast=not args.no_fast, validate=args.validate,
-                            use_cuda_graph=graph, log=log)
+                            use_cuda_graph=graph, log=log, share=share)
     else:
         rows = bench_prefill(model, args.model, args.contexts, compressors, backend=args.backend,
-                             new_tokens=args.new_tokens, hf_eager=not args.no_hf, use_cuda_graph=graph, log=log)
+                             new_tokens=args.new_tokens, hf_eager=not args.no_hf, use_cuda_graph=graph, log=log,
+                             share=share)
+    if part is not None:
+        part.write_text("".join(json.dumps(r) + "\n" for r in rows))
     partial.unlink()
-    path = args.out / f"{args.bench}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [meta, *rows]))
+    rows = share.finish(args.out, name, write=False)
+    if rows is None:
+        print(f"rank {shard.rank} of {shard.world}: done; rank 0 merges the rows into {args.out / name}")
+        return 0
+    if args.bench == "prefill" and shard.sharded:
+        prefill_ratios(rows)  # against the full-cache and HF rows, which other processes may have measured
+    (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in [meta, *rows]))
     print(write_report(args.out, args.bench, rows, meta).read_text())
     return 0

@@ -31,9 +31,10 @@ from kvsieve.bench.timing import (
     timed,
     weight_bytes,
 )
+from kvsieve.evaluation.sharding import Share
 from kvsieve.integration import apply
 
-__all__ = ["bench_decode"]
+__all__ = ["bench_decode", "decode_units"]
 
 
 def bench_decode(
@@ -54,35 +55,56 @@ def bench_decode(
     validate: Sequence[tuple[int, int]] = (),
     use_cuda_graph: bool | None = None,
     log: Callable[[str], None] = print,
+    share: Share | None = None,
 ) -> list[dict[str, Any]]:
     """Modelled decode throughput and measured peak memory per (batch, output length, compressor); see the module
     docstring. ``hf_static`` names the HF static-cache settings to time (:data:`HF_STATIC_VARIANTS`; rows
     ``hf-static:<setting>``, after the fast rows of each batch). Returns one record per row (``run`` =
-    ``hf-eager:none``, ``fast:<compressor>`` or ``hf-static:<setting>``)."""
+    ``hf-eager:none``, ``fast:<compressor>`` or ``hf-static:<setting>``). With ``share``, only that process's share of
+    the units (:func:`decode_units`) runs; the ratios against the full cache are the report's, from all rows."""
     device = next(model.parameters()).device
     weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
-    rows: list[dict[str, Any]] = []
+
+    def rows_of(unit: tuple) -> list[dict[str, Any]]:
+        kind, batch, what, n = unit
+        if kind == "hf-eager":
+            return _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log)
+        if kind == "hf-static":
+            return _hf_static_rows(model, model_name, batch, [n], prompt_len, samples, steps, what, weights,
+                                   per_token, log)
+        name, params = what
+        base = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run=f"fast:{name}",
+                    compressor=name, params=params)
+        try:
+            row = base | _fast_decode_row(model, name, params, backend, batch, n, prompt_len, samples, steps,
+                                          compression_samples, weights, per_token, bandwidth, use_cuda_graph,
+                                          (batch, n) in validate)
+        except (torch.OutOfMemoryError, _DoesNotFit) as exc:
+            reset_peak(device)
+            row = base | dict(error=f"does not fit: {str(exc)[:160]}")
+        row.update(paper_columns(model_name, name, n))
+        log(json.dumps(row))
+        return [row]
+
+    units = decode_units(batches, new_tokens, compressors, hf_eager=hf_eager, hf_static=hf_static, fast=fast)
+    return (share or Share()).run(units, rows_of)
+
+
+def decode_units(batches: Sequence[int], new_tokens: Sequence[int], compressors: Sequence[tuple[str, dict[str, Any]]],
+                 *, hf_eager: bool = True, hf_static: Sequence[str] = (), fast: bool = True) -> list[tuple]:
+    """The independent measurements of :func:`bench_decode`, in its order: ``(kind, batch, what, new_tokens)``.
+    Per batch: HF's eager rows (one unit: its step times at every length serve every ``new_tokens``), then a unit per
+    (compressor, ``new_tokens``) on the fast path, then per (HF static setting, ``new_tokens``). A data-parallel
+    run (:mod:`kvsieve.evaluation.sharding`) splits these over the processes."""
+    units: list[tuple] = []
     for batch in batches:
         if hf_eager:
-            rows += _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log)
-        for name, params in compressors if fast else ():
-            for n in new_tokens:
-                base = dict(model=model_name, batch=batch, new_tokens=n, prompt_len=prompt_len, run=f"fast:{name}",
-                            compressor=name, params=params)
-                try:
-                    rows.append(base | _fast_decode_row(model, name, params, backend, batch, n, prompt_len, samples,
-                                                        steps, compression_samples, weights, per_token, bandwidth,
-                                                        use_cuda_graph, (batch, n) in validate))
-                except (torch.OutOfMemoryError, _DoesNotFit) as exc:
-                    reset_peak(device)
-                    rows.append(base | dict(error=f"does not fit: {str(exc)[:160]}"))
-                rows[-1].update(paper_columns(model_name, name, n))
-                log(json.dumps(rows[-1]))
-        for variant in hf_static:
-            rows += _hf_static_rows(model, model_name, batch, new_tokens, prompt_len, samples, steps, variant,
-                                    weights, per_token, log)
-    return rows
+            units.append(("hf-eager", batch, None, None))
+        for compressor in compressors if fast else ():
+            units += [("fast", batch, compressor, n) for n in new_tokens]
+        units += [("hf-static", batch, variant, n) for variant in hf_static for n in new_tokens]
+    return units
 
 
 class _DoesNotFit(Exception):

@@ -18,11 +18,12 @@ from kvsieve.bench.timing import (
     timed,
     weight_bytes,
 )
+from kvsieve.evaluation.sharding import Share
 from kvsieve.fastpath import StaticDecoder
 from kvsieve.integration import apply
 from kvsieve.parallel import tensor_parallel_group
 
-__all__ = ["bench_prefill"]
+__all__ = ["bench_prefill", "prefill_ratios"]
 
 
 def bench_prefill(
@@ -37,26 +38,32 @@ def bench_prefill(
     hf_sdpa: bool = True,
     use_cuda_graph: bool | None = None,
     log: Callable[[str], None] = print,
+    share: Share | None = None,
 ) -> list[dict[str, Any]]:
     """Per context: TTFT of plain HF sdpa (unless ``hf_sdpa=False``) and of each compressor, then ``new_tokens``
     real fast-path decode steps (batch 1), and HF's eager decode step at that context (``hf_eager``, with
-    ``hf_sdpa``). Under tensor parallelism every rank calls it alike; clocks start and stop with every rank."""
+    ``hf_sdpa``). Under tensor parallelism every rank calls it alike; clocks start and stop with every rank. With
+    ``share`` (a data-parallel run, :mod:`kvsieve.evaluation.sharding`), only that process's share of the rows runs
+    (a row per context and run), without the speed-ups: :func:`prefill_ratios` adds them to the merged rows."""
     device = next(model.parameters()).device
     group = tensor_parallel_group(model)
     weights, per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     vocab = model.config.vocab_size
-    rows: list[dict[str, Any]] = []
     warm = torch.randint(100, vocab, (1, min(1024, min(contexts))), device=device)
     with torch.inference_mode():
         model(input_ids=warm, use_cache=True, logits_to_keep=1)
-    for context in contexts:
-        ids = torch.randint(100, vocab, (1, context), device=device)
+
+    def rows_of(unit: tuple[int, tuple[str, dict[str, Any]] | None]) -> list[dict[str, Any]]:
+        context, compressor = unit
+        # the same prompt for every row of a context, in any process: a seeded generator on the CPU
+        generator = torch.Generator().manual_seed(context)
+        ids = torch.randint(100, vocab, (1, context), generator=generator).to(device)
         base = dict(model=model_name, context=context, new_tokens=new_tokens)
-        if hf_sdpa:
-            rows.append(base | _hf_sdpa_row(model, ids, hf_eager, group))
-            log(json.dumps(rows[-1]))
-        for name, params in compressors:
+        if compressor is None:
+            row = base | _hf_sdpa_row(model, ids, hf_eager, group)
+        else:
+            name, params = compressor
             reset_peak(device)
             try:
                 row = base | _prefill_row(model, name, params, backend, ids, new_tokens, use_cuda_graph, weights,
@@ -64,9 +71,16 @@ def bench_prefill(
             except torch.OutOfMemoryError as exc:
                 reset_peak(device)
                 row = base | dict(run=f"fast:{name}", compressor=name, error=f"OOM: {str(exc)[:120]}")
-            rows.append(row)
-            log(json.dumps(row))
-    _prefill_ratios(rows)
+        log(json.dumps(row))
+        return [row]
+
+    share = share or Share()
+    units: list[tuple] = []  # per context: HF sdpa (None), then each compressor
+    for context in contexts:
+        units += [(context, c) for c in ([None] if hf_sdpa else []) + list(compressors)]
+    rows = share.run(units, rows_of)
+    if not share.shard.sharded:
+        prefill_ratios(rows)
     return rows
 
 
@@ -119,7 +133,8 @@ def _prefill_row(model, name, params, backend, ids, new_tokens, use_cuda_graph, 
     return row
 
 
-def _prefill_ratios(rows: list[dict[str, Any]]) -> None:
+def prefill_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's TTFT and decode speed-ups against its context's full-cache and HF sdpa rows (in place)."""
     by = {(r["context"], r["run"]): r for r in rows}
     for row in rows:
         full = by.get((row["context"], "fast:none"), {})

@@ -239,9 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    shard = Shard.from_environment()
-    if shard.sharded and task == "fidelity":
-        raise ValueError("eval fidelity does not split over processes yet: run it in one process (no torchrun)")
+    shard = Shard.from_environment()  # under torchrun each process runs its share (kvsieve.evaluation.sharding)
     phase = "decode" if task == "fidelity" else "prefill"
     specs = args.compressor or parse_compressor_specs(default_compressors(phase))
     configs = expand_configs(specs, parse_params(args.set), args.budgets, args.budget_param)

@@ -42,9 +42,10 @@ import torch
 
 from kvsieve import integration
 from kvsieve.evaluation.configs import CompressorConfig
-from kvsieve.evaluation.outputs import append_jsonl, run_metadata, start_jsonl, write_json
+from kvsieve.evaluation.outputs import append_jsonl, run_metadata, write_json
 from kvsieve.evaluation.report import plot_accuracy_vs_budget, pyplot, retrieval_tables
 from kvsieve.evaluation.retrieval import check_fits, full_cache_tokens
+from kvsieve.evaluation.sharding import Share
 from kvsieve.evaluation.tasks import filler_text, make_prompts, score
 
 __all__ = ["MODES", "REASK", "StreamResult", "decode_stream", "reasoning_stream", "run_fidelity", "token_agreement"]
@@ -218,35 +219,53 @@ def run_fidelity(
         check_fits(model, [length + reasoning_tokens + 16 for length in lengths], max_new_tokens)
     started = time.perf_counter()
     meta = run_metadata(argv, model_name, backend, next(model.parameters()).device)
+    share = Share.from_environment()  # under torchrun: this process's share of the streams (evaluation.sharding)
+    if share.shard.sharded and out is None:
+        raise ValueError("a sweep split over processes (torchrun) needs an output directory to merge into")
     run = _Run(
         model,
         tokenizer,
         [BASELINE, *[c for c in configs if c != BASELINE]],
         backend,
         progress,
-        start_jsonl(out, "fidelity.jsonl"),
+        share.start(out, "fidelity.jsonl") if out is not None else None,
         {"model": model_name, "seed": seed},
     )
+    units: list[_Unit] = []  # in the order one process measures them; each runs every configuration
+    prompts = None
     for mode in modes:
         if mode in RETRIEVAL_MODES:
-            prompts = make_prompts(
-                tokenizer, "passkey", list(lengths), depths, n, seed=seed, filler=filler, template=template
-            )
-            if mode == "retrieval":
-                _measure_retrieval(run, prompts, prefill_tokens, max_new_tokens)
-            else:
-                _measure_reasoning(run, prompts, reasoning_tokens, filler, max_new_tokens)
-            continue
-        for sample in range(n):
-            rng = random.Random(f"kvsieve-fidelity:{mode}:{seed}:{sample}")
-            if mode == "nll":
-                _measure_nll(run, rng, sample, prompt_tokens, continuation_tokens, segment)
-            elif mode == "free":
-                _measure_free(run, rng, sample, prompt_tokens, new_tokens)
-            else:
-                for length in lengths:
-                    _measure_copy(run, rng, sample, length, passage_tokens, filler)
-    records = run.records
+            if prompts is None:
+                prompts = make_prompts(
+                    tokenizer, "passkey", list(lengths), depths, n, seed=seed, filler=filler, template=template
+                )
+            units += [_Unit(mode, prompt.index, prompt=prompt) for prompt in prompts]
+        elif mode == "copy":
+            units += [_Unit(mode, sample, length=i) for sample in range(n) for i in range(len(lengths))]
+        else:
+            units += [_Unit(mode, sample) for sample in range(n)]
+
+    def measure(unit: _Unit) -> list[dict[str, Any]]:
+        before = len(run.records)
+        rng = random.Random(f"kvsieve-fidelity:{unit.mode}:{seed}:{unit.sample}")
+        if unit.mode == "retrieval":
+            _measure_retrieval(run, unit.prompt, prefill_tokens, max_new_tokens)
+        elif unit.mode == "reasoning":
+            _measure_reasoning(run, unit.prompt, reasoning_tokens, filler, max_new_tokens)
+        elif unit.mode == "nll":
+            _measure_nll(run, rng, unit.sample, prompt_tokens, continuation_tokens, segment)
+        elif unit.mode == "free":
+            _measure_free(run, rng, unit.sample, prompt_tokens, new_tokens)
+        else:  # the sample's streams of every length come from one generator: draw those before this one's
+            for length in lengths[: unit.length]:
+                _copy_stream(run.tokenizer, rng, length, passage_tokens, filler)
+            _measure_copy(run, rng, unit.sample, lengths[unit.length], passage_tokens, filler)
+        return run.records[before:]
+
+    share.run(units, measure)
+    records = share.finish(out, "fidelity.jsonl")
+    if records is None:
+        return run.records  # another rank merges and reports
     if out is not None:
         meta["seconds"] = round(time.perf_counter() - started, 1)
         meta.update(
@@ -264,9 +283,23 @@ def run_fidelity(
             filler=filler,
             configs=[c.label for c in configs],
         )
+        if share.shard.sharded:
+            meta["processes"] = share.shard.world
         write_json(out / "meta.json", meta)
         write_fidelity_report(out, records, budget_param, meta)
     return records
+
+
+@attrs.frozen
+class _Unit:
+    """A unit of a fidelity sweep: a stream (``mode``, ``sample``; ``copy``: the index into ``lengths`` of its
+    length; ``retrieval``/``reasoning``: its prompt) measured with every configuration, the full cache first (the
+    reference of the others' deltas and agreement)."""
+
+    mode: str
+    sample: int
+    length: int | None = None
+    prompt: Any = None
 
 
 @attrs.define
@@ -369,15 +402,20 @@ def _measure_free(run: _Run, rng: random.Random, sample: int, prompt_tokens: int
         )
 
 
-def _measure_copy(run: _Run, rng: random.Random, sample: int, length: int, passage_tokens: int, filler: str) -> None:
-    header = run.tokenizer(COPY_HEADER, add_special_tokens=True)["input_ids"]
+def _copy_stream(tokenizer, rng: random.Random, length: int, passage_tokens: int, filler: str):
+    """``copy``'s prompt (the header) and stream (passage, filler, passage) of ``length`` tokens, drawn from ``rng``."""
+    header = tokenizer(COPY_HEADER, add_special_tokens=True)["input_ids"]
     gap = length - len(header) - 2 * passage_tokens
     if gap < 1:
         raise ValueError(
             f"copy: length {length} leaves no room for filler between two passages of {passage_tokens} tokens"
         )
-    passage = _essay_tokens(run.tokenizer, rng, passage_tokens)
-    stream = passage + _filler_tokens(run.tokenizer, filler, rng, gap) + passage
+    passage = _essay_tokens(tokenizer, rng, passage_tokens)
+    return header, passage + _filler_tokens(tokenizer, filler, rng, gap) + passage
+
+
+def _measure_copy(run: _Run, rng: random.Random, sample: int, length: int, passage_tokens: int, filler: str) -> None:
+    header, stream = _copy_stream(run.tokenizer, rng, length, passage_tokens, filler)
     repeat = slice(-passage_tokens + 1, None)  # the repeat's first token cannot be predicted: left out
     reference = None
     for config in run.configs:
@@ -417,20 +455,18 @@ def _passkey_fields(run: _Run, prompt, result: StreamResult, fed_tokens: int) ->
     )
 
 
-def _measure_retrieval(run: _Run, prompts, prefill_tokens: int, max_new_tokens: int) -> None:
-    eos = run.tokenizer.eos_token_id
-    for prompt in prompts:
-        for config in run.configs:
-            ids = prompt.input_ids
-            result = run.stream(
-                prompt.id,
-                config,
-                ids[:prefill_tokens],
-                ids[prefill_tokens:],
-                generate_tokens=max_new_tokens,
-                eos_token_id=eos,
-            )
-            run.emit("retrieval", config, prompt.index, result, **_passkey_fields(run, prompt, result, len(ids)))
+def _measure_retrieval(run: _Run, prompt, prefill_tokens: int, max_new_tokens: int) -> None:
+    ids = prompt.input_ids
+    for config in run.configs:
+        result = run.stream(
+            prompt.id,
+            config,
+            ids[:prefill_tokens],
+            ids[prefill_tokens:],
+            generate_tokens=max_new_tokens,
+            eos_token_id=run.tokenizer.eos_token_id,
+        )
+        run.emit("retrieval", config, prompt.index, result, **_passkey_fields(run, prompt, result, len(ids)))
 
 
 def reasoning_stream(tokenizer, prompt, reasoning_tokens: int, filler: str = "essays") -> tuple[list[int], list[int]]:
@@ -456,26 +492,23 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _measure_reasoning(run: _Run, prompts, reasoning_tokens: int, filler: str, max_new_tokens: int) -> None:
+def _measure_reasoning(run: _Run, prompt, reasoning_tokens: int, filler: str, max_new_tokens: int) -> None:
     eos = run.tokenizer.eos_token_id
-    for prompt in prompts:
-        reasoning, reask = reasoning_stream(run.tokenizer, prompt, reasoning_tokens, filler)
-        ids = prompt.input_ids
-        for config in run.configs:
-            result = run.stream(
-                prompt.id, config, ids, reasoning + reask, generate_tokens=max_new_tokens, eos_token_id=eos
-            )
-            run.emit(
-                "reasoning",
-                config,
-                prompt.index,
-                result,
-                **_passkey_fields(run, prompt, result, len(ids) + len(reasoning) + len(reask)),
-                reasoning_tokens=len(reasoning),
-                reask_tokens=len(reask),
-                decoded_tokens=len(reasoning) + len(reask),
-                reasoning_nll=_mean(result.nll[: len(reasoning)]) if reasoning else None,
-            )
+    reasoning, reask = reasoning_stream(run.tokenizer, prompt, reasoning_tokens, filler)
+    ids = prompt.input_ids
+    for config in run.configs:
+        result = run.stream(prompt.id, config, ids, reasoning + reask, generate_tokens=max_new_tokens, eos_token_id=eos)
+        run.emit(
+            "reasoning",
+            config,
+            prompt.index,
+            result,
+            **_passkey_fields(run, prompt, result, len(ids) + len(reasoning) + len(reask)),
+            reasoning_tokens=len(reasoning),
+            reask_tokens=len(reask),
+            decoded_tokens=len(reasoning) + len(reask),
+            reasoning_nll=_mean(result.nll[: len(reasoning)]) if reasoning else None,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- report

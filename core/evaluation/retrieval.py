@@ -23,9 +23,9 @@ import torch
 
 from kvsieve import integration, models
 from kvsieve.evaluation.configs import CompressorConfig
-from kvsieve.evaluation.outputs import append_jsonl, run_metadata, start_jsonl, write_json
+from kvsieve.evaluation.outputs import append_jsonl, run_metadata, write_json
 from kvsieve.evaluation.report import write_retrieval_report
-from kvsieve.evaluation.sharding import Shard, merge_parts
+from kvsieve.evaluation.sharding import Shard, Share
 from kvsieve.evaluation.tasks import Prompt, PromptTooLongError, make_prompts, score
 
 __all__ = ["check_fits", "context_limit", "full_cache_tokens", "load_model", "run_retrieval"]
@@ -122,20 +122,21 @@ def run_retrieval(
         template=template,
         progress=progress,
     )
-    shard = Shard.from_environment()  # under torchrun: this process's share of prompts (kvsieve.evaluation.sharding)
-    if shard.sharded and out is None:
+    share = Share.from_environment()  # under torchrun: this process's share of prompts (kvsieve.evaluation.sharding)
+    if share.shard.sharded and out is None:
         raise ValueError("a sweep split over processes (torchrun) needs an output directory to merge into")
-    results_path = start_jsonl(out, shard.part(out, "results.jsonl").name) if out is not None else None
-    if out is not None and shard.rank == 0:
+    results_path = share.start(out, "results.jsonl") if out is not None else None
+    if out is not None and share.shard.rank == 0:
         with (out / "prompts.jsonl").open("w") as f:
             for prompt in prompts:
                 f.write(json.dumps(prompt.to_json()) + "\n")
     device = next(model.parameters()).device
-    records = []
-    mine = [prompt for i, prompt in enumerate(prompts) if shard.mine(i)]
-    bar = tqdm(total=len(mine) * len(configs), desc=f"{task} eval", disable=not progress, unit="prompt")
-    for prompt in mine:  # prompt-major: a partial run has every configuration on the first prompts
+    bar = tqdm(total=len(share.shard.share(prompts)) * len(configs), desc=f"{task} eval", disable=not progress,
+               unit="prompt")
+
+    def run_prompt(prompt: Prompt) -> list[dict[str, Any]]:  # prompt-major: a partial run has every configuration
         ids = torch.tensor([prompt.input_ids], device=device)
+        records = []
         for config in configs:
             bar.set_postfix_str(f"{config.label} L={prompt.length}", refresh=False)
             record = _run_one(model, tokenizer, prompt, ids, config, backend, max_new_tokens)
@@ -144,13 +145,13 @@ def run_retrieval(
             if results_path is not None:
                 append_jsonl(results_path, record)
             bar.update()
+        return records
+
+    share.run(prompts, run_prompt)
     bar.close()
-    if shard.sharded:
-        shard.mark_done(out)
-        if shard.rank != 0:
-            return records  # rank 0 merges and reports
-        order = [(prompt.id, config.label) for prompt in prompts for config in configs]
-        records = merge_parts(out, "results.jsonl", shard, order, key=lambda r: (r["prompt_id"], r["compressor"]))
+    records = share.finish(out, "results.jsonl")
+    if records is None:
+        return share.records  # another rank merges and reports
     if out is not None:
         meta["seconds"] = round(time.perf_counter() - started, 1)
         meta.update(
@@ -164,8 +165,9 @@ def run_retrieval(
             configs=[c.label for c in configs],
             budget_param=budget_param,
         )
+        if share.shard.sharded:
+            meta["processes"] = share.shard.world
         write_json(out / "meta.json", meta)
-        meta["processes"] = shard.world
         write_retrieval_report(out, records, budget_param, meta)
     return records
 
