@@ -81,6 +81,7 @@ def run(args) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    deadline = time.monotonic() + args.deadline if args.deadline else None  # counts the model's conversion too
     if args.model == "smollm2":  # convert the GGUF once, before the processes race to
         subprocess.run([sys.executable, "-c", "from kvsieve.models import preview; preview('smollm2')"],
                        check=True)
@@ -99,7 +100,6 @@ def run(args) -> None:
             commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
             slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
     print(f"kvsieve eval: {len(commands)} processes", flush=True)
-    deadline = time.monotonic() + args.deadline if args.deadline else None
     finished = launch(commands, deadline)
     print(f"kvsieve eval {'done' if finished else 'stopped'} in {time.perf_counter() - started:.0f} s", flush=True)
     left = deadline - time.monotonic() if deadline is not None else None
