@@ -96,6 +96,22 @@ def greedy(n: int) -> dict:
     return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
+def assert_gpu_keeps_cpu_tokens(model, ids, mask, compressor: str, params: dict, backend: str, n: int = 6) -> None:
+    """``compressor`` on CUDA (``backend``, the fast path, prefill graphs on) keeps the tokens and KV lengths of the
+    same run on the CPU (torch backend); ``model`` is moved to the GPU for it and back."""
+    from kvsieve.integration import generate
+
+    want = generate(model, ids, mask, compressor=compressor, params=params, backend="torch", **greedy(n))
+    gpu_model = model.to("cuda")
+    try:
+        got = generate(gpu_model, ids.cuda(), mask.cuda(), compressor=compressor, params=params, backend=backend,
+                       fast=True, **greedy(n))
+    finally:
+        model.to("cpu")
+    assert got.sequences.cpu().tolist() == want.sequences.tolist()
+    assert got.kv_lengths == want.kv_lengths
+
+
 def kept_candidates(policy, scores: list[float], budget: int, counts=None, protect_head=0, protect_tail=0):
     """The candidates a selection policy keeps of a single row and KV head (``scores`` a list)."""
     s = torch.tensor([[scores]], dtype=torch.float32)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import greedy, left_padded, random_prompt
+from conftest import assert_gpu_keeps_cpu_tokens, greedy, left_padded, random_prompt
 from conftest import kept_candidates as kept
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -314,15 +314,7 @@ def test_on_the_gpu_every_backend_keeps_the_cpu_tokens(llama, checks_on, backend
     model, tok = llama
     ids, mask, _ = left_padded(tok, [48, 31], seed=11)
     params = {"ratio": 0.3, "window": 4, "selection": "adaptive"}
-    want = generate(model, ids, mask, compressor="snapkv", params=params, backend="torch", **greedy(6))
-    gpu_model = model.to("cuda")
-    try:
-        got = generate(gpu_model, ids.cuda(), mask.cuda(), compressor="snapkv", params=params, backend=backend,
-                       fast=True, **greedy(6))
-    finally:
-        model.to("cpu")
-    assert got.sequences.cpu().tolist() == want.sequences.tolist()
-    assert got.kv_lengths == want.kv_lengths
+    assert_gpu_keeps_cpu_tokens(model, ids, mask, "snapkv", params, backend)
 
 
 def test_kept_candidates_helper_agrees_for_one_head():

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import greedy, left_padded, random_prompt, tiny_llama
+from conftest import assert_gpu_keeps_cpu_tokens, greedy, left_padded, random_prompt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,13 +153,4 @@ def test_on_the_gpu_every_backend_keeps_the_cpu_tokens(model6, checks_on, backen
     """On CUDA (prefill graphs on: each layer's budget differs, so most layers run eagerly), pyramidkv keeps what
     the CPU run keeps, for a padded batch."""
     ids, mask, _ = left_padded(_Tok(), [48, 31], seed=11)
-    params = {"ratio": 0.3, "window": 4}
-    want = generate(model6, ids, mask, compressor="pyramidkv", params=params, backend="torch", **greedy(6))
-    gpu_model = model6.to("cuda")
-    try:
-        got = generate(gpu_model, ids.cuda(), mask.cuda(), compressor="pyramidkv", params=params, backend=backend,
-                       fast=True, **greedy(6))
-    finally:
-        model6.to("cpu")
-    assert got.sequences.cpu().tolist() == want.sequences.tolist()
-    assert got.kv_lengths == want.kv_lengths
+    assert_gpu_keeps_cpu_tokens(model6, ids, mask, "pyramidkv", {"ratio": 0.3, "window": 4}, backend)
