@@ -26,7 +26,7 @@ from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.contracts import debug_checks
 from kvsieve.parallel import LOCAL
 from kvsieve.plugins import selection_policy
-from kvsieve.policies.window_attention import pool_scores
+from kvsieve.policies.window_attention import AGGREGATIONS, pool_scores
 from kvsieve.policy import ScoringContext, ScoringPolicy, SelectionPolicy
 from kvsieve.prompt import PromptCompressor
 from kvsieve.propagation import TokenPropagation, propagate
@@ -50,14 +50,24 @@ class HeadPooledWindowScoring(ScoringPolicy):
     Args:
         pooling: ``"max"`` or ``"avg"``. Default ``"max"``.
         kernel: odd pooling kernel. Default 7.
+        aggregation: ``"group"`` (per KV head, the paper's) or ``"all"`` (one ranking shared by every KV head of
+            the layer: the group scores summed over KV heads, across tensor-parallel ranks too). TSP ranks tokens
+            by the sum over KV heads either way.
     """
 
     name: ClassVar[str] = "head_pooled_window_attention"
 
     pooling: str = attrs.field(default="max", validator=one_of(*POOLINGS))
     kernel: int = attrs.field(default=7, validator=odd_positive_int)
+    aggregation: str = attrs.field(default="group", validator=one_of(*AGGREGATIONS))
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
+        scores = self._group_scores(ctx)
+        if self.aggregation == "all":
+            scores = ctx.sum_over_heads(scores).expand_as(scores)
+        return scores
+
+    def _group_scores(self, ctx: ScoringContext) -> torch.Tensor:
         if not ctx.queries_are_last:
             raise ValueError(
                 f"{self.name} normalises over every visible key: it needs prefill window queries"

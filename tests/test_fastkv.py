@@ -347,6 +347,26 @@ def test_kv_selection_leaves_token_selective_propagation_as_the_paper(model4, se
         "name": "span", "radius": 3}
 
 
+def test_cross_head_aggregation_shares_one_ranking_and_leaves_tsp_alone(model4):
+    """``scoring.aggregation=all``: every KV head of a layer keeps the same tokens (one ranking shared by the
+    layer's heads), and TSP, which ranks by the sum over heads either way, propagates the same tokens."""
+    L, W, T, pads = 61, 5, 2, [0, 9]
+    common = dict(tsp_rate=0.3, ratio=0.2, window=W, tsp_layer=T)
+
+    def run(aggregation):
+        scoring = HeadPooledWindowScoring(kernel=3, aggregation=aggregation)
+        _, _, cache, engine = run_layer(model4, FastKV(**common, scoring=scoring), T, pads, 4, 2, L, 8, 4)
+        kv = [[live_positions(cache.layers[T], b, j).tolist() for j in range(2)] for b in range(len(pads))]
+        return engine.propagation.pending.clone(), kv
+
+    group_tokens, group_kv = run("group")
+    shared_tokens, shared_kv = run("all")
+    assert torch.equal(shared_tokens, group_tokens)
+    assert all(row[0] == row[1] for row in shared_kv)
+    assert any(row[0] != row[1] for row in group_kv)  # per KV head, the heads disagree on these inputs
+    assert resolve_compressor("fastkv", {"scoring.aggregation": "all"}).scoring.aggregation == "all"
+
+
 def test_head_pooled_scoring_equals_window_attention_with_avg_pooling():
     """Average pooling is linear: pooling per query head or after the GQA sum is the same."""
     gen = torch.Generator().manual_seed(0)
