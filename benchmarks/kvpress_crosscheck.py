@@ -347,6 +347,8 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
             entry = cells.setdefault(cell, {"run": run.name, "prompts": [], "ours": ours})
             entry["prompts"].append(prompt["id"])
     our_names = sorted({name for c in cells.values() for (_, name, _) in c["ours"]} - {"none"})
+    if args.kvsieve_configs:  # only these (a cell counts the prompts every shown config finished)
+        our_names = [name for name in our_names if name in args.kvsieve_configs.split(",")]
     if champion not in our_names:
         champion = our_names[0] if our_names else None
     lines = [
@@ -491,6 +493,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip kvpress's uncompressed run")
     parser.add_argument("--champion", default="attended_spans", help="kvsieve config set against the best press")
+    parser.add_argument("--kvsieve-configs", default=None,
+                        help="comma list of the kvsieve compressors to show (default: every one in the runs)")
     parser.add_argument(
         "--out",
         type=Path,
