@@ -102,8 +102,9 @@ def test_defaults_and_registration():
     )
     config = fkv.config()
     assert config["name"] == "fastkv"
-    assert config["scoring"] == {"name": HeadPooledWindowScoring.name, "pooling": "max", "kernel": 7}
-    assert config["selection"] == {"name": "topk"}
+    assert config["scoring"] == {"name": HeadPooledWindowScoring.name, "pooling": "max", "kernel": 7,
+                                 "aggregation": "group"}
+    assert config["selection"] == config["tsp_selection"] == {"name": "topk"}
     assert FastKV(tsp_len=2048, budget=512).constant
 
 
