@@ -23,7 +23,6 @@ best compressor at each budget; and the issue's goals per (task, filler, length)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -32,17 +31,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from intervals import wilson  # benchmarks/intervals.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 GOALS = {0.2: 0.90, 0.1: 0.75}  # kept share -> exact match wanted in every (task, filler, length) cell
 FULL_SLACK = 0.05  # where the full cache itself misses: within this of it
 NEEDLE_DEPTHS = 5  # kvsieve eval needle's default depths: 0, 0.25, 0.5, 0.75, 1
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    spec = importlib.util.spec_from_file_location("kvsieve_intervals", HERE / "intervals.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.wilson(k, n)
 
 
 def run_dirs(out: Path, args) -> list[tuple[str, str, str, Path]]:
