@@ -125,12 +125,7 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
             return self.graph_logits
-        if self.segments is not None and (self.segments.installed or not self.use_cuda_graph):
-            self.segments.install()
-            return self._forward()  # eager around the segments, each replayed (captured on its first call)
-        if not self.use_cuda_graph:
-            return self._forward()
-        if self.eager_steps < self.warmup_steps:
+        if self.use_cuda_graph and self.eager_steps < self.warmup_steps:
             self.eager_steps += 1
             side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
             side.wait_stream(torch.cuda.current_stream())
@@ -140,6 +135,8 @@ class StaticDecoder:
             return logits
         if self.segments is not None:
             self.segments.install()
+            return self._forward()  # eager around the segments, each replayed (captured on its first call)
+        if not self.use_cuda_graph:
             return self._forward()
         graph = torch.cuda.CUDAGraph()
         try:
