@@ -24,6 +24,8 @@ from typing import ClassVar
 import attrs
 import torch
 
+from kvsieve import layer_ops
+
 __all__ = ["BackendCapabilities", "KVBackend"]
 
 
@@ -116,6 +118,51 @@ class KVBackend(abc.ABC):
         Returns:
             ``[B, H, Q, d]`` in the dtype of ``queries``; cost follows ``ends - starts``, not ``C``.
         """
+
+    # ------------------------------------------------------------------ the decode step around attention
+    # What the fast path's fused decoder layer (kvsieve.fused_layer) runs per layer. Not abstract: the defaults are
+    # the torch references (kvsieve.layer_ops); a backend overrides them with fused kernels that match them.
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of ``residual + x`` (or of ``x``), as HF's Llama-family layers compute it.
+
+        Args:
+            x: ``[..., D]``; residual: ``None`` or ``[..., D]`` in ``x``'s dtype; weight: ``[D]``; eps: the norm's
+                epsilon.
+
+        Returns:
+            ``(normed, total)``, ``[..., D]`` each: the normalised sum times ``weight``, and the sum itself in
+            ``x``'s dtype (the residual stream); see :func:`kvsieve.layer_ops.rms_norm`.
+        """
+        return layer_ops.rms_norm(x, weight, eps, residual)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of the gated MLP (``[..., F]`` each, one dtype)."""
+        return layer_ops.silu_mul(gate, up)
+
+    def rope_append(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        ends: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> None:
+        """One decode token's rotary embedding and cache append, in place (graph-capturable: no host reads).
+
+        Rotates ``query [B, H, 1, d]`` in place with ``cos``/``sin [B, 1, d]``; rotates ``key [B, Hkv, 1, d]``
+        and writes it and ``value [B, Hkv, 1, d]`` at slot ``ends[b, j]`` of ``keys``/``values [B, Hkv, C, d]``,
+        sets ``positions[b, j, ends[b, j]] = seen[0]`` (``positions int64 [B, Hkv, C]``, ``seen int64 [1]``)
+        and increments ``ends int64 [B, Hkv]``. The caller guarantees ``ends < C``. See
+        :func:`kvsieve.layer_ops.rope_append`.
+        """
+        layer_ops.rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen)
 
     # ------------------------------------------------------------------ scoring
     @abc.abstractmethod

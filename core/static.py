@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvsieve.cache import SieveCache, SieveLayer
+from kvsieve.layer_ops import append_at_ends
 
 if TYPE_CHECKING:
     from kvsieve.compressor import Compressor
@@ -83,16 +84,21 @@ class StaticSieveLayer(SieveLayer):
     # ------------------------------------------------------------------ inside a decode step (graph-safe)
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append one token ``[B, Hkv, 1, d]`` at ``ends`` in place; return the whole buffers."""
-        B, Hkv, Q, d = key_states.shape
+        Q = key_states.shape[2]
         if Q != 1:
             raise ValueError(f"a static cache layer appends one token per forward (decode), got {Q}")
-        slot = self.ends[..., None]  # [B, Hkv, 1]
-        self.keys.scatter_(2, slot[..., None].expand(B, Hkv, 1, d), key_states)
-        self.values.scatter_(2, slot[..., None].expand(B, Hkv, 1, value_states.shape[-1]), value_states)
-        self.positions.scatter_(2, slot, self.device_seen.expand(B, Hkv, 1))
-        self.ends += 1
+        append_at_ends(key_states, value_states, self.keys, self.values, self.positions, self.ends, self.device_seen)
         self.device_seen += 1
         return self.keys, self.values
+
+    def append_rotated(self, backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """:meth:`update` fused with the rotary embedding (the fused decoder layer's step): rotate ``query
+        [B, H, 1, d]`` in place and append the rotated ``key``/``value [B, Hkv, 1, d]`` through the backend's
+        :meth:`~kvsieve.backend.KVBackend.rope_append` (``cos``/``sin [B, 1, d]``)."""
+        backend.rope_append(query, key, value, cos, sin, self.keys, self.values, self.positions, self.ends,
+                            self.device_seen)
+        self.device_seen += 1
 
     def push_queries(self, queries: torch.Tensor) -> None:
         """Write the step's query ``[B, H, 1, d]`` at ring slot ``device_queries % query_window``."""
