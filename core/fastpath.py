@@ -25,6 +25,7 @@ import torch
 
 from kvsieve.cache import SieveCache
 from kvsieve.engine import Engine
+from kvsieve.fused_layer import FusedDecoderLayers, unfusable_reason
 from kvsieve.propagation import decoder_layers
 from kvsieve.static import make_static, static_capacity
 
@@ -48,10 +49,12 @@ class StaticDecoder:
         warmup_steps: eager steps before the capture (they warm up kernels, cuBLAS and Triton's compiler).
         graph_breaks: decoder-layer indices where a new segment begins besides the device changes (the segments
             path on one device, e.g. to test it; eagerly through the same static buffers without CUDA graphs).
+        fuse_layers: run decode steps through the fused decoder layer (:mod:`kvsieve.fused_layer`). Default: when
+            the model's layers allow it; ``True`` raises if they do not.
     """
 
     def __init__(self, model: torch.nn.Module, engine: Engine, use_cuda_graph: bool | None = None,
-                 warmup_steps: int = 2, graph_breaks: Sequence[int] = ()):
+                 warmup_steps: int = 2, graph_breaks: Sequence[int] = (), fuse_layers: bool | None = None):
         devices = {p.device for p in model.parameters()}
         if use_cuda_graph is None:
             use_cuda_graph = all(d.type == "cuda" for d in devices)
@@ -63,6 +66,12 @@ class StaticDecoder:
         self.eager_steps = 0
         split = len(devices) > 1 or bool(graph_breaks)
         self.segments = SegmentGraphs(model, graph_breaks, capture=use_cuda_graph) if split else None
+        if fuse_layers not in (None, True, False):
+            raise TypeError(f"fuse_layers must be True, False or None (when possible), got {fuse_layers!r}")
+        why = unfusable_reason(model, engine) if fuse_layers is not False else "off"
+        if fuse_layers and why is not None:
+            raise ValueError(f"fuse_layers=True, but this model's decoder layers cannot run fused: {why}")
+        self.fused = FusedDecoderLayers(model, engine) if why is None else None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                 capacity: int | None = None) -> torch.Tensor:
@@ -102,6 +111,8 @@ class StaticDecoder:
         """
         for layer in self.cache.layers:
             layer.ensure_room()
+        if self.fused is not None:
+            self.fused.install()  # before the segments, which call the layers' forwards as installed
         self.input_ids.copy_(tokens[:, None])
         self.positions += 1
         logits = self._run().to(copy=True, dtype=torch.float32)
@@ -117,9 +128,12 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     def close(self) -> None:
-        """Give the decoder layers their own forwards back (after the segments path); idempotent."""
+        """Give the decoder layers their own forwards back (after the segments path and the fused layers);
+        idempotent."""
         if self.segments is not None:
             self.segments.remove()
+        if self.fused is not None:
+            self.fused.remove()
 
     def _run(self) -> torch.Tensor:
         if self.graph is not None:
@@ -284,6 +298,7 @@ def fast_generate(
     use_cuda_graph: bool | None = None,
     generator: torch.Generator | None = None,
     graph_breaks: Sequence[int] = (),
+    fuse_layers: bool | None = None,
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """``model.generate`` for greedy search and sampling, through :class:`StaticDecoder`.
@@ -292,7 +307,7 @@ def fast_generate(
         model, engine: inside :func:`kvsieve.apply` (``engine`` is what it yielded).
         input_ids, attention_mask: the left-padded prompts.
         static_capacity: slots per layer (default: sized from the compressor, per layer).
-        use_cuda_graph, graph_breaks: see :class:`StaticDecoder`.
+        use_cuda_graph, graph_breaks, fuse_layers: see :class:`StaticDecoder`.
         generator: the random source of sampling (default: torch's global one, as ``model.generate``).
         generate_kwargs: generation options as ``model.generate`` takes them (``max_new_tokens``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``num_return_sequences``, ...). Beam search,
@@ -310,7 +325,7 @@ def fast_generate(
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - Lp
     if max_new < 1:
         raise ValueError(f"nothing to generate: max_new_tokens={max_new}")
-    decoder = StaticDecoder(model, engine, use_cuda_graph, graph_breaks=graph_breaks)
+    decoder = StaticDecoder(model, engine, use_cuda_graph, graph_breaks=graph_breaks, fuse_layers=fuse_layers)
     try:
         return _decode(decoder, config, processors, input_ids, attention_mask, max_new, static_capacity, generator)
     finally:

@@ -286,6 +286,7 @@ def generate(
     fast: bool = False,
     static_capacity: int | None = None,
     use_cuda_graph: bool | None = None,
+    fuse_layers: bool | None = None,
     checks: bool | None = None,
     prefill_graphs: bool | None = None,
     **generate_kwargs: Any,
@@ -297,18 +298,21 @@ def generate(
 
     ``fast=True`` decodes through the fast path instead (:func:`kvsieve.fastpath.fast_generate`, docs/fast-path.md):
     a static-capacity cache whose decode step is replayed from a CUDA graph (``use_cuda_graph``, default on CUDA),
-    ``static_capacity`` slots per layer (default: sized from the compressor); greedy search and sampling (a
-    ``generator=`` may be passed), same tokens as the eager path. ``checks``, ``prefill_graphs``: see :func:`apply`.
+    ``static_capacity`` slots per layer (default: sized from the compressor), decode steps through the fused
+    decoder layer (``fuse_layers``, default when the model allows it: :mod:`kvsieve.fused_layer`); greedy search and
+    sampling (a ``generator=`` may be passed), same tokens as the eager path. ``checks``, ``prefill_graphs``: see
+    :func:`apply`.
     """
-    if not fast and (static_capacity is not None or use_cuda_graph is not None):
-        raise ValueError("static_capacity and use_cuda_graph belong to the fast path: pass fast=True")
+    if not fast and (static_capacity is not None or use_cuda_graph is not None or fuse_layers is not None):
+        raise ValueError("static_capacity, use_cuda_graph and fuse_layers belong to the fast path: pass fast=True")
     check_inputs(input_ids, attention_mask)
     with apply(model, compressor, backend, params=params, checks=checks, prefill_graphs=prefill_graphs) as engine:
         start = time.perf_counter()
         with torch.inference_mode():
             if fast:
                 sequences = fast_generate(model, input_ids, attention_mask, engine, static_capacity=static_capacity,
-                                          use_cuda_graph=use_cuda_graph, **generate_kwargs)
+                                          use_cuda_graph=use_cuda_graph, fuse_layers=fuse_layers,
+                                          **generate_kwargs)
             else:
                 sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if input_ids.device.type == "cuda":

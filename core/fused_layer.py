@@ -1,0 +1,136 @@
+"""The fast path's fused decoder layer: one decode step of a Llama-family layer in a handful of kernels.
+
+HF's decoder layer runs a decode step as about forty small operators around its GEMMs and attention: RMSNorm
+alone is six (cast, square, mean, rsqrt, two multiplies), the rotary embedding about ten, the cache append five,
+the residual adds and SiLU*up four more. Replayed from a CUDA graph each still costs a kernel launch and a trip
+through memory, about 2 ms per step at 28-32 layers (docs/benchmarks.md). :class:`FusedDecoderLayers` gives each
+decoder layer a decode-step forward built from the backend's per-layer operators
+(:meth:`KVBackend.rms_norm <kvsieve.backend.KVBackend.rms_norm>` with the residual add folded in,
+:meth:`~kvsieve.backend.KVBackend.rope_append` -- RoPE of query and key fused with the static cache's append --
+and :meth:`~kvsieve.backend.KVBackend.silu_mul`), around the layer's own projection modules (so their biases,
+hooks and quantised weights stay as they are) and the engine's attention (so compressors see the same queries).
+The Triton backend runs each operator as one kernel; the default (torch) ones are
+:mod:`kvsieve.layer_ops`, which compute exactly what HF's layer computes.
+
+It replaces only decode steps of the fast path (one token per row, the static cache in use); any other call
+(a prefill, a forward outside the fast path) runs the layer's own forward. It applies to the layer classes whose
+forward it restates (Llama, Qwen2, Qwen3 with its per-head q/k norms, Mistral) with a SiLU-gated MLP and
+``pretraining_tp == 1``; :func:`unfusable_reason` says why a model is left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvsieve.engine import Engine
+from kvsieve.propagation import decoder_layers
+
+__all__ = ["FUSED_LAYER_CLASSES", "FusedDecoderLayers", "unfusable_reason"]
+
+#: decoder-layer classes whose decode step the fused forward restates (transformers 5.x)
+FUSED_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                                 "MistralDecoderLayer"})
+_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def unfusable_reason(model: torch.nn.Module, engine: Engine) -> str | None:
+    """Why the decoder layers of ``model`` cannot run fused (``None``: they can)."""
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act={config.hidden_act!r} (the fused MLP is SiLU-gated)"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return f"pretraining_tp={config.pretraining_tp}"
+    if engine.heads.group is not None:
+        return "tensor parallelism (the fused layer is not verified under it yet)"
+    for layer in decoder_layers(model):
+        name = type(layer).__name__
+        if name not in FUSED_LAYER_CLASSES:
+            return f"decoder layer class {name} (fused: {', '.join(sorted(FUSED_LAYER_CLASSES))})"
+        for part, linears in _LINEARS.items():
+            for linear in linears:
+                if not isinstance(getattr(getattr(layer, part, None), linear, None), torch.nn.Module):
+                    return f"{name} has no {part}.{linear}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            module = getattr(layer, norm, None)
+            if getattr(module, "weight", None) is None or not hasattr(module, "variance_epsilon"):
+                return f"{name}.{norm} is not an RMSNorm with a weight"
+        attn = layer.self_attn
+        if not hasattr(attn, "head_dim") or not hasattr(attn, "scaling"):
+            return f"{name}.self_attn has no head_dim/scaling"
+    return None
+
+
+class FusedDecoderLayers:
+    """Decode-step forwards for the decoder layers of ``model`` (see the module docstring).
+
+    :meth:`install` sets them (inside accelerate's hook where a layer has one, so device moves still happen);
+    :meth:`remove` gives the layers their own forwards back.
+    """
+
+    def __init__(self, model: torch.nn.Module, engine: Engine):
+        self.engine = engine
+        self.layers = list(decoder_layers(model))
+        self.saved: list[tuple[str, Any]] | None = None
+
+    def install(self) -> None:
+        if self.saved is not None:
+            return
+        self.saved = []
+        for layer in self.layers:
+            # accelerate's hook keeps the wrapped forward in _old_forward and calls it after moving the inputs
+            attr = "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
+            own = layer.__dict__.get(attr)
+            self.saved.append((attr, own))
+            setattr(layer, attr, _FusedForward(layer, self.engine, own if own is not None else layer.forward))
+
+    def remove(self) -> None:
+        if self.saved is None:
+            return
+        for layer, (attr, own) in zip(self.layers, self.saved, strict=True):
+            if own is None:
+                layer.__dict__.pop(attr, None)
+            else:
+                setattr(layer, attr, own)
+        self.saved = None
+
+
+class _FusedForward:
+    """One layer's decode-step forward (a callable set as the layer's ``forward``)."""
+
+    def __init__(self, layer: torch.nn.Module, engine: Engine, own_forward):
+        self.layer, self.engine, self.own_forward = layer, engine, own_forward
+        attn = layer.self_attn
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``hidden_states [B, 1, D]`` -> ``[B, 1, D]``; other shapes and calls outside a static-cache decode
+        step run the layer's own forward."""
+        engine, layer = self.engine, self.layer
+        attn, mlp = layer.self_attn, layer.mlp
+        rotary = kwargs.get("position_embeddings")
+        cache = engine.cache
+        if (hidden_states.shape[1] != 1 or rotary is None or engine.phase != "decode" or cache is None
+                or not hasattr(cache.layers[attn.layer_idx], "append_rotated")
+                or rotary[0].shape[-1] != attn.head_dim):
+            return self.own_forward(hidden_states, *args, **kwargs)
+        backend = engine.backend
+        B, d = hidden_states.shape[0], attn.head_dim
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        x, residual = backend.rms_norm(hidden_states, norm1.weight, norm1.variance_epsilon)
+        query = attn.q_proj(x).view(B, 1, -1, d)
+        key = attn.k_proj(x).view(B, 1, -1, d)
+        value = attn.v_proj(x).view(B, 1, -1, d).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head's vector before RoPE
+            query = backend.rms_norm(query, self.q_norm.weight, self.q_norm.variance_epsilon)[0]
+            key = backend.rms_norm(key, self.k_norm.weight, self.k_norm.variance_epsilon)[0]
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, heads, 1, d]
+        layer_cache = cache.layers[attn.layer_idx]
+        cos, sin = rotary
+        layer_cache.append_rotated(backend, query, key, value, cos, sin)  # rotates query in place
+        out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling)
+        out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+        x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
+        out = mlp.down_proj(backend.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        return residual + out

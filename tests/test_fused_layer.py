@@ -1,0 +1,132 @@
+"""The fast path's fused decoder layer (``kvsieve.fused_layer``) and its operators.
+
+On CPU (torch backend, the references of ``kvsieve.layer_ops``): for every family (Llama, Qwen2, Qwen3 with its q/k
+norms, Mistral), a fused decode gives the logits and greedy tokens of the unfused fast path, with and without RPC
+compacting, on left-padded batches; the fused forward really runs (one ``rope_append`` per layer and step) and never
+on a prefill; the layers get their own forwards back; models it cannot restate are refused with the reason when
+``fuse_layers=True`` and left unfused by default. The ``gpu`` case compares the Triton kernels' fused graph replays
+with the unfused ones in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, greedy, left_padded, tiny_llama
+
+from kvsieve.backend import KVBackend
+from kvsieve.fastpath import StaticDecoder
+from kvsieve.fused_layer import unfusable_reason
+from kvsieve.integration import apply, generate
+from kvsieve.propagation import decoder_layers
+
+RPC = dict(interval=8, window=4, ratio=0.25)
+LENGTHS = [21, 13, 17]
+
+
+def decode_logits(model, ids, mask, compressor, params, fuse_layers, steps, backend="torch", forced=None,
+                  use_cuda_graph=False):
+    """Logits of the prompt's last token and of ``steps`` decode steps, ``[steps + 1, B, V]``: greedy, or fed the
+    tokens ``forced [steps, B]``."""
+    with torch.inference_mode(), apply(model, compressor, backend, params=params) as engine:
+        decoder = StaticDecoder(model, engine, use_cuda_graph=use_cuda_graph, fuse_layers=fuse_layers)
+        try:
+            logits = [decoder.prefill(ids, mask, steps + 1)]
+            for t in range(steps):
+                logits.append(decoder.step(logits[-1].argmax(-1) if forced is None else forced[t]))
+        finally:
+            decoder.close()
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("compressor, params", [("none", {}), ("rpc", RPC)])
+def test_fused_steps_give_the_unfused_logits(tiny_models, family, compressor, params):
+    model, tok = tiny_models[family]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=7)
+    fused = decode_logits(model, ids, mask, compressor, params, True, 30)
+    plain = decode_logits(model, ids, mask, compressor, params, False, 30)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+def test_fused_generate_gives_the_eager_tokens(tiny_models):
+    model, tok = tiny_models["qwen3"]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=3)
+    eager = generate(model, ids, mask, compressor="rpc", params=RPC, **greedy(40))
+    fused = generate(model, ids, mask, compressor="rpc", params=RPC, fast=True, fuse_layers=True, **greedy(40))
+    assert torch.equal(fused.sequences, eager.sequences)
+    assert fused.kv_lengths == eager.kv_lengths
+
+
+class CountingBackend:
+    """Counts ``rope_append`` calls of the engine's backend (wraps the bound method)."""
+
+    def __init__(self, backend: KVBackend):
+        self.calls, self.own = 0, backend.rope_append
+        backend.rope_append = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.own(*args, **kwargs)
+
+
+def test_the_fused_forward_runs_on_decode_steps_only(llama):
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=1)
+    layers = decoder_layers(model)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        counter = CountingBackend(engine.backend)
+        decoder = StaticDecoder(model, engine, use_cuda_graph=False)
+        assert decoder.fused is not None
+        logits = decoder.prefill(ids, mask, 8)
+        assert counter.calls == 0  # the prefill ran the layers' own forwards
+        for _ in range(5):
+            logits = decoder.step(logits.argmax(-1))
+        assert counter.calls == 5 * len(layers)
+        model(input_ids=ids, attention_mask=mask)  # a prefill while installed runs the layers' own forwards
+        assert counter.calls == 5 * len(layers)
+        decoder.close()
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_unfusable_models_are_refused_on_request_and_left_alone_by_default():
+    model = tiny_llama(2)
+    model.config.hidden_act = "gelu"
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        assert "hidden_act='gelu'" in unfusable_reason(model, engine)
+        with pytest.raises(ValueError, match="fuse_layers=True.*hidden_act='gelu'"):
+            StaticDecoder(model, engine, use_cuda_graph=False, fuse_layers=True)
+        assert StaticDecoder(model, engine, use_cuda_graph=False).fused is None
+        with pytest.raises(TypeError, match="fuse_layers must be"):
+            StaticDecoder(model, engine, use_cuda_graph=False, fuse_layers="yes")
+
+
+def test_fuse_layers_belongs_to_the_fast_path(llama):
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, [5], seed=0)
+    with pytest.raises(ValueError, match="fuse_layers belong to the fast path"):
+        generate(model, ids, mask, fuse_layers=False, **greedy(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_graph_replays_match_the_unfused_ones_in_bf16(tiny_models, family):
+    """Triton's fused kernels in bf16 CUDA-graph replays, teacher-forced with the unfused run's tokens: the logits
+    within bf16 rounding of the unfused ones, and the same top-1 wherever the unfused top two are not a near tie."""
+    model, tok = tiny_models[family]
+    model = model.to("cuda", torch.bfloat16)
+    try:
+        ids, mask, _ = left_padded(tok, LENGTHS, seed=11)
+        ids, mask = ids.cuda(), mask.cuda()
+        plain = decode_logits(model, ids, mask, "rpc", RPC, False, 40, "triton", use_cuda_graph=True)
+        forced = plain[:-1].argmax(-1)
+        fused = decode_logits(model, ids, mask, "rpc", RPC, True, 40, "triton", forced=forced, use_cuda_graph=True)
+        plain = decode_logits(model, ids, mask, "rpc", RPC, False, 40, "triton", forced=forced, use_cuda_graph=True)
+        scale = plain.abs().amax().item()
+        assert (fused - plain).abs().amax().item() <= 0.05 * scale
+        top2 = plain.topk(2, dim=-1).values
+        decided = (top2[..., 0] - top2[..., 1]) > 0.02 * scale
+        assert torch.equal(fused.argmax(-1)[decided], plain.argmax(-1)[decided])
+    finally:
+        model.to("cpu", torch.float32)
