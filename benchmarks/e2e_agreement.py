@@ -6,7 +6,8 @@ A random-weight Qwen2 model (4 layers, 28 heads, 4 KV heads, d=128, bf16 on CUDA
 (one left-padded) of ~600 tokens, 96 greedy tokens, for compressors none, snapkv (ratio 0.2, window 8),
 rpc (P=32, R=8, c=4) and fastkv (TSP 20%, retain 10%). For each backend other than ``torch`` it reports the
 fraction of generated tokens equal to the ``torch`` backend's and the first divergence; for every backend, the
-fast path (``fast=True``: static cache, CUDA-graph replay) against the same backend's eager run. bf16 near-ties can
+fast path (``fast=True``: static cache, CUDA-graph replay, fused decoder layers) against the same backend's eager
+run, and the fused fast path against the unfused one (``fuse_layers=False``). bf16 near-ties can
 flip a token, after which sequences legitimately differ: agreement is reported, not asserted. A random-weight
 model's next-token distribution is nearly flat, so such ties are frequent; the second table therefore feeds every
 run the torch backend's tokens (teacher forcing) and compares the logits of each step: the top-1 agreement without
@@ -43,17 +44,27 @@ class ForceAndRecord(LogitsProcessor):
         return forced.scatter_(1, self.tokens[:, t : t + 1], 0.0)
 
 
-def forced_logits(model, ids, mask, comp, params, backend, fast, tokens) -> torch.Tensor:
+MODES = {"eager": "", "fast": " fast path", "unfused": " fast path unfused"}  # run label suffixes
+
+
+def run_kwargs(mode: str) -> dict:
+    return {} if mode == "eager" else dict(fast=True, fuse_layers=mode == "fast")
+
+
+def forced_logits(model, ids, mask, comp, params, backend, mode, tokens) -> torch.Tensor:
     """``float32 [B, NEW, V]``: the logits of every step when the run is fed ``tokens`` (teacher forcing)."""
-    if not fast:
+    if mode == "eager":
         force = ForceAndRecord(tokens, ids.shape[1])
         generate(model, ids, mask, compressor=comp, params=params, backend=backend, max_new_tokens=NEW,
                  min_new_tokens=NEW, do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([force]))
         return torch.stack(force.scores, dim=1)
     with torch.inference_mode(), apply(model, comp, backend, params=params) as engine:
-        decoder = StaticDecoder(model, engine)
-        logits = [decoder.prefill(ids, mask, NEW)]
-        logits += [decoder.step(tokens[:, t]) for t in range(NEW - 1)]
+        decoder = StaticDecoder(model, engine, fuse_layers=mode == "fast")
+        try:
+            logits = [decoder.prefill(ids, mask, NEW)]
+            logits += [decoder.step(tokens[:, t]) for t in range(NEW - 1)]
+        finally:
+            decoder.close()
     return torch.stack(logits, dim=1)
 
 
@@ -100,44 +111,57 @@ def main() -> int:
     for comp, params in RUNS:
         sequences = {}
         for backend in backends:
-            for fast in (False, True):
+            for mode in MODES:
                 try:
-                    result = generate(model, ids, mask, compressor=comp, params=params, backend=backend, fast=fast,
-                                      max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                    result = generate(model, ids, mask, compressor=comp, params=params, backend=backend,
+                                      max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                      **run_kwargs(mode))
                 except Exception as exc:  # reported as a row, the other runs go on
-                    rows.append(dict(compressor=comp, run=f"{backend}{' fast path' if fast else ''}",
+                    rows.append(dict(compressor=comp, run=f"{backend}{MODES[mode]}",
                                      error=f"{type(exc).__name__}: {str(exc)[:300]}"))
                     print(rows[-1], flush=True)
                     continue
-                sequences[backend, fast] = (result.sequences[:, ids.shape[1]:], result.kv_lengths)
-        # each backend's eager run against the torch backend's; each fast-path run against its own backend's eager
-        pairs = [((b, False), ("torch", False)) for b in backends if b != "torch"]
-        pairs += [((b, True), (b, False)) for b in backends]
-        if ("torch", False) in sequences:  # teacher-forced: every run fed the torch backend's eager tokens
-            tokens = sequences["torch", False][0]
-            ref_logits = forced_logits(model, ids, mask, comp, params, "torch", False, tokens)
+                sequences[backend, mode] = (result.sequences[:, ids.shape[1]:], result.kv_lengths)
+        # each backend's eager run against the torch backend's; each fast-path run against its own backend's eager;
+        # the fused fast path against the unfused one
+        pairs = [((b, "eager"), ("torch", "eager")) for b in backends if b != "torch"]
+        pairs += [((b, m), (b, "eager")) for b in backends for m in ("fast", "unfused")]
+        pairs += [((b, "fast"), (b, "unfused")) for b in backends]
+        if ("torch", "eager") in sequences:  # teacher-forced: every run fed the torch backend's eager tokens
+            tokens = sequences["torch", "eager"][0]
+            ref_logits = forced_logits(model, ids, mask, comp, params, "torch", "eager", tokens)
             for backend in backends:
-                for fast in (False, True):
-                    if (backend, fast) == ("torch", False):
+                fused = unfused = None
+                for mode in MODES:
+                    if (backend, mode) == ("torch", "eager"):
                         continue
                     try:
-                        logits = forced_logits(model, ids, mask, comp, params, backend, fast, tokens)
+                        logits = forced_logits(model, ids, mask, comp, params, backend, mode, tokens)
                     except Exception as exc:
-                        forced_rows.append(dict(compressor=comp, run=f"{backend}{' fast path' if fast else ''}",
+                        forced_rows.append(dict(compressor=comp, run=f"{backend}{MODES[mode]}",
                                                 error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                         continue
-                    forced_rows.append(dict(compressor=comp, run=f"{backend}{' fast path' if fast else ''}",
+                    forced_rows.append(dict(compressor=comp, run=f"{backend}{MODES[mode]}", reference="torch",
                                             **compare_logits(logits, ref_logits)))
                     print(forced_rows[-1], flush=True)
-        for (backend, fast), reference in pairs:
-            if (backend, fast) not in sequences or reference not in sequences:
+                    if mode == "unfused":
+                        unfused = logits
+                    elif mode == "fast":
+                        fused = logits
+                if fused is not None and unfused is not None:
+                    forced_rows.append(dict(compressor=comp, run=f"{backend}{MODES['fast']}",
+                                            reference=f"{backend}{MODES['unfused']}",
+                                            **compare_logits(fused, unfused)))
+                    print(forced_rows[-1], flush=True)
+        for (backend, mode), reference in pairs:
+            if (backend, mode) not in sequences or reference not in sequences:
                 continue
-            (seq, lengths), (ref, ref_lengths) = sequences[backend, fast], sequences[reference]
+            (seq, lengths), (ref, ref_lengths) = sequences[backend, mode], sequences[reference]
             same = seq == ref
             diverged = (~same).any(dim=1)
             first = [int((~row).nonzero()[0]) if d else None for row, d in zip(same, diverged)]
-            rows.append(dict(compressor=comp, run=f"{backend}{' fast path' if fast else ''}",
-                             reference=f"{reference[0]}{' fast path' if reference[1] else ''}",
+            rows.append(dict(compressor=comp, run=f"{backend}{MODES[mode]}",
+                             reference=f"{reference[0]}{MODES[reference[1]]}",
                              agreement=round(float(same.float().mean()), 4),
                              first_divergence_per_row=first, kv_lengths_equal=lengths == ref_lengths))
             print(rows[-1], flush=True)
@@ -150,12 +174,15 @@ def main() -> int:
     lines += [f"| {r['compressor']} | {r['run']} | {r['reference']} | {r['agreement']:.2%} | "
               f"{r['first_divergence_per_row']} | {r['kv_lengths_equal']} |" if "error" not in r else
               f"| {r['compressor']} | {r['run']} | - | failed: {r['error']} | - | - |" for r in rows]
-    lines += ["", "### Teacher-forced: every run fed the torch backend's eager tokens, logits compared step by step",
-              "", "| compressor | run | top-1 agreement | disagreements | max gap of the reference's top two at a "
-              "disagreement | median top-two gap | max abs logit diff |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['compressor']} | {r['run']} | {r['top1_agreement']:.2%} | {r['disagreements']} | "
+    lines += ["", "### Teacher-forced: every run fed the torch backend's eager tokens, logits compared step by step "
+              "(against the torch eager run, and the fused fast path against the unfused one)",
+              "", "| compressor | run | reference | top-1 agreement | disagreements | max gap of the reference's "
+              "top two at a disagreement | median top-two gap | max abs logit diff |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['compressor']} | {r['run']} | {r.get('reference', 'torch')} | {r['top1_agreement']:.2%} | "
+              f"{r['disagreements']} | "
               f"{r['max_gap_at_disagreement']} | {r['median_top2_gap']} | {r['max_abs_logit_diff']} |"
-              if "error" not in r else f"| {r['compressor']} | {r['run']} | failed: {r['error']} | | | | |"
+              if "error" not in r else f"| {r['compressor']} | {r['run']} | | failed: {r['error']} | | | | |"
               for r in forced_rows]
     (out / "e2e_agreement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
