@@ -165,6 +165,10 @@ class Engine:
             self.detach()
             raise
 
+    def add_handle(self, handle: Any) -> None:
+        """Remove ``handle`` (anything with ``remove()``, e.g. a hook handle) when the engine detaches."""
+        self._handles.append(handle)
+
     def detach(self) -> None:
         """Restore the model: its attention implementation, no hooks, no engine."""
         for handle in self._handles:

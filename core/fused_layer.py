@@ -20,11 +20,12 @@ forward it restates (Llama, Qwen2, Qwen3 with its per-head q/k norms, Mistral) w
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 
-from kvsieve.engine import Engine
+from kvsieve.engine import Engine, engine_of
 from kvsieve.propagation import decoder_layers
 
 __all__ = ["FUSED_LAYER_CLASSES", "FusedDecoderLayers", "unfusable_reason"]
@@ -65,8 +66,10 @@ def unfusable_reason(model: torch.nn.Module, engine: Engine) -> str | None:
 class FusedDecoderLayers:
     """Decode-step forwards for the decoder layers of ``model`` (see the module docstring).
 
-    :meth:`install` sets them (inside accelerate's hook where a layer has one, so device moves still happen);
-    :meth:`remove` gives the layers their own forwards back.
+    :meth:`install` sets them (inside accelerate's hook where a layer has one, so device moves still happen) until
+    :meth:`remove` or the engine's detach (the end of :func:`kvsieve.apply`) gives the layers their own forwards
+    back. A layer's fused forward runs only while its engine is the one attached to the model, and a second
+    install takes the layers over from the first (no chain of wrappers).
     """
 
     def __init__(self, model: torch.nn.Module, engine: Engine):
@@ -82,8 +85,12 @@ class FusedDecoderLayers:
             # accelerate's hook keeps the wrapped forward in _old_forward and calls it after moving the inputs
             attr = "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
             own = layer.__dict__.get(attr)
+            if isinstance(own, _FusedForward):  # left installed by another decoder: take the layer over
+                own = own.replaced
             self.saved.append((attr, own))
-            setattr(layer, attr, _FusedForward(layer, self.engine, own if own is not None else layer.forward))
+            call = own if own is not None else types.MethodType(type(layer).forward, layer)
+            setattr(layer, attr, _FusedForward(layer, self.engine, call, own))
+        self.engine.add_handle(self)
 
     def remove(self) -> None:
         if self.saved is None:
@@ -99,8 +106,9 @@ class FusedDecoderLayers:
 class _FusedForward:
     """One layer's decode-step forward (a callable set as the layer's ``forward``)."""
 
-    def __init__(self, layer: torch.nn.Module, engine: Engine, own_forward):
+    def __init__(self, layer: torch.nn.Module, engine: Engine, own_forward, replaced):
         self.layer, self.engine, self.own_forward = layer, engine, own_forward
+        self.replaced = replaced  # what the layer's __dict__ held under the name (None: nothing)
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -111,7 +119,8 @@ class _FusedForward:
         attn, mlp = layer.self_attn, layer.mlp
         rotary = kwargs.get("position_embeddings")
         cache = engine.cache
-        if (hidden_states.shape[1] != 1 or rotary is None or engine.phase != "decode" or cache is None
+        if (hidden_states.shape[1] != 1 or rotary is None or engine_of(attn) is not engine
+                or engine.phase != "decode" or cache is None
                 or not hasattr(cache.layers[attn.layer_idx], "append_rotated")
                 or rotary[0].shape[-1] != attn.head_dim):
             return self.own_forward(hidden_states, *args, **kwargs)

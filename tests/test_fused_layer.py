@@ -90,6 +90,22 @@ def test_the_fused_forward_runs_on_decode_steps_only(llama):
     assert all("forward" not in layer.__dict__ for layer in layers)
 
 
+def test_decoders_left_open_do_not_outlive_their_apply(llama):
+    """Two decoders of one apply, neither closed: the second takes the layers over, the apply's exit restores them,
+    and a later apply decodes through its own engine."""
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, [9, 6], seed=2)
+    layers = decoder_layers(model)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        for _ in range(2):
+            decoder = StaticDecoder(model, engine, use_cuda_graph=False)
+            decoder.step(decoder.prefill(ids, mask, 4).argmax(-1))
+        assert layers[0].forward.replaced is None  # no wrapper around a wrapper
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    again = decode_logits(model, ids, mask, "none", {}, True, 3)
+    torch.testing.assert_close(again, decode_logits(model, ids, mask, "none", {}, False, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_unfusable_models_are_refused_on_request_and_left_alone_by_default():
     model = tiny_llama(2)
     model.config.hidden_act = "gelu"

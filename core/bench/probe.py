@@ -17,7 +17,7 @@ class DecodeProbe:
         model, engine: inside :func:`kvsieve.apply`.
         batch, prompt_len: the random prompt (no padding).
         new_tokens: sizes the static cache as a run of that many tokens would.
-        use_cuda_graph: as :class:`StaticDecoder` (default: on CUDA).
+        use_cuda_graph, fuse_layers: as :class:`StaticDecoder` (default: on CUDA; when the model allows it).
 
     Under tensor parallelism every rank makes its own probe with the same arguments and calls the same methods in
     the same order (each step runs the model's collectives); the prompt is the same on every rank (a seeded CPU
@@ -25,12 +25,12 @@ class DecodeProbe:
     """
 
     def __init__(self, model, engine, batch: int, prompt_len: int, new_tokens: int,
-                 use_cuda_graph: bool | None = None, seed: int = 0):
+                 use_cuda_graph: bool | None = None, seed: int = 0, fuse_layers: bool | None = None):
         self.device = next(model.parameters()).device
         self.group = engine.heads.group  # the tensor-parallel group, or None
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(100, model.config.vocab_size, (batch, prompt_len), generator=gen).to(self.device)
-        self.decoder = StaticDecoder(model, engine, use_cuda_graph)
+        self.decoder = StaticDecoder(model, engine, use_cuda_graph, fuse_layers=fuse_layers)
         self.prefill_seconds, logits = timed(lambda: self.decoder.prefill(ids, None, new_tokens), self.device,
                                              self.group)
         self.tokens = logits.argmax(-1)
