@@ -94,7 +94,10 @@ def run(args) -> None:
             commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
             slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
     print(f"kvsieve eval: {len(commands)} processes", flush=True)
-    finished = launch(commands, deadline)
+    eval_deadline = deadline
+    if deadline is not None and args.kvpress_python:  # leave kvpress its share of the time
+        eval_deadline = time.monotonic() + (deadline - time.monotonic()) * args.eval_share
+    finished = launch(commands, eval_deadline)
     print(f"kvsieve eval {'done' if finished else 'stopped'} in {time.perf_counter() - started:.0f} s", flush=True)
     left = deadline - time.monotonic() if deadline is not None else None
     if args.kvpress_python and (left is None or left > 30):
@@ -103,10 +106,9 @@ def run(args) -> None:
                 "--ratios", args.kvpress_ratios, "--threads", "1", "--out", str(out / "kvpress")]
         env = {"PYTHONPATH": args.kvpress_path} if args.kvpress_path else {}
         device = ["--device", "cuda"] if args.device != "cpu" and args.kvpress_cuda else []
-        shards = [(base + device + ["--shard", f"{i}/{args.kvpress_procs}"], env,
+        budget = ["--time-budget", str(int(left - 25))] if left is not None else []  # then no new runs start
+        shards = [(base + device + budget + ["--shard", f"{i}/{args.kvpress_procs}"], env,
                    out / "logs" / f"kvpress.part{i}.log") for i in range(args.kvpress_procs)]
-        if left is not None:
-            base += ["--time-budget", str(int(left - 25))]  # stops starting runs then; the parts keep what ran
         t0 = time.perf_counter()
         launch(shards)
         launch([(base + ["--report-only"], env, out / "logs" / "kvpress.report.log")])
@@ -217,6 +219,8 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: the eval stops then, kvpress gets what is left; the report counts "
                    "what finished")
+    p.add_argument("--eval-share", type=float, default=0.6,
+                   help="with --deadline and kvpress: the share of the deadline kvsieve's eval may use")
     p = sub.add_parser("report", help="rebuild OUT/grid.md from OUT/*/results.jsonl")
     p.add_argument("out", type=Path)
     args = parser.parse_args()
