@@ -6,7 +6,8 @@ the static-cache step, and CUDA-graph replay times against the bandwidth floor (
 Two settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 (live entries per layer 8K, 11K --
 RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at
 128K --, 32K and 128K). For each model the same probe (random prompt, full cache, triton backend) is built twice, with
-the fused decoder layer (kvsieve.fused_layer) and without it, one after the other in one process. For each live
+the fused decoder layer (kvsieve.fused_layer), with it but q/k/v as three GEMMs, and without it, one after the
+other in one process. For each live
 length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor (weights + live K/V
 at the measured copy bandwidth). At the profiled length, the profile of 5 eager runs of the same step (the graph
 itself cannot be profiled kernel by kernel): GPU time per kernel family, kernels per step, and the sum of kernel
@@ -24,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvsieve.bench import DecodeProbe, copy_bandwidth, kv_bytes_per_token, weight_bytes
+from kvsieve.fused_layer import FusedDecoderLayers
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
 
@@ -32,6 +34,8 @@ from kvsieve.models import random_paper_model
 CASES = [("r1-qwen-7b", 32, (8192, 11391, 16384, 32768), 11391),
          ("llama-3.1-8b", 1, (8192, 13107, 32768, 131072), 13107)]
 PROMPT = 128
+# (label, fuse_layers, FusedDecoderLayers.merge_qkv)
+VARIANTS = [("unfused", False, False), ("fused, q/k/v apart", True, False), ("fused", True, True)]
 
 
 def replay_ms(probe: DecodeProbe, live: int, count: int = 50) -> float:
@@ -74,8 +78,8 @@ def main() -> int:
     for shape, batch, lengths, profiled in CASES:
         lengths = lengths[:2] if quick else lengths
         model = random_paper_model(shape)
-        for fused in (False, True):
-            label = "fused" if fused else "unfused"
+        for label, fused, merge_qkv in VARIANTS:
+            FusedDecoderLayers.merge_qkv = merge_qkv
             with torch.inference_mode(), apply(model, "none", "triton") as engine:
                 probe = DecodeProbe(model, engine, batch, PROMPT, max(lengths) + 64, fuse_layers=fused)
                 for live in lengths:
@@ -84,7 +88,12 @@ def main() -> int:
                     rows.append(dict(model=shape, batch=batch, live=live, layers=label, step_ms=round(ms, 3),
                                      floor_ms=round(floor * 1e3, 3), floor_ratio=round(ms / floor / 1e3, 3)))
                     print(rows[-1], flush=True)
+                if label == "fused, q/k/v apart":  # the replay times tell what merging the projections saves
+                    probe.decoder.close()
+                    del probe
+                    continue
                 count, total, top = profile_step(probe, profiled)
+                probe.decoder.close()
                 key = (shape, profiled, label)
                 ms = next(r["step_ms"] for r in rows if (r["model"], r["live"], r["layers"]) == key)
                 lines += [f"### {shape}, batch {batch}, {profiled} live entries per layer, {label} layers", "",
@@ -94,24 +103,25 @@ def main() -> int:
                 lines += [f"| {e.key[:90]} | {e.self_device_time_total / 5 / 1e3:.3f} | "
                           f"{e.self_device_time_total / 5 / 1e3 / total:.1%} | {e.count // 5} |" for e in top]
                 lines.append("")
-                probe.decoder.close()
                 del probe
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    lines += ["## Replay time against the bandwidth floor, unfused and fused layers", "",
-              "| model | batch | live entries per layer | floor ms | unfused ms | unfused / floor | fused ms | "
-              "fused / floor | fused speedup |", "|---|---|---|---|---|---|---|---|---|"]
+    FusedDecoderLayers.merge_qkv = True
+    lines += ["## Replay time against the bandwidth floor: unfused layers, fused with q/k/v apart, fused", "",
+              "| model | batch | live entries per layer | floor ms | unfused ms (/ floor) | fused, q/k/v apart ms "
+              "(/ floor) | fused ms (/ floor) | fused speedup |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["layers"] != "fused":
             continue
-        u = next(x for x in rows if x["layers"] == "unfused" and (x["model"], x["live"]) == (r["model"], r["live"]))
-        lines.append(f"| {r['model']} | {r['batch']} | {r['live']:,} | {r['floor_ms']:.3f} | {u['step_ms']:.3f} | "
-                     f"{u['floor_ratio']:.2f} | {r['step_ms']:.3f} | {r['floor_ratio']:.2f} | "
-                     f"{u['step_ms'] / r['step_ms']:.2f}x |")
+        same = {x["layers"]: x for x in rows if (x["model"], x["live"]) == (r["model"], r["live"])}
+        u, a = same["unfused"], same["fused, q/k/v apart"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['live']:,} | {r['floor_ms']:.3f} | {u['step_ms']:.3f} "
+                     f"({u['floor_ratio']:.2f}) | {a['step_ms']:.3f} ({a['floor_ratio']:.2f}) | {r['step_ms']:.3f} "
+                     f"({r['floor_ratio']:.2f}) | {u['step_ms'] / r['step_ms']:.2f}x |")
     (out / "profile_decode.md").write_text("\n".join(lines) + "\n")
     (out / "decode_floor.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2))
-    print("\n".join(lines[-(len(rows) // 2 + 3):]))
+    print("\n".join(lines[-(len(rows) // 3 + 3):]))
     return 0
 
 

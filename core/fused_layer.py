@@ -28,7 +28,7 @@ import torch
 from kvsieve.engine import Engine, engine_of
 from kvsieve.propagation import decoder_layers
 
-__all__ = ["FUSED_LAYER_CLASSES", "FusedDecoderLayers", "unfusable_reason"]
+__all__ = ["FUSED_LAYER_CLASSES", "FusedDecoderLayers", "MergedProjections", "unfusable_reason"]
 
 #: decoder-layer classes whose decode step the fused forward restates (transformers 5.x)
 FUSED_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
@@ -72,10 +72,15 @@ class FusedDecoderLayers:
     install takes the layers over from the first (no chain of wrappers).
     """
 
+    #: let q_proj, k_proj and v_proj share one weight (and bias) storage while installed, so the step runs one
+    #: GEMM for the three (plain ``nn.Linear`` projections without hooks only; memory stays the same)
+    merge_qkv: bool = True
+
     def __init__(self, model: torch.nn.Module, engine: Engine):
         self.engine = engine
         self.layers = list(decoder_layers(model))
         self.saved: list[tuple[str, Any]] | None = None
+        self.merged: list[MergedProjections] = []
 
     def install(self) -> None:
         if self.saved is not None:
@@ -89,7 +94,12 @@ class FusedDecoderLayers:
                 own = own.replaced
             self.saved.append((attr, own))
             call = own if own is not None else types.MethodType(type(layer).forward, layer)
-            setattr(layer, attr, _FusedForward(layer, self.engine, call, own))
+            fused = _FusedForward(layer, self.engine, call, own)
+            projections = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
+            if self.merge_qkv and MergedProjections.allowed(projections):
+                fused.qkv = MergedProjections(projections)
+                self.merged.append(fused.qkv)
+            setattr(layer, attr, fused)
         self.engine.add_handle(self)
 
     def remove(self) -> None:
@@ -100,7 +110,55 @@ class FusedDecoderLayers:
                 layer.__dict__.pop(attr, None)
             else:
                 setattr(layer, attr, own)
-        self.saved = None
+        for merged in self.merged:
+            merged.split()
+        self.saved, self.merged = None, []
+
+
+class MergedProjections:
+    """Linear modules of one input (e.g. q_proj, k_proj, v_proj) whose weights (and biases) are made views of one
+    concatenated tensor, so one GEMM computes all their outputs; :meth:`split` gives each its own storage back.
+
+    The concatenation is built one layer at a time and the old storages are freed as the views replace them, so
+    the model's memory stays the same. Parameters keep their identity (only ``.data`` changes).
+    """
+
+    def __init__(self, modules: list[torch.nn.Linear]):
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors: the model may be trained later
+            self.weight = torch.cat([m.weight for m in modules])
+            has_bias = modules[0].bias is not None
+            self.bias = torch.cat([m.bias for m in modules]) if has_bias else None
+            for m, w in zip(modules, self.weight.split(self.sizes), strict=True):
+                m.weight.data = w
+            if has_bias:
+                for m, b in zip(modules, self.bias.split(self.sizes), strict=True):
+                    m.bias.data = b
+
+    @staticmethod
+    def allowed(modules: list[torch.nn.Module]) -> bool:
+        """Plain ``nn.Linear`` modules (no subclass, no hooks) of one input size, dtype and device, with biases
+        on all or none."""
+        first = modules[0]
+        return all(
+            type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"))
+            and m.in_features == first.in_features and m.weight.dtype == first.weight.dtype
+            and m.weight.device == first.weight.device and (m.bias is None) == (first.bias is None)
+            for m in modules
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every module's output of ``x [..., in]``: views ``[..., out_i]`` of one GEMM's result."""
+        return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    def split(self) -> None:
+        with torch.no_grad(), torch.inference_mode(False):
+            for m in self.modules:
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
+        self.weight = self.bias = None
 
 
 class _FusedForward:
@@ -109,6 +167,7 @@ class _FusedForward:
     def __init__(self, layer: torch.nn.Module, engine: Engine, own_forward, replaced):
         self.layer, self.engine, self.own_forward = layer, engine, own_forward
         self.replaced = replaced  # what the layer's __dict__ held under the name (None: nothing)
+        self.qkv: MergedProjections | None = None  # q_proj, k_proj, v_proj as one GEMM
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -128,9 +187,12 @@ class _FusedForward:
         B, d = hidden_states.shape[0], attn.head_dim
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         x, residual = backend.rms_norm(hidden_states, norm1.weight, norm1.variance_epsilon)
-        query = attn.q_proj(x).view(B, 1, -1, d)
-        key = attn.k_proj(x).view(B, 1, -1, d)
-        value = attn.v_proj(x).view(B, 1, -1, d).transpose(1, 2)
+        if self.qkv is not None:
+            query, key, value = self.qkv(x)
+        else:
+            query, key, value = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        query, key = query.view(B, 1, -1, d), key.view(B, 1, -1, d)
+        value = value.view(B, 1, -1, d).transpose(1, 2)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's vector before RoPE
             query = backend.rms_norm(query, self.q_norm.weight, self.q_norm.variance_epsilon)[0]
             key = backend.rms_norm(key, self.k_norm.weight, self.k_norm.variance_epsilon)[0]

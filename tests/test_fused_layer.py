@@ -106,6 +106,32 @@ def test_decoders_left_open_do_not_outlive_their_apply(llama):
     torch.testing.assert_close(again, decode_logits(model, ids, mask, "none", {}, False, 3), rtol=1e-5, atol=1e-5)
 
 
+def test_merged_projections_share_storage_while_installed_and_get_their_own_back(tiny_models):
+    """q/k/v of a Qwen2 layer (biases) are views of one tensor during decode steps (one GEMM), and afterwards own
+    storages again: same Parameter objects, same values, no inference tensors (the model still trains)."""
+    model, tok = tiny_models["qwen2"]
+    attn = decoder_layers(model)[0].self_attn
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    params = [p for m in projections for p in (m.weight, m.bias)]
+    before = [p.detach().clone() for p in params]
+    ids, mask, _ = left_padded(tok, [7, 5], seed=4)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        decoder = StaticDecoder(model, engine, use_cuda_graph=False)
+        decoder.step(decoder.prefill(ids, mask, 4).argmax(-1))
+        merged = decoder.fused.merged[0]
+        assert all(m.weight.data.untyped_storage().data_ptr() == merged.weight.untyped_storage().data_ptr()
+                   for m in projections)
+        decoder.close()
+    after = [p for m in projections for p in (m.weight, m.bias)]
+    assert all(a is b for a, b in zip(after, params))
+    assert len({p.untyped_storage().data_ptr() for p in after}) == len(after)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert not any(p.is_inference() for p in after)
+    model(input_ids=ids[:, :3]).logits.sum().backward()  # trainable: no inference tensor among the weights
+    assert attn.q_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
 def test_unfusable_models_are_refused_on_request_and_left_alone_by_default():
     model = tiny_llama(2)
     model.config.hidden_act = "gelu"
