@@ -53,12 +53,14 @@ Graph-capturable: no launcher reads a device value; ``ends`` and ``seen`` are re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import cdiv, interpret_mode, next_pow2
+from ._common import cdiv, interpret_mode, next_pow2, target_programs
 
 __all__ = ["LayerOpsConfig", "rms_norm", "rope_append", "silu_mul"]
 
@@ -71,7 +73,8 @@ class LayerOpsConfig:
 
     ``norm_block_d``: columns per RMSNorm chunk (a row longer than it is swept twice in chunks; default
     ``next_pow2(D)`` up to :data:`MAX_SINGLE_BLOCK`, 4096-column chunks beyond); ``silu_block_f``: columns per
-    SiLU program (default ``min(next_pow2(F), 1024)``).
+    SiLU program (default ``min(next_pow2(F), 1024)``, halved down to 128 while the grid has fewer programs than
+    the device needs).
     """
 
     def __init__(self, norm_block_d: int | None = None, silu_block_f: int | None = None):
@@ -83,6 +86,13 @@ class LayerOpsConfig:
 
     def __repr__(self) -> str:
         return f"LayerOpsConfig(norm_block_d={self.norm_block_d}, silu_block_f={self.silu_block_f})"
+
+
+@functools.cache
+def _inv_fp32(n: int) -> float:
+    """``1/n`` rounded to fp32 (exactly representable as the fp32 scalar argument Triton passes): torch's CUDA
+    ``mean`` multiplies the sum by this factor."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / n)
 
 
 def _warps(block: int) -> int:
@@ -400,8 +410,7 @@ def rms_norm(
         block_d = cfg.norm_block_d
     else:
         block_d = next_pow2(D) if D <= MAX_SINGLE_BLOCK else 4096
-    # 1/D rounded to fp32 as torch's CUDA mean computes it (sum * fl32(1/D)); Triton passes the float as fp32
-    inv_d = float(torch.tensor(1.0, dtype=torch.float32) / D)
+    inv_d = _inv_fp32(D)
     _rms_norm_kernel[(N,)](
         x2,
         r2,
@@ -448,8 +457,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, config: LayerOpsConfig | N
     F = gate.shape[-1]
     g2, u2, o2 = _rows(gate), _rows(up), out.view(-1, F)
     cfg = config or LayerOpsConfig()
-    block_f = cfg.silu_block_f or min(next_pow2(F), 1024)
-    _silu_mul_kernel[(g2.shape[0], cdiv(F, block_f))](
+    N = g2.shape[0]
+    block_f = cfg.silu_block_f
+    if block_f is None:
+        # up to 1024 columns per program, fewer when that leaves the GPU idle (B=1: F/1024 = 14 programs)
+        block_f = min(next_pow2(F), 1024)
+        while block_f > 128 and N * cdiv(F, block_f) < target_programs(gate.device):
+            block_f //= 2
+    _silu_mul_kernel[(N, cdiv(F, block_f))](
         g2,
         u2,
         o2,
