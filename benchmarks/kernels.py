@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/kernels.py OUTDIR [--sections scores,decode,compact] [--quick] [--sweep]
+    python benchmarks/kernels.py OUTDIR [--sections scores,decode,compact,layer_ops] [--quick] [--sweep]
 
 Prints markdown tables and writes them to ``OUTDIR/kernels.md`` (plus the raw rows as
 ``OUTDIR/kernels.json``). Everything runs side by side in one process; times are medians of
@@ -21,6 +21,13 @@ Sections:
   counts reading K and V once.
 * ``compact``: in-place compaction of K and V (bf16, d=128) keeping 25% (RPC-like, B=8, Hkv=8, C=32K) and 10%
   (FastKV-like, B=1, Hkv=8, C=128K); GB/s counts reading and writing the moved rows; vs the torch reference.
+* ``layer_ops``: the fused decode layer's operators at Llama-3.1-8B decode shapes (B in {1, 32}, D=4096,
+  F=14336, H=32, Hkv=8, d=128, bf16, cache capacity C=16K): ``rms_norm`` with a residual, ``silu_mul`` of the
+  two halves of one gate/up projection, ``rope_append`` (one launch) vs the torch references of
+  :mod:`kvsieve.layer_ops` (several kernels each). Per call, in microseconds: eager (200 back-to-back calls:
+  includes the host's launch cost, which is what an eager step pays) and inside one CUDA graph of 200 calls
+  (device time only, as the fast path's captured step pays); plus the share of bitwise-equal output elements.
+  About 5 s.
 
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
@@ -36,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("scores", "decode", "compact")
+SECTIONS = ("scores", "decode", "compact", "layer_ops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -324,6 +331,165 @@ def compact_section(rep: Report, copy_bw: float, quick: bool) -> None:
     rep.table("compact", rows)
 
 
+def _per_call_us(fn, calls: int = 200, graph: bool = False, reps: int = 5) -> float | str:
+    """Median over ``reps`` of the time of ``calls`` back-to-back calls of ``fn`` / ``calls``, in microseconds;
+    ``graph``: the calls captured in one CUDA graph and replayed (device time, no launch cost)."""
+    import statistics
+
+    import torch
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(calls):
+                    fn()
+            run = g.replay
+        else:
+
+            def run():
+                for _ in range(calls):
+                    fn()
+
+        run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+        return statistics.median(times)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+
+
+def _equal_share(got, want) -> str:
+    """Share of bitwise-equal elements over the (tensor) pairs, as a percentage string."""
+    import torch
+
+    same = total = 0
+    for g, w in zip(got, want):
+        if g.is_floating_point():  # compare the bits: -0.0 is not 0.0, NaN is NaN
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[g.element_size()]
+            g, w = g.view(bits), w.view(bits)
+        same += int((g == w).sum())
+        total += g.numel()
+    return "100%" if same == total else f"{100.0 * same / max(total, 1):.4f}%"
+
+
+def layer_ops_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    D, F, H, Hkv, d, C = 4096, 14336, 32, 8, 128, 16384
+    rep.line(f"## layer_ops (Llama-3.1-8B decode: D={D}, F={F}, H={H}, Hkv={Hkv}, d={d}, bf16, C={_kib(C)})")
+    rep.line()
+    rep.line(
+        "Per call, us. `eager` = 200 back-to-back calls (host launch cost included: the torch references launch "
+        "several kernels each); `graph` = the 200 calls in one CUDA graph (device time). GB/s = bytes read and "
+        "written once / triton graph time. `bitwise` = share of output elements equal bit for bit to the "
+        "reference's (rms_norm: normed and total; rope_append: query, caches, positions, ends)."
+    )
+    rep.line()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    rows = []
+    for B in (1, 32):
+        rows += _layer_ops_rows(gen, B, D, F, H, Hkv, d, C)
+        torch.cuda.empty_cache()
+    rep.table("layer_ops", rows)
+
+
+def _layer_ops_rows(gen, B, D, F, H, Hkv, d, C) -> list[dict]:
+    """The three ops at batch ``B`` (bf16), triton vs the torch reference."""
+    import functools
+
+    import torch
+
+    from kvsieve import layer_ops as ref
+    from kvsieve.backends.triton import layer_ops as tlo
+
+    dtype, rows = torch.bfloat16, []
+    x = torch.randn(B, 1, D, device="cuda", dtype=dtype, generator=gen) * 3
+    res = torch.randn(B, 1, D, device="cuda", dtype=dtype, generator=gen) * 3
+    w = (1 + 0.5 * torch.randn(D, device="cuda", generator=gen)).to(dtype)
+    tri, tor = functools.partial(tlo.rms_norm, x, w, 1e-5, res), functools.partial(ref.rms_norm, x, w, 1e-5, res)
+    share = _equal_share(tri(), tor())
+    rows.append(_layer_row("rms_norm + residual", B, tri, tor, (4 * B * D + D) * x.element_size(), share))
+
+    gu = torch.randn(B, 1, 2 * F, device="cuda", dtype=dtype, generator=gen) * 4
+    tri, tor = functools.partial(tlo.silu_mul, gu[..., :F], gu[..., F:]), functools.partial(
+        ref.silu_mul, gu[..., :F], gu[..., F:]
+    )
+    share = _equal_share([tri()], [tor()])
+    rows.append(_layer_row("silu_mul", B, tri, tor, 3 * B * F * gu.element_size(), share))
+
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * d, device="cuda", dtype=dtype, generator=gen)
+    query, key, value = (
+        t.view(B, 1, -1, d).transpose(1, 2) for t in qkv.split([H * d, Hkv * d, Hkv * d], dim=-1)
+    )
+    ang = torch.rand(B, 1, d // 2, device="cuda", generator=gen) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    keys = torch.zeros(B, Hkv, C, d, device="cuda", dtype=dtype)
+    values = torch.zeros_like(keys)
+    positions = torch.full((B, Hkv, C), -1, device="cuda", dtype=torch.int64)
+    ends0 = torch.randint(C // 4, C // 2, (B, Hkv), device="cuda", generator=gen)
+    ends = ends0.clone()
+    seen = torch.tensor([C], device="cuda", dtype=torch.int64)
+    outs = []
+    for fn in (tlo.rope_append, ref.rope_append):  # one call each from the same state
+        q2, k2, v2, p2, e2 = query.clone(), keys.clone(), values.clone(), positions.clone(), ends0.clone()
+        fn(q2, key, value, cos, sin, k2, v2, p2, e2, seen)
+        outs.append([q2, k2, v2, p2, e2])
+    share = _equal_share(*outs)
+    del outs, q2, k2, v2, p2, e2
+    args = (query, key, value, cos, sin, keys, values, positions, ends, seen)
+    nbytes = B * (2 * H + 3 * Hkv) * d * qkv.element_size() + 3 * B * Hkv * 8
+    # each call appends one slot: ends restarts in [C/4, C/2) before each timing (~1.2K calls each)
+    rows.append(
+        _layer_row(
+            "rope_append",
+            B,
+            functools.partial(tlo.rope_append, *args),
+            functools.partial(ref.rope_append, *args),
+            nbytes,
+            share,
+            reset=functools.partial(ends.copy_, ends0),
+        )
+    )
+    return rows
+
+
+def _layer_row(op, B, tri, ref_fn, nbytes, share, reset=None) -> dict:
+    times = {}
+    for name, fn in (("triton", tri), ("torch", ref_fn)):
+        for graph in (False, True):
+            if reset is not None:
+                reset()
+            times[name, graph] = _per_call_us(fn, graph=graph)
+    t_graph = times["triton", True]
+    return {
+        "op": op,
+        "B": B,
+        "triton eager us": times["triton", False],
+        "torch eager us": times["torch", False],
+        "eager speedup": ratio(times["triton", False], times["torch", False]),
+        "triton graph us": t_graph,
+        "torch graph us": times["torch", True],
+        "graph speedup": ratio(t_graph, times["torch", True]),
+        "GB/s (graph)": gbps(nbytes, t_graph * 1e-3) if isinstance(t_graph, float) else "-",
+        "bitwise": share,
+    }
+
+
 def sweep_section(rep: Report) -> None:
     import torch
 
@@ -426,6 +592,8 @@ def main(argv=None) -> int:
         decode_section(rep, copy_bw, args.quick)
     if "compact" in args.sections:
         compact_section(rep, copy_bw, args.quick)
+    if "layer_ops" in args.sections:
+        layer_ops_section(rep, copy_bw, args.quick)
     if args.sweep:
         sweep_section(rep)
     rep.line(f"Total benchmark time: {time.time() - t0:.0f} s")

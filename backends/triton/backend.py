@@ -1,4 +1,5 @@
-"""The ``triton`` backend: Triton kernels for decode attention, window scoring and compaction.
+"""The ``triton`` backend: Triton kernels for decode attention, window scoring, compaction and the decode
+layer's operators around attention.
 
 Each primitive lives in its own module (imported lazily, so this module imports -- and the plugin is listed --
 without triton installed):
@@ -6,6 +7,8 @@ without triton installed):
 * :mod:`.window_scores` -- ``window_lse`` and ``window_scores`` without materialising ``[B, H, W, L]``;
 * :mod:`.decode_attention` -- GQA-native split-K flash decoding over ``[starts, ends)``;
 * :mod:`.compaction` -- in-place gather of kept K/V slots;
+* :mod:`.layer_ops` -- the fused decode layer's RMSNorm (+ residual), SiLU * up and RoPE + cache append (one
+  launch each, bit for bit HF's rounding);
 * :mod:`.prefill_attention` -- delegated to PyTorch SDPA (``enable_gqa=True``), no Triton kernel.
 
 Runs on CUDA devices. With ``TRITON_INTERPRET=1`` set before ``triton`` is imported it also accepts CPU
@@ -97,6 +100,25 @@ class TritonBackend(KVBackend):
 
         with _launching_on(queries, keys, values):
             return decode_attention(queries, keys, values, starts, ends, scale)
+
+    # ------------------------------------------------------------------ per-layer operators (fused decode layer)
+    def rms_norm(self, x, weight, eps, residual=None):
+        from .layer_ops import rms_norm
+
+        with _launching_on(x, weight):
+            return rms_norm(x, weight, eps, residual)
+
+    def silu_mul(self, gate, up):
+        from .layer_ops import silu_mul
+
+        with _launching_on(gate, up):
+            return silu_mul(gate, up)
+
+    def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen):
+        from .layer_ops import rope_append
+
+        with _launching_on(query, key, value, keys, values):
+            rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen)
 
     # ------------------------------------------------------------------ scoring
     def window_lse(self, queries, keys, starts, ends, scale):
