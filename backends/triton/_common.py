@@ -3,7 +3,7 @@ anywhere).
 
 * :func:`interpret_mode` -- whether ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors through Triton's
   interpreter; the variable must be set before ``triton`` is imported).
-* :func:`next_pow2`, :func:`cdiv` -- tile arithmetic.
+* :func:`next_pow2`, :func:`prev_pow2`, :func:`cdiv` -- tile arithmetic.
 * :func:`dot_precision` -- the ``tl.dot`` input precision for a dtype: ``"ieee"`` for fp32 (no TF32: fp32
   inputs must match the torch reference to ~1e-5), the default ``"tf32"`` otherwise (ignored for fp16/bf16
   inputs).
@@ -17,7 +17,15 @@ import os
 
 import torch
 
-__all__ = ["cdiv", "compute_dtype", "dot_precision", "interpret_mode", "next_pow2", "target_programs"]
+__all__ = [
+    "cdiv",
+    "compute_dtype",
+    "dot_precision",
+    "interpret_mode",
+    "next_pow2",
+    "prev_pow2",
+    "target_programs",
+]
 
 
 def interpret_mode() -> bool:
@@ -33,6 +41,11 @@ def next_pow2(x: int) -> int:
     """Smallest power of two ``>= max(x, 1)``."""
     x = max(int(x), 1)
     return 1 << (x - 1).bit_length()
+
+
+def prev_pow2(x: int) -> int:
+    """Largest power of two ``<= max(x, 1)``."""
+    return 1 << (max(int(x), 1).bit_length() - 1)
 
 
 def compute_dtype(q_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:

@@ -22,8 +22,13 @@ so the call is CUDA-graph capturable):
   It runs an online softmax over its chunk and writes the partial (max, sum, unnormalised accumulator) to fp32
   buffers ``[B*Hkv, S, M]`` / ``[B*Hkv, S, M, d]``. With ``S == 1`` it writes the normalised output directly
   instead.
-* ``_decode_reduce_kernel``: ``(B*Hkv, MC)``. Combines the non-empty chunks of the row (it recomputes how many
-  there are from ``starts``/``ends``) into the output: ``sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
+* ``_decode_reduce_kernel``: ``(B*Hkv, MR, DC)``, tiles from :func:`reduce_tiles`. Program ``(b*Hkv + j, mr,
+  dc)`` combines the non-empty chunks of row ``(b, j)`` (it recomputes how many there are from
+  ``starts``/``ends``) for a tile of query rows and of head-dim columns into the output: ``sum_s exp(m_s - m)
+  acc_s / sum_s exp(m_s - m) l_s``. The partials of up to ``BLOCK_S`` chunks (``BLOCK_S`` = the next power of
+  two ``>= S`` unless that tile would exceed ``DecodeConfig.reduce_tile`` fp32 elements) are loaded at once as
+  one block and combined in one vectorised pass, not one chunk after another; a smaller budget, or many splits,
+  loops over blocks of chunks. Fewer columns per program (``DC > 1``) spread the reduce when ``B*Hkv`` is small.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, target_programs
+from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, prev_pow2, target_programs
 
 __all__ = ["decode_attention", "DecodeConfig"]
 
@@ -50,6 +55,7 @@ class DecodeConfig:
         num_stages: int = 2,
         num_splits: int | None = None,
         programs: int | None = None,
+        reduce_tile: int = 8192,
     ):
         self.block_n = block_n
         self.max_block_m = max_block_m
@@ -57,11 +63,13 @@ class DecodeConfig:
         self.num_stages = num_stages
         self.num_splits = num_splits  # None: from the device size
         self.programs = programs  # target programs per launch when num_splits is None (None: 2 per SM)
+        self.reduce_tile = reduce_tile  # fp32 elements of the reduce kernel's partial tile (see reduce_tiles)
 
     def __repr__(self) -> str:
         return (
             f"DecodeConfig(block_n={self.block_n}, max_block_m={self.max_block_m}, "
-            f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits})"
+            f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits}, "
+            f"programs={self.programs}, reduce_tile={self.reduce_tile})"
         )
 
 
@@ -72,7 +80,35 @@ def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
     return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
 
 
+def reduce_tiles(n_splits: int, M: int, d: int, budget: int) -> tuple[int, int, int]:
+    """``(BLOCK_S, BLOCK_M, BLOCK_D)`` of :func:`_decode_reduce_kernel`, powers of two.
+
+    One program combines ``BLOCK_S`` splits at a time (all of them in one pass when ``n_splits <= BLOCK_S``) for
+    ``BLOCK_M`` query rows and ``BLOCK_D`` columns of the head dim; its ``[BLOCK_S, BLOCK_M, BLOCK_D]`` fp32 tile
+    of partial accumulators stays within ``budget`` elements (as long as ``budget >= 16``), so a few rows or
+    many splits leave fewer columns per program and more programs along ``d``. ``BLOCK_S`` leaves room for at
+    least 4 rows of 16 columns, ``BLOCK_D`` is at least 16 (unless ``d`` is smaller).
+    """
+    block_s = min(next_pow2(n_splits), prev_pow2(budget // 64))
+    block_m = min(next_pow2(M), prev_pow2(budget // (16 * block_s)))
+    block_d = min(next_pow2(max(d, 16)), max(16, prev_pow2(budget // (block_s * block_m))))
+    return block_s, block_m, block_d
+
+
 # --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N: tl.constexpr):
+    """Row ``bj``'s live range ``[lo, hi)`` and its chunk length ``ceil(len / n_splits)`` rounded up to
+    ``BLOCK_N``, with ``n_valid = ceil(len / chunk)`` non-empty chunks (0 for an empty row). Chunk ``s`` is
+    ``[lo + s*chunk, min(lo + (s+1)*chunk, hi))``: non-empty exactly when ``s < n_valid``."""
+    lo = tl.load(lo_ptr + bj)
+    hi = tl.load(hi_ptr + bj)
+    length = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
+    return lo, hi, chunk, n_valid
+
+
 @triton.jit
 def _decode_split_kernel(
     q_ptr,
@@ -124,10 +160,7 @@ def _decode_split_kernel(
     mc = tl.program_id(2)
     b = bj // Hkv
     j = bj % Hkv
-    lo = tl.load(lo_ptr + bj)
-    hi = tl.load(hi_ptr + bj)
-    length = tl.maximum(hi - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    lo, hi, chunk, _ = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N)
     c_lo = lo + s * chunk
     c_hi = tl.minimum(c_lo + chunk, hi)
     M = G * Q
@@ -213,46 +246,59 @@ def _decode_reduce_kernel(
     Q,
     D,
     n_splits,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Combine the non-empty chunks of row ``(b, j)`` for one tile of query rows into the output."""
+    """Combine the non-empty chunks of row ``(b, j)`` into the output, for query rows
+    ``[mr*BLOCK_M, (mr+1)*BLOCK_M)`` and head-dim columns ``[dc*BLOCK_D, (dc+1)*BLOCK_D)`` (program
+    ``(b*Hkv + j, mr, dc)``).
+
+    Partials as the split kernel writes them: ``pm``/``pl`` ``[B*Hkv, S, M]``, ``pacc`` ``[B*Hkv, S, M, D]``
+    (fp32, contiguous). The chunks are loaded ``BLOCK_S`` at a time as one ``[BLOCK_S, BLOCK_M(, BLOCK_D)]``
+    block -- one pass when the row has at most ``BLOCK_S`` non-empty chunks -- and combined at once: block max
+    ``m``, weights ``exp2(m_s - m)`` (0 for a chunk in which a query saw nothing), weighted sums over ``s``.
+    Chunks ``s >= n_valid`` (recomputed from ``starts``/``ends``) are masked and never read (the split kernel
+    did not write them). Successive blocks (only when ``n_valid > BLOCK_S``) are merged by the usual online
+    rescaling. A query row with no visible slot (``l == 0``) gets zeros.
+    """
     bj = tl.program_id(0)
-    mc = tl.program_id(1)
+    mr = tl.program_id(1)
+    dc = tl.program_id(2)
     b = bj // Hkv
     j = bj % Hkv
-    lo = tl.load(lo_ptr + bj)
-    hi = tl.load(hi_ptr + bj)
-    length = tl.maximum(hi - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
-    n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
+    _, _, _, n_valid = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N)
 
     M = G * Q
-    rows = mc * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = mr * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = rows // Q
     i = rows % Q
-    dcols = tl.arange(0, BLOCK_D)
+    dcols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, n_valid):
-        prow = (bj.to(tl.int64) * n_splits + s) * M + rows
-        m_s = tl.load(pm_ptr + prow, mask=rmask, other=float("-inf"))
-        l_s = tl.load(pl_ptr + prow, mask=rmask, other=0.0)
+    for s0 in range(0, n_valid, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        prow = (bj.to(tl.int64) * n_splits + s)[:, None] * M + rows[None, :]  # [BLOCK_S, BLOCK_M]
+        pmask = (s < n_valid)[:, None] & rmask[None, :]
+        m_s = tl.load(pm_ptr + prow, mask=pmask, other=float("-inf"))
+        l_s = tl.load(pl_ptr + prow, mask=pmask, other=0.0)
         acc_s = tl.load(
-            pacc_ptr + prow[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
-        )
-        m_new = tl.maximum(m, m_s)
+            pacc_ptr + prow[:, :, None] * D + dcols[None, None, :],
+            mask=pmask[:, :, None] & dmask[None, None, :],
+            other=0.0,
+        )  # [BLOCK_S, BLOCK_M, BLOCK_D]
+        m_new = tl.maximum(m, tl.max(m_s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l = l * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        w = tl.exp2(m_s - m_safe[None, :])  # [BLOCK_S, BLOCK_M]; 0 where m_s == -inf (masked or nothing seen)
+        l = l * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(acc_s * w[:, :, None], 0)
         m = m_new
-    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]  # l == 0: nothing visible (or an empty row) -> zeros
     tl.store(
         out_ptr
         + b.to(tl.int64) * so_b
@@ -360,7 +406,8 @@ def decode_attention(
         num_stages=cfg.num_stages,
     )
     if not single:
-        _decode_reduce_kernel[(B * Hkv, mc)](
+        r_s, r_m, r_d = reduce_tiles(n_splits, M, d, cfg.reduce_tile)
+        _decode_reduce_kernel[(B * Hkv, cdiv(M, r_m), cdiv(d, r_d))](
             lo,
             hi,
             out,
@@ -373,9 +420,10 @@ def decode_attention(
             Q,
             d,
             n_splits,
-            BLOCK_M=block_m,
             BLOCK_N=cfg.block_n,
-            BLOCK_D=block_d,
+            BLOCK_S=r_s,
+            BLOCK_M=r_m,
+            BLOCK_D=r_d,
             num_warps=4,
         )
     return out
