@@ -37,7 +37,7 @@ from kvsieve.backends.torch_ref import TorchBackend  # noqa: E402
 from kvsieve.backends.triton import compaction as tc  # noqa: E402
 from kvsieve.backends.triton import decode_attention as td  # noqa: E402
 from kvsieve.backends.triton import window_scores as tw  # noqa: E402
-from kvsieve.backends.triton._common import next_pow2  # noqa: E402
+from kvsieve.backends.triton._common import cdiv, next_pow2  # noqa: E402
 from kvsieve.backends.triton.backend import TritonBackend  # noqa: E402
 
 REF = TorchBackend()
@@ -420,6 +420,53 @@ def test_reduce_tiles():
                     assert bs * bm * bd <= budget, (n, M, d, budget, bs, bm, bd)
                     if budget == 8192 and n <= 128:
                         assert bs == next_pow2(n)
+
+
+# split count: a pure function of the shapes (CPU only, no kernel runs)
+H200_SMS = 132
+GPU_DECODE_CFG = td.DecodeConfig(block_n=64, max_block_m=64, num_warps=4, num_stages=3)  # the d=128 default
+ROW_BYTES = 4 * 4 * (128 + 2)  # fp32 partials of one split of one row at G*Q = 4, d = 128
+
+
+def _splits(rows, C=131072 + 128, cfg=GPU_DECODE_CFG, mc=1, sms=H200_SMS, row_bytes=ROW_BYTES):
+    return td.choose_num_splits(rows, mc, C, sms, cfg.block_n, cfg, row_bytes)
+
+
+def test_choose_num_splits_small_batch_splits_deeper():
+    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at 4 programs per SM; a split covers
+    at least 256 capacity slots."""
+    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [66, 33, 16, 8, 4, 1, 1, 1, 1]
+    assert _splits(8 * 32, C=32768 + 128) == 1  # the measured-fastest unsplit batch-32 case
+    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 16384, 16896, 131200)] == [1, 1, 2, 8, 32, 64, 66, 66]
+    assert _splits(8 * 4, mc=2) == 8  # MC > 1 counts as more rows
+    for C in (1, 300, 8192, 131200):  # never more splits for more rows
+        counts = [_splits(rows, C=C) for rows in range(1, 600)]
+        assert all(a >= b >= 1 for a, b in zip(counts, counts[1:])), C
+
+
+def test_choose_num_splits_unchanged_from_b_hkv_at_sm_count():
+    """B*Hkv*MC >= SMs: the same split count as before (2 programs per SM) at capacities >= 512."""
+    for sms in (2, 78, 132):
+        for rows in range(sms, 3 * sms + 2):
+            for mc in (1, 2):
+                for C in (512, 8192, 32896):
+                    old = max(1, min((2 * sms) // (rows * mc), cdiv(C, 64)))
+                    assert _splits(rows, C=C, mc=mc, sms=sms) == old, (sms, rows, mc, C)
+
+
+def test_choose_num_splits_overrides_and_caps():
+    cfg = td.DecodeConfig(block_n=16, max_block_m=64, num_splits=5)
+    assert _splits(8, cfg=cfg) == 5 and _splits(8 * 64, cfg=cfg) == 5  # forced, whatever the shapes
+    assert _splits(8, cfg=td.DecodeConfig(block_n=16, max_block_m=64, num_splits=0)) == 1
+    # programs: a target per launch, for every B*Hkv
+    assert _splits(8, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1000)) == 125
+    assert _splits(8 * 32, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1056)) == 4
+    # min_split_slots: one block per split at most at 8K capacity
+    assert _splits(8, C=8192, cfg=td.DecodeConfig(block_n=64, max_block_m=64, min_split_slots=1)) == 66
+    assert _splits(8, C=8192, cfg=td.DecodeConfig(block_n=128, max_block_m=64, min_split_slots=1)) == 64
+    # partials under 256 MiB; at least one split for any input
+    assert _splits(8, row_bytes=(256 << 20) // 80) == 10
+    assert _splits(8, row_bytes=1 << 40) == 1 and _splits(8, C=0) == 1 and _splits(0) >= 1
 
 
 # ------------------------------------------------------------------------------------------ compaction

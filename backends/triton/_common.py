@@ -7,7 +7,8 @@ anywhere).
 * :func:`dot_precision` -- the ``tl.dot`` input precision for a dtype: ``"ieee"`` for fp32 (no TF32: fp32
   inputs must match the torch reference to ~1e-5), the default ``"tf32"`` otherwise (ignored for fp16/bf16
   inputs).
-* :func:`target_programs` -- how many programs a launch should have to fill the device (a few per SM).
+* :func:`num_sms`, :func:`target_programs` -- the SM count, and how many programs a launch should have to fill
+  the device (a few per SM).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "dot_precision",
     "interpret_mode",
     "next_pow2",
+    "num_sms",
     "prev_pow2",
     "target_programs",
 ]
@@ -63,10 +65,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs one launch should have to keep every SM busy (4 per SM); a small number in the interpreter,
-    where every program instance costs ~0.5 ms of CPU time."""
+def num_sms(device: torch.device) -> int:
+    """The device's SM count; 2 off CUDA and in the interpreter, where every program instance costs ~0.5 ms of
+    CPU time (so launches sized from it stay small there)."""
     if device.type != "cuda" or interpret_mode():
-        return 8
+        return 2
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return 4 * _num_sms(index)
+    return _num_sms(index)
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs one launch should have to keep every SM busy: 4 per SM (8 in the interpreter)."""
+    return 4 * num_sms(device)

@@ -12,8 +12,9 @@ rows ``r = g*Q + i`` of one ``[M, d]`` tile (query heads ``j*G + g``): K/V block
 whole group, never repeated to ``H`` heads. fp32 accumulation; fp32 inputs use exact ``ieee`` dot products (no
 TF32).
 
-Grids (``S`` splits chosen on the host from ``B*Hkv``, the device's SM count and the capacity; no host sync,
-so the call is CUDA-graph capturable):
+Grids (``S`` splits chosen on the host by :func:`choose_num_splits` from ``B*Hkv``, the device's SM count and
+the capacity: about 2 programs per SM, 4 when ``B*Hkv*MC`` is below the SM count, at least 256 capacity slots
+per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-graph capturable):
 
 * ``_decode_split_kernel``: ``(S, B*Hkv, MC)``. Program ``(s, b*Hkv + j, mc)`` takes chunk ``s`` of row
   ``(b, j)``'s live range -- the range is cut into ``S`` chunks of ``ceil(len / S)`` slots rounded up to
@@ -25,10 +26,12 @@ so the call is CUDA-graph capturable):
 * ``_decode_reduce_kernel``: ``(B*Hkv, MR, DC)``, tiles from :func:`reduce_tiles`. Program ``(b*Hkv + j, mr,
   dc)`` combines the non-empty chunks of row ``(b, j)`` (it recomputes how many there are from
   ``starts``/``ends``) for a tile of query rows and of head-dim columns into the output: ``sum_s exp(m_s - m)
-  acc_s / sum_s exp(m_s - m) l_s``. The partials of up to ``BLOCK_S`` chunks (``BLOCK_S`` = the next power of
-  two ``>= S`` unless that tile would exceed ``DecodeConfig.reduce_tile`` fp32 elements) are loaded at once as
-  one block and combined in one vectorised pass, not one chunk after another; a smaller budget, or many splits,
-  loops over blocks of chunks. Fewer columns per program (``DC > 1``) spread the reduce when ``B*Hkv`` is small.
+  acc_s / sum_s exp(m_s - m) l_s``. The partials of up to ``BLOCK_S`` chunks (the next power of two ``>= S``,
+  at most ``DecodeConfig.reduce_tile / 64``: 128) are loaded at once as one block and combined in one
+  vectorised pass, not one chunk after another; more splits loop over blocks of chunks. The
+  ``[BLOCK_S, BLOCK_M, BLOCK_D]`` tile stays within ``reduce_tile`` (8192) fp32 elements by taking fewer head-dim
+  columns, which also spreads the reduce over more programs (e.g. ``S = 33``, ``G*Q = 4``, ``d = 128``: tiles of
+  ``64 x 4 x 32``, 4 programs per row).
 """
 
 from __future__ import annotations
@@ -37,15 +40,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, prev_pow2, target_programs
+from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, num_sms, prev_pow2
 
-__all__ = ["decode_attention", "DecodeConfig"]
+__all__ = ["decode_attention", "DecodeConfig", "choose_num_splits"]
 
 LOG2E = 1.4426950408889634
 
 
 class DecodeConfig:
-    """Tile sizes and split count of the decode kernels (defaults from :func:`default_config`)."""
+    """Tile sizes and split count of the decode kernels (defaults from :func:`default_config`).
+
+    ``block_n``, ``num_warps``, ``num_stages``: the split kernel's slots per block and launch options;
+    ``max_block_m``: its query-row tile (``G*Q`` rows above it take several tiles, ``MC``). ``num_splits``:
+    ``S`` forced (``None``: :func:`choose_num_splits` from the shapes and the device, with ``programs`` -- a
+    target number of programs per launch, ``None``: 2 or 4 per SM -- and ``min_split_slots``). ``reduce_tile``:
+    fp32 elements of the reduce kernel's partial tile (:func:`reduce_tiles`).
+    """
 
     def __init__(
         self,
@@ -56,28 +66,75 @@ class DecodeConfig:
         num_splits: int | None = None,
         programs: int | None = None,
         reduce_tile: int = 8192,
+        min_split_slots: int = 256,
     ):
         self.block_n = block_n
         self.max_block_m = max_block_m
         self.num_warps = num_warps
         self.num_stages = num_stages
-        self.num_splits = num_splits  # None: from the device size
-        self.programs = programs  # target programs per launch when num_splits is None (None: 2 per SM)
-        self.reduce_tile = reduce_tile  # fp32 elements of the reduce kernel's partial tile (see reduce_tiles)
+        self.num_splits = num_splits
+        self.programs = programs
+        self.reduce_tile = reduce_tile
+        self.min_split_slots = min_split_slots
 
     def __repr__(self) -> str:
         return (
             f"DecodeConfig(block_n={self.block_n}, max_block_m={self.max_block_m}, "
             f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits}, "
-            f"programs={self.programs}, reduce_tile={self.reduce_tile})"
+            f"programs={self.programs}, reduce_tile={self.reduce_tile}, min_split_slots={self.min_split_slots})"
         )
 
 
 def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
-    """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``)."""
+    """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``). In the interpreter
+    a split may be a single block, so small test shapes still run split-K with the default config."""
     if device.type != "cuda" or interpret_mode():
-        return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1)
+        return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1, min_split_slots=16)
     return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
+
+
+# split count (choose_num_splits)
+PROGRAMS_PER_SM = 2  # target programs per SM when B*Hkv*MC >= SMs
+SMALL_PROGRAMS_PER_SM = 4  # ... and when B*Hkv*MC < SMs (few rows: split deeper)
+MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
+
+
+def choose_num_splits(
+    rows: int, mc: int, capacity: int, sms: int, block_n: int, config: DecodeConfig, row_partial_bytes: int
+) -> int:
+    """The split count ``S`` of one call: a pure function of the shapes and the device, never of the live
+    lengths (no host sync: the call stays CUDA-graph capturable).
+
+    Args:
+        rows: ``B*Hkv``. mc: query-row tiles per row (``MC``). capacity: cache slots ``C``. sms: the device's SM
+            count. block_n: the split kernel's ``BLOCK_N``. config: its ``num_splits``, ``programs`` and
+            ``min_split_slots`` are used. row_partial_bytes: fp32 partial bytes one split adds per row
+            (``4*M*(d + 2)``).
+
+    * ``config.num_splits`` given: that (at least 1).
+    * Else a target of ``P`` programs -- ``config.programs`` if given, else ``PROGRAMS_PER_SM`` (2) per SM when
+      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (4) per SM when there are fewer rows than SMs (a deeper
+      split, so that a few long rows spread over more programs) -- gives ``S = P // (rows*mc)``, at least 1:
+      by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
+      Hkv=8, 256 rows on 132 SMs).
+    * Each split covers at least ``max(block_n, config.min_split_slots)`` slots of the capacity: ``S <=
+      ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
+    * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
+
+    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 16K+: batch 32 -> 1 (unsplit), 16 -> 4, 8 -> 8,
+    4 -> 16, 1 -> 66 (at C = 8K: 32 splits of 256 slots).
+    """
+    if config.num_splits is not None:
+        return max(1, int(config.num_splits))
+    work = max(1, rows * mc)
+    if config.programs is not None:
+        programs = config.programs
+    else:
+        programs = (PROGRAMS_PER_SM if work >= sms else SMALL_PROGRAMS_PER_SM) * sms
+    n = programs // work
+    n = min(n, cdiv(max(capacity, 1), max(block_n, config.min_split_slots, 1)))
+    n = min(n, MAX_PARTIAL_BYTES // max(rows * row_partial_bytes, 1))
+    return max(1, n)
 
 
 def reduce_tiles(n_splits: int, M: int, d: int, budget: int) -> tuple[int, int, int]:
@@ -357,15 +414,7 @@ def decode_attention(
     mc = cdiv(M, block_m)
     lo = starts.to(device=keys.device, dtype=torch.int64).contiguous()
     hi = ends.to(device=keys.device, dtype=torch.int64).contiguous()
-    if cfg.num_splits is not None:
-        n_splits = max(1, int(cfg.num_splits))
-    else:
-        # ~2 programs per SM: B*Hkv >= 2*SMs runs unsplit (no partials, no reduce: measured fastest on an H200
-        # at B*Hkv = 256); fewer rows are split so one long row still spreads over the whole GPU
-        programs = cfg.programs or max(1, target_programs(keys.device) // 2)
-        n_splits = max(1, min(programs // (B * Hkv * mc), cdiv(max(C, 1), cfg.block_n)))
-        # partial accumulators stay under ~256 MiB
-        n_splits = max(1, min(n_splits, (256 << 20) // max(B * Hkv * M * d * 4, 1)))
+    n_splits = choose_num_splits(B * Hkv, mc, C, num_sms(keys.device), cfg.block_n, cfg, 4 * M * (d + 2))
     single = n_splits == 1
     if single:
         pm = pl = pacc = out  # unused
