@@ -433,12 +433,12 @@ def _splits(rows, C=131072 + 128, cfg=GPU_DECODE_CFG, mc=1, sms=H200_SMS, row_by
 
 
 def test_choose_num_splits_small_batch_splits_deeper():
-    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at 4 programs per SM; a split covers
+    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at 3 programs per SM; a split covers
     at least 256 capacity slots."""
-    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [66, 33, 16, 8, 4, 1, 1, 1, 1]
+    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [49, 24, 12, 6, 3, 1, 1, 1, 1]
     assert _splits(8 * 32, C=32768 + 128) == 1  # the measured-fastest unsplit batch-32 case
-    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 16384, 16896, 131200)] == [1, 1, 2, 8, 32, 64, 66, 66]
-    assert _splits(8 * 4, mc=2) == 8  # MC > 1 counts as more rows
+    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 12288, 12800, 131200)] == [1, 1, 2, 8, 32, 48, 49, 49]
+    assert _splits(8 * 4, mc=2) == 6  # MC > 1 counts as more rows
     for C in (1, 300, 8192, 131200):  # never more splits for more rows
         counts = [_splits(rows, C=C) for rows in range(1, 600)]
         assert all(a >= b >= 1 for a, b in zip(counts, counts[1:])), C
@@ -461,9 +461,10 @@ def test_choose_num_splits_overrides_and_caps():
     # programs: a target per launch, for every B*Hkv
     assert _splits(8, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1000)) == 125
     assert _splits(8 * 32, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1056)) == 4
-    # min_split_slots: one block per split at most at 8K capacity
-    assert _splits(8, C=8192, cfg=td.DecodeConfig(block_n=64, max_block_m=64, min_split_slots=1)) == 66
-    assert _splits(8, C=8192, cfg=td.DecodeConfig(block_n=128, max_block_m=64, min_split_slots=1)) == 64
+    # min_split_slots (256 by default) and block_n bound the splits of a 2K cache
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=64, max_block_m=64)) == 8
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=64, max_block_m=64, min_split_slots=1)) == 32
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=128, max_block_m=64, min_split_slots=1)) == 16
     # partials under 256 MiB; at least one split for any input
     assert _splits(8, row_bytes=(256 << 20) // 80) == 10
     assert _splits(8, row_bytes=1 << 40) == 1 and _splits(8, C=0) == 1 and _splits(0) >= 1

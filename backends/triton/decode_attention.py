@@ -13,7 +13,7 @@ whole group, never repeated to ``H`` heads. fp32 accumulation; fp32 inputs use e
 TF32).
 
 Grids (``S`` splits chosen on the host by :func:`choose_num_splits` from ``B*Hkv``, the device's SM count and
-the capacity: about 2 programs per SM, 4 when ``B*Hkv*MC`` is below the SM count, at least 256 capacity slots
+the capacity: about 2 programs per SM, 3 when ``B*Hkv*MC`` is below the SM count, at least 256 capacity slots
 per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-graph capturable):
 
 * ``_decode_split_kernel``: ``(S, B*Hkv, MC)``. Program ``(s, b*Hkv + j, mc)`` takes chunk ``s`` of row
@@ -53,7 +53,7 @@ class DecodeConfig:
     ``block_n``, ``num_warps``, ``num_stages``: the split kernel's slots per block and launch options;
     ``max_block_m``: its query-row tile (``G*Q`` rows above it take several tiles, ``MC``). ``num_splits``:
     ``S`` forced (``None``: :func:`choose_num_splits` from the shapes and the device, with ``programs`` -- a
-    target number of programs per launch, ``None``: 2 or 4 per SM -- and ``min_split_slots``). ``reduce_tile``:
+    target number of programs per launch, ``None``: 2 or 3 per SM -- and ``min_split_slots``). ``reduce_tile``:
     fp32 elements of the reduce kernel's partial tile (:func:`reduce_tiles`).
     """
 
@@ -95,8 +95,12 @@ def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
 
 # split count (choose_num_splits)
 PROGRAMS_PER_SM = 2  # target programs per SM when B*Hkv*MC >= SMs
-SMALL_PROGRAMS_PER_SM = 4  # ... and when B*Hkv*MC < SMs (few rows: split deeper)
+# ... and when B*Hkv*MC < SMs (few rows: split deeper). 3 = one full wave of the default d=128 bf16 tile: compiled
+# for sm_90 it takes 72 KB of shared memory (3 stages of a 64-slot K and V block) and 146 registers x 128 threads,
+# so 3 programs fit on an H200 SM (228 KB, 64K registers); 2 per SM left a third of the slots idle at batch 1
+SMALL_PROGRAMS_PER_SM = 3
 MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
+REDUCE_WARPS = 8  # the reduce kernel's warps: 32 fp32 of its 8192-element tile per thread, no register spills
 
 
 def choose_num_splits(
@@ -113,7 +117,7 @@ def choose_num_splits(
 
     * ``config.num_splits`` given: that (at least 1).
     * Else a target of ``P`` programs -- ``config.programs`` if given, else ``PROGRAMS_PER_SM`` (2) per SM when
-      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (4) per SM when there are fewer rows than SMs (a deeper
+      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (3) per SM when there are fewer rows than SMs (a deeper
       split, so that a few long rows spread over more programs) -- gives ``S = P // (rows*mc)``, at least 1:
       by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
       Hkv=8, 256 rows on 132 SMs).
@@ -121,8 +125,8 @@ def choose_num_splits(
       ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
     * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
 
-    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 16K+: batch 32 -> 1 (unsplit), 16 -> 4, 8 -> 8,
-    4 -> 16, 1 -> 66 (at C = 8K: 32 splits of 256 slots).
+    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 12.5K: batch 32 -> 1 (unsplit), 16 -> 3,
+    8 -> 6, 4 -> 12, 2 -> 24, 1 -> 49 (at C = 8K: 32 splits of 256 slots).
     """
     if config.num_splits is not None:
         return max(1, int(config.num_splits))
@@ -154,14 +158,15 @@ def reduce_tiles(n_splits: int, M: int, d: int, budget: int) -> tuple[int, int, 
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N: tl.constexpr):
+def _row_chunks(lo_ptr, hi_ptr, bj, n_splits, block_n):
     """Row ``bj``'s live range ``[lo, hi)`` and its chunk length ``ceil(len / n_splits)`` rounded up to
-    ``BLOCK_N``, with ``n_valid = ceil(len / chunk)`` non-empty chunks (0 for an empty row). Chunk ``s`` is
-    ``[lo + s*chunk, min(lo + (s+1)*chunk, hi))``: non-empty exactly when ``s < n_valid``."""
+    ``block_n`` (the split kernel's ``BLOCK_N``), with ``n_valid = ceil(len / chunk)`` non-empty chunks (0 for an
+    empty row). Chunk ``s`` is ``[lo + s*chunk, min(lo + (s+1)*chunk, hi))``: non-empty exactly when
+    ``s < n_valid``."""
     lo = tl.load(lo_ptr + bj)
     hi = tl.load(hi_ptr + bj)
     length = tl.maximum(hi - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), block_n) * block_n
     n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
     return lo, hi, chunk, n_valid
 
@@ -303,7 +308,7 @@ def _decode_reduce_kernel(
     Q,
     D,
     n_splits,
-    BLOCK_N: tl.constexpr,
+    block_n,
     BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -313,19 +318,20 @@ def _decode_reduce_kernel(
     ``(b*Hkv + j, mr, dc)``).
 
     Partials as the split kernel writes them: ``pm``/``pl`` ``[B*Hkv, S, M]``, ``pacc`` ``[B*Hkv, S, M, D]``
-    (fp32, contiguous). The chunks are loaded ``BLOCK_S`` at a time as one ``[BLOCK_S, BLOCK_M(, BLOCK_D)]``
-    block -- one pass when the row has at most ``BLOCK_S`` non-empty chunks -- and combined at once: block max
-    ``m``, weights ``exp2(m_s - m)`` (0 for a chunk in which a query saw nothing), weighted sums over ``s``.
-    Chunks ``s >= n_valid`` (recomputed from ``starts``/``ends``) are masked and never read (the split kernel
-    did not write them). Successive blocks (only when ``n_valid > BLOCK_S``) are merged by the usual online
-    rescaling. A query row with no visible slot (``l == 0``) gets zeros.
+    (fp32, contiguous); ``block_n`` is the split kernel's ``BLOCK_N`` (a plain argument here: one compiled reduce
+    serves every ``BLOCK_N``). The chunks are loaded ``BLOCK_S`` at a time as one ``[BLOCK_S, BLOCK_M]`` /
+    ``[BLOCK_S, BLOCK_M, BLOCK_D]`` block -- one pass when the row has at most ``BLOCK_S`` non-empty chunks --
+    and combined at once: block max ``m``, weights ``exp2(m_s - m)`` (0 for a chunk in which a query saw
+    nothing), weighted sums over ``s``. Chunks ``s >= n_valid`` (recomputed from ``starts``/``ends``) are masked
+    and never read (the split kernel did not write them). Successive blocks (only when ``n_valid > BLOCK_S``)
+    are merged by the usual online rescaling. A query row with no visible slot (``l == 0``) gets zeros.
     """
     bj = tl.program_id(0)
     mr = tl.program_id(1)
     dc = tl.program_id(2)
     b = bj // Hkv
     j = bj % Hkv
-    _, _, _, n_valid = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N)
+    _, _, _, n_valid = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, block_n)
 
     M = G * Q
     rows = mr * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -337,14 +343,15 @@ def _decode_reduce_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row0 = bj.to(tl.int64) * n_splits * M  # the row's first partial; offsets from it fit in int32
     for s0 in range(0, n_valid, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        prow = (bj.to(tl.int64) * n_splits + s)[:, None] * M + rows[None, :]  # [BLOCK_S, BLOCK_M]
+        prow = s[:, None] * M + rows[None, :]  # [BLOCK_S, BLOCK_M]
         pmask = (s < n_valid)[:, None] & rmask[None, :]
-        m_s = tl.load(pm_ptr + prow, mask=pmask, other=float("-inf"))
-        l_s = tl.load(pl_ptr + prow, mask=pmask, other=0.0)
+        m_s = tl.load(pm_ptr + row0 + prow, mask=pmask, other=float("-inf"))
+        l_s = tl.load(pl_ptr + row0 + prow, mask=pmask, other=0.0)
         acc_s = tl.load(
-            pacc_ptr + prow[:, :, None] * D + dcols[None, None, :],
+            pacc_ptr + row0 * D + prow[:, :, None] * D + dcols[None, None, :],
             mask=pmask[:, :, None] & dmask[None, None, :],
             other=0.0,
         )  # [BLOCK_S, BLOCK_M, BLOCK_D]
@@ -469,10 +476,10 @@ def decode_attention(
             Q,
             d,
             n_splits,
-            BLOCK_N=cfg.block_n,
+            cfg.block_n,
             BLOCK_S=r_s,
             BLOCK_M=r_m,
             BLOCK_D=r_d,
-            num_warps=4,
+            num_warps=REDUCE_WARPS,
         )
     return out
