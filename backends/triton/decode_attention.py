@@ -30,8 +30,8 @@ per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-gr
   at most ``DecodeConfig.reduce_tile / 64``: 128) are loaded at once as one block and combined in one
   vectorised pass, not one chunk after another; more splits loop over blocks of chunks. The
   ``[BLOCK_S, BLOCK_M, BLOCK_D]`` tile stays within ``reduce_tile`` (8192) fp32 elements by taking fewer head-dim
-  columns, which also spreads the reduce over more programs (e.g. ``S = 33``, ``G*Q = 4``, ``d = 128``: tiles of
-  ``64 x 4 x 32``, 4 programs per row).
+  columns, which also spreads the reduce over more programs (batch 1 at Hkv=8: ``S = 49``, ``G*Q = 4``,
+  ``d = 128``: tiles of ``64 x 4 x 32``, 4 programs per row, 32 in all; 8 warps).
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ def _decode_reduce_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row0 = bj.to(tl.int64) * n_splits * M  # the row's first partial; offsets from it fit in int32
+    row0 = bj.to(tl.int64) * n_splits * M  # the row's first partial; offsets from it (< S*M*D) fit in int32
     for s0 in range(0, n_valid, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         prow = s[:, None] * M + rows[None, :]  # [BLOCK_S, BLOCK_M]
