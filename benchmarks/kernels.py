@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/kernels.py OUTDIR [--sections scores,decode,compact,layer_ops] [--quick] [--sweep]
+    python benchmarks/kernels.py OUTDIR [--sections scores,decode,compact,layer_ops,decode_small] [--quick] [--sweep]
 
 Prints markdown tables and writes them to ``OUTDIR/kernels.md`` (plus the raw rows as
 ``OUTDIR/kernels.json``). Everything runs side by side in one process; times are medians of
@@ -28,6 +28,16 @@ Sections:
   includes the host's launch cost, which is what an eager step pays) and inside one CUDA graph of 200 calls
   (device time only, as the fast path's captured step pays); plus the share of bitwise-equal output elements.
   About 5 s.
+* ``decode_small`` (not in the default set: ``--sections decode_small``): ``decode_attention`` at small batch,
+  B in {1, 4}, Hkv=8, G=4, d=128, Q=1, bf16, L in {8K, 32K, 128K} live slots in a cache of capacity L+128, with
+  the default config and a grid of candidates -- programs per SM in {2, 4, 8, 16} (``DecodeConfig.programs``,
+  ``min_split_slots = block_n``), num_warps in {4, 8}, block_n in {32, 64, 128}, num_stages in {2, 3, 4} --
+  each in microseconds beside the bandwidth floor (K and V bytes of the live slots / the measured copy
+  bandwidth), with its split count and its error vs SDPA. Prints only a summary (per cell: the default, the
+  old rule, the best; then the candidates ranked by their geometric-mean slowdown over the best of each cell);
+  every row goes to the files. Short timings (``do_bench`` warm-up 5 ms, 20 ms of runs): estimated at about a
+  minute on an H200, mostly compilation (not measured yet; the section prints its own time). ``--quick``: B=1,
+  L=32K, three candidates.
 
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
@@ -43,7 +53,8 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("scores", "decode", "compact", "layer_ops")
+SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small")
+DEFAULT_SECTIONS = ("scores", "decode", "compact", "layer_ops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("outdir", type=Path, help="directory for kernels.md and kernels.json (created)")
     p.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})",
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel tile configs at one shape")
@@ -73,20 +84,22 @@ class Report:
         self.lines: list[str] = []
         self.rows: dict[str, list[dict]] = {}
 
-    def line(self, text: str = "") -> None:
-        print(text, flush=True)
+    def line(self, text: str = "", echo: bool = True) -> None:
+        if echo:
+            print(text, flush=True)
         self.lines.append(text)
 
-    def table(self, name: str, rows: list[dict]) -> None:
+    def table(self, name: str, rows: list[dict], echo: bool = True) -> None:
+        """A markdown table of ``rows`` (kept as ``name`` in the json); ``echo=False``: files only."""
         self.rows[name] = rows
         if not rows:
             return
         cols = list(rows[0])
-        self.line("| " + " | ".join(cols) + " |")
-        self.line("|" + "|".join("---" for _ in cols) + "|")
+        self.line("| " + " | ".join(cols) + " |", echo)
+        self.line("|" + "|".join("---" for _ in cols) + "|", echo)
         for r in rows:
-            self.line("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-        self.line()
+            self.line("| " + " | ".join(_fmt(r[c]) for c in cols) + " |", echo)
+        self.line("", echo)
 
 
 def _fmt(x) -> str:
@@ -97,13 +110,17 @@ def _fmt(x) -> str:
 
 def bench(fn, *args, **kwargs) -> float | str:
     """Median ms of ``fn(*args, **kwargs)`` (``"OOM"`` when it runs out of device memory)."""
+    return timed(lambda: fn(*args, **kwargs))
+
+
+def timed(thunk, warmup: int = 25, rep: int = 100) -> float | str:
+    """Median ms of ``thunk()`` by ``triton.testing.do_bench`` (``warmup``/``rep`` in ms of runs, L2 flushed
+    between runs); ``"OOM"`` when it runs out of device memory."""
     import torch
     import triton
 
     try:
-        return float(
-            triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median")
-        )
+        return float(triton.testing.do_bench(thunk, warmup=warmup, rep=rep, return_mode="median"))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM"
@@ -279,6 +296,124 @@ def decode_section(rep: Report, copy_bw: float, quick: bool) -> None:
     rep.table("decode", rows)
     del keys, values
     torch.cuda.empty_cache()
+
+
+def decode_small_section(
+    rep: Report, copy_bw: float, quick: bool, batches=(1, 4), lengths=(8192, 32768, 131072)
+) -> None:
+    """``decode_attention`` at small batch (``batches``; ``lengths`` live slots): the default config and a grid
+    of candidates, beside the bandwidth floor (see the module docstring)."""
+    import functools
+    import itertools
+    import math
+
+    import torch
+
+    from kvsieve.backends.triton import decode_attention as td
+    from kvsieve.backends.triton._common import cdiv, next_pow2, num_sms
+
+    t0 = time.time()
+    Hkv, G, d, Q, dtype = 8, 4, 128, 1, torch.bfloat16
+    H, M, scale = Hkv * G, G * Q, d**-0.5
+    dev = torch.device("cuda")
+    sms = num_sms(dev)
+    if quick:
+        batches, lengths = batches[:1], lengths[1:2] or lengths
+    grid = {
+        "pps": (2, 8) if quick else (2, 4, 8, 16),
+        "warps": (4,) if quick else (4, 8),
+        "block_n": (64,) if quick else (32, 64, 128),
+        "stages": (3,) if quick else (2, 3, 4),
+    }
+    default = td.default_config(d, dev)
+
+    def candidate(pps, nw, bn, ns):
+        cfg = td.DecodeConfig(
+            block_n=bn, max_block_m=64, num_warps=nw, num_stages=ns, programs=pps * sms, min_split_slots=bn
+        )
+        return f"pps={pps} w={nw} n={bn} s={ns}", cfg
+
+    candidates = [("default", None)] + [candidate(*c) for c in itertools.product(*grid.values())]
+    # the split rule before the small-batch change (2 programs per SM, one block per split at least; new reduce)
+    old_rule, old_cfg = candidate(2, default.num_warps, default.block_n, default.num_stages)
+    if old_rule not in dict(candidates):
+        candidates.append((old_rule, old_cfg))
+    rep.line(f"## decode_attention at small batch (Hkv={Hkv}, G={G}, d={d}, Q={Q}, bf16, capacity L+128, {sms} SMs)")
+    rep.line()
+    rep.line(
+        "Candidates: programs per SM (`pps`: `DecodeConfig.programs = pps x SMs`, `min_split_slots = block_n`), "
+        "num_warps `w`, block_n `n`, num_stages `s`; `default` = the shipped heuristic "
+        f"({default!r}); `{old_rule}` = the split rule before the small-batch change. floor = K and V bytes of "
+        "the live slots / copy bandwidth; `floor %` = floor / time. err = max relative error vs SDPA (flash) over "
+        "the first L slots."
+    )
+    rep.line()
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    rows, summary = [], []
+    times: dict[tuple[int, int], dict[str, float]] = {}
+    for B in batches:
+        cap_max = max(lengths) + 128
+        keys = torch.randn(B, Hkv, cap_max, d, device="cuda", dtype=dtype, generator=gen)
+        values = torch.randn_like(keys)
+        q = torch.randn(B, H, Q, d, device="cuda", dtype=dtype, generator=gen)
+        for L in lengths:
+            cap = L + 128
+            k, v = keys[:, :, :cap], values[:, :, :cap]  # a cache of capacity L+128 (a strided view)
+            starts = torch.zeros(B, Hkv, dtype=torch.int64, device="cuda")
+            ends = torch.full((B, Hkv), L, dtype=torch.int64, device="cuda")
+            want = _sdpa_flash(q, keys[:, :, :L], values[:, :, :L], scale)
+            floor_us = 2 * B * Hkv * L * d * keys.element_size() / (copy_bw * 1e9) * 1e6
+            cell = times.setdefault((B, L), {})
+            for name, cfg in candidates:
+                c = cfg or default
+                mc = cdiv(M, min(next_pow2(max(M, 16)), next_pow2(c.max_block_m)))
+                splits = td.choose_num_splits(B * Hkv, mc, cap, sms, c.block_n, c, 4 * M * (d + 2))
+                run = functools.partial(td.decode_attention, q, k, v, starts, ends, scale, config=cfg)
+                try:
+                    err = f"{rel_err(run(), want):.1e}"
+                    ms = timed(run, warmup=5, rep=20)
+                except Exception as exc:  # e.g. out of shared memory for a large tile
+                    err, ms = "-", f"fail ({type(exc).__name__})"
+                us = ms * 1e3 if isinstance(ms, float) else ms
+                if isinstance(us, float):
+                    cell[name] = us
+                rows.append(
+                    {
+                        "B": B,
+                        "L": _kib(L),
+                        "config": name,
+                        "splits": splits,
+                        "us": us,
+                        "floor us": floor_us,
+                        "floor %": 100.0 * floor_us / us if isinstance(us, float) else "-",
+                        "err": err,
+                    }
+                )
+            best = min(cell, key=cell.get)
+            for label, name in (("default", "default"), ("old rule", old_rule), ("best", best)):
+                r = next(r for r in rows if (r["B"], r["L"], r["config"]) == (B, _kib(L), name))
+                summary.append({"B": B, "L": _kib(L), "which": label, **{col: r[col] for col in list(r)[2:]}})
+            del want
+        del keys, values
+        torch.cuda.empty_cache()
+    rep.table("decode_small_summary", summary)
+    # each candidate over every cell: geometric mean of time / the cell's best (1.00 = best everywhere)
+    ranked = []
+    for name, _ in candidates:
+        ratios = [cell[name] / min(cell.values()) for cell in times.values() if name in cell]
+        if len(ratios) == len(times):
+            ranked.append({"config": name, "geomean / best": math.exp(sum(map(math.log, ratios)) / len(ratios))})
+    ranked.sort(key=lambda r: r["geomean / best"])
+    top = ranked[:10] + [r for r in ranked[10:] if r["config"] in ("default", old_rule)]
+    rep.line("Candidates ranked over all cells (top 10, plus the default and the old rule):")
+    rep.line()
+    rep.table("decode_small_ranked", top)
+    rep.line("Every candidate in every cell: table `decode_small` of kernels.md / kernels.json.")
+    rep.line()
+    rep.table("decode_small", rows, echo=False)
+    rep.table("decode_small_ranked_all", ranked, echo=False)
+    rep.line(f"decode_small: {time.time() - t0:.0f} s")
+    rep.line()
 
 
 def compact_section(rep: Report, copy_bw: float, quick: bool) -> None:
@@ -594,6 +729,8 @@ def main(argv=None) -> int:
         compact_section(rep, copy_bw, args.quick)
     if "layer_ops" in args.sections:
         layer_ops_section(rep, copy_bw, args.quick)
+    if "decode_small" in args.sections:
+        decode_small_section(rep, copy_bw, args.quick)
     if args.sweep:
         sweep_section(rep)
     rep.line(f"Total benchmark time: {time.time() - t0:.0f} s")

@@ -37,6 +37,7 @@ from kvsieve.backends.torch_ref import TorchBackend  # noqa: E402
 from kvsieve.backends.triton import compaction as tc  # noqa: E402
 from kvsieve.backends.triton import decode_attention as td  # noqa: E402
 from kvsieve.backends.triton import window_scores as tw  # noqa: E402
+from kvsieve.backends.triton._common import cdiv, next_pow2  # noqa: E402
 from kvsieve.backends.triton.backend import TritonBackend  # noqa: E402
 
 REF = TorchBackend()
@@ -334,6 +335,139 @@ def test_decode_attention_strided_inputs(poison_empty):
         q, k, v, starts.to(dev), ends.to(dev), 0.3, config=None if HAS_CUDA else CPU_DECODE_CFG[1]
     )
     _assert_close(got, want, TOL[torch.float32])
+
+
+# decode split-K reduce at awkward split counts, forced with DecodeConfig(num_splits=S), block_n=16 (GPU too):
+# (B, Hkv, G, Q, C, d, S, ranges) with ranges[b][j] = (start, end)
+REDUCE_CASES = [
+    # S = 3; G = 1; a full row, an empty row, a row shorter than one block, a long one
+    (2, 2, 1, 1, 100, 16, 3, [[(0, 100), (7, 7)], [(3, 8), (10, 91)]]),
+    # S = 5; G = 4, Q = 2; one slot (only the last query sees it), a full row
+    (1, 3, 4, 2, 100, 32, 5, [[(0, 100), (13, 14), (20, 99)]]),
+    # S = 6 but a 70-slot row has 5 chunks of 16 (the sixth is empty); G = 7
+    (2, 1, 7, 1, 70, 16, 6, [[(0, 70)], [(30, 31)]]),
+    # S = 7; Q = 5 with 4 live slots (query 0 sees nothing); M = 20 > max_block_m 16: two row chunks; d = 24
+    (1, 2, 4, 5, 90, 24, 7, [[(2, 90), (5, 9)]]),
+    # S = 9, more than any row's chunks; an empty and a 3-slot row
+    (2, 2, 2, 3, 100, 16, 9, [[(0, 0), (60, 100)], [(4, 7), (11, 100)]]),
+    # S = 13, every chunk non-empty: more chunks than BLOCK_S at small reduce tiles (several blocks of chunks)
+    (1, 1, 4, 1, 200, 16, 13, [[(0, 200)]]),
+]
+REDUCE_DEVICES = [pytest.param(CPU_DEVICE, torch.float32, id="cpu-float32", marks=cpu)] + [
+    pytest.param("cuda", dt, id=f"gpu-{str(dt)[6:]}", marks=[pytest.mark.gpu, gpu])
+    for dt in (torch.float32, torch.bfloat16)
+]
+
+
+def _reduce_case_id(case) -> str:
+    B, Hkv, G, Q, C, d, S, _ = case
+    return f"B{B}-Hkv{Hkv}-G{G}-Q{Q}-C{C}-d{d}-S{S}"
+
+
+def _check_decode_split(device, dtype, B, Hkv, G, Q, C, d, S, starts, ends, reduce_tile, seed):
+    gen = _gen(seed)
+    q = _randn(gen, B, Hkv * G, Q, d, dtype=dtype, device=device)
+    k = _randn(gen, B, Hkv, C, d, dtype=dtype, device=device)
+    v = _randn(gen, B, Hkv, C, d, dtype=dtype, device=device)
+    scale = d**-0.5
+    want = REF.decode_attention(*_cpu(q, k, v, starts, ends), scale)
+    k = _poisoned(k, starts, ends, "nan")
+    v = _poisoned(v, starts, ends, "huge")
+    cfg = td.DecodeConfig(block_n=16, max_block_m=16, num_splits=S, reduce_tile=reduce_tile)
+    out = torch.full_like(q, float("nan"))
+    got = td.decode_attention(q, k, v, starts.to(device), ends.to(device), scale, out=out, config=cfg)
+    assert got is out
+    _assert_close(got, want, TOL[dtype])
+    lens = (ends - starts).clamp(min=0)
+    dead = (lens == 0).repeat_interleave(G, dim=1)  # [B, H]: rows with no live slot output exact zeros
+    assert (got.cpu()[dead] == 0).all()
+
+
+@pytest.mark.parametrize("reduce_tile", [8192, 256, 64])  # one pass; BLOCK_S = 4; BLOCK_S = 1 (one per step)
+@pytest.mark.parametrize("case", REDUCE_CASES, ids=_reduce_case_id)
+@pytest.mark.parametrize("device,dtype", REDUCE_DEVICES)
+def test_decode_split_reduce(device, dtype, case, reduce_tile, poison_empty):
+    """The reduce combines exactly the non-empty chunks, whatever S, BLOCK_S and the ranges."""
+    B, Hkv, G, Q, C, d, S, ranges = case
+    se = torch.tensor(ranges, dtype=torch.int64)  # [B, Hkv, 2]
+    _check_decode_split(device, dtype, B, Hkv, G, Q, C, d, S, se[..., 0], se[..., 1], reduce_tile, hash(case[:7]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("device,dtype", REDUCE_DEVICES)
+def test_decode_split_reduce_random(device, dtype, seed, poison_empty):
+    """Random shapes, ranges (with a full, an empty and a one-slot range), split counts and reduce tiles."""
+    gen = _gen(100 + seed)
+    G = (1, 4, 7, 3)[seed]
+    Q = (1, 5, 2, 3)[seed]
+    B, Hkv, C, d = 2, 3, 90, 16
+    S = int(torch.randint(2, 12, (1,), generator=gen))
+    starts, ends = _ranges(gen, B, Hkv, C)
+    _check_decode_split(device, dtype, B, Hkv, G, Q, C, d, S, starts, ends, (8192, 256, 64, 512)[seed], seed)
+
+
+def test_reduce_tiles():
+    """Powers of two within the budget; every split in one block at the default budget up to 128 splits."""
+    assert td.reduce_tiles(33, 4, 128, 8192) == (64, 4, 32)  # batch 1, G = 4, Q = 1: one pass, 4 column tiles
+    assert td.reduce_tiles(2, 128, 128, 8192) == (2, 128, 32)
+    for n in (2, 3, 5, 33, 64, 100, 128, 129, 1000):
+        for M in (1, 4, 7, 20, 128):
+            for d in (16, 24, 64, 128, 256):
+                for budget in (16, 64, 256, 8192, 32768):
+                    bs, bm, bd = td.reduce_tiles(n, M, d, budget)
+                    assert all(x & (x - 1) == 0 for x in (bs, bm, bd)), (n, M, d, budget)
+                    assert bs <= next_pow2(n) and bm <= next_pow2(M) and 16 <= bd <= next_pow2(d)
+                    assert bs * bm * bd <= budget, (n, M, d, budget, bs, bm, bd)
+                    if budget == 8192 and n <= 128:
+                        assert bs == next_pow2(n)
+
+
+# split count: a pure function of the shapes (CPU only, no kernel runs)
+H200_SMS = 132
+GPU_DECODE_CFG = td.DecodeConfig(block_n=64, max_block_m=64, num_warps=4, num_stages=3)  # the d=128 default
+ROW_BYTES = 4 * 4 * (128 + 2)  # fp32 partials of one split of one row at G*Q = 4, d = 128
+
+
+def _splits(rows, C=131072 + 128, cfg=GPU_DECODE_CFG, mc=1, sms=H200_SMS, row_bytes=ROW_BYTES):
+    return td.choose_num_splits(rows, mc, C, sms, cfg.block_n, cfg, row_bytes)
+
+
+def test_choose_num_splits_small_batch_splits_deeper():
+    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at 3 programs per SM; a split covers
+    at least 256 capacity slots."""
+    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [49, 24, 12, 6, 3, 1, 1, 1, 1]
+    assert _splits(8 * 32, C=32768 + 128) == 1  # the measured-fastest unsplit batch-32 case
+    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 12288, 12800, 131200)] == [1, 1, 2, 8, 32, 48, 49, 49]
+    assert _splits(8 * 4, mc=2) == 6  # MC > 1 counts as more rows
+    for C in (1, 300, 8192, 131200):  # never more splits for more rows
+        counts = [_splits(rows, C=C) for rows in range(1, 600)]
+        assert all(a >= b >= 1 for a, b in zip(counts, counts[1:])), C
+
+
+def test_choose_num_splits_unchanged_from_b_hkv_at_sm_count():
+    """B*Hkv*MC >= SMs: the same split count as before (2 programs per SM) at capacities >= 512."""
+    for sms in (2, 78, 132):
+        for rows in range(sms, 3 * sms + 2):
+            for mc in (1, 2):
+                for C in (512, 8192, 32896):
+                    old = max(1, min((2 * sms) // (rows * mc), cdiv(C, 64)))
+                    assert _splits(rows, C=C, mc=mc, sms=sms) == old, (sms, rows, mc, C)
+
+
+def test_choose_num_splits_overrides_and_caps():
+    cfg = td.DecodeConfig(block_n=16, max_block_m=64, num_splits=5)
+    assert _splits(8, cfg=cfg) == 5 and _splits(8 * 64, cfg=cfg) == 5  # forced, whatever the shapes
+    assert _splits(8, cfg=td.DecodeConfig(block_n=16, max_block_m=64, num_splits=0)) == 1
+    # programs: a target per launch, for every B*Hkv
+    assert _splits(8, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1000)) == 125
+    assert _splits(8 * 32, cfg=td.DecodeConfig(block_n=64, max_block_m=64, programs=1056)) == 4
+    # min_split_slots (256 by default) and block_n bound the splits of a 2K cache
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=64, max_block_m=64)) == 8
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=64, max_block_m=64, min_split_slots=1)) == 32
+    assert _splits(8, C=2048, cfg=td.DecodeConfig(block_n=128, max_block_m=64, min_split_slots=1)) == 16
+    # partials under 256 MiB; at least one split for any input
+    assert _splits(8, row_bytes=(256 << 20) // 80) == 10
+    assert _splits(8, row_bytes=1 << 40) == 1 and _splits(8, C=0) == 1 and _splits(0) >= 1
 
 
 # ------------------------------------------------------------------------------------------ compaction

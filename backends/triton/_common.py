@@ -3,11 +3,12 @@ anywhere).
 
 * :func:`interpret_mode` -- whether ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors through Triton's
   interpreter; the variable must be set before ``triton`` is imported).
-* :func:`next_pow2`, :func:`cdiv` -- tile arithmetic.
+* :func:`next_pow2`, :func:`prev_pow2`, :func:`cdiv` -- tile arithmetic.
 * :func:`dot_precision` -- the ``tl.dot`` input precision for a dtype: ``"ieee"`` for fp32 (no TF32: fp32
   inputs must match the torch reference to ~1e-5), the default ``"tf32"`` otherwise (ignored for fp16/bf16
   inputs).
-* :func:`target_programs` -- how many programs a launch should have to fill the device (a few per SM).
+* :func:`num_sms`, :func:`target_programs` -- the SM count, and how many programs a launch should have to fill
+  the device (a few per SM).
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import os
 
 import torch
 
-__all__ = ["cdiv", "compute_dtype", "dot_precision", "interpret_mode", "next_pow2", "target_programs"]
+__all__ = [
+    "cdiv",
+    "compute_dtype",
+    "dot_precision",
+    "interpret_mode",
+    "next_pow2",
+    "num_sms",
+    "prev_pow2",
+    "target_programs",
+]
 
 
 def interpret_mode() -> bool:
@@ -35,6 +45,11 @@ def next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+def prev_pow2(x: int) -> int:
+    """Largest power of two ``<= max(x, 1)``."""
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
 def compute_dtype(q_dtype: torch.dtype, k_dtype: torch.dtype) -> torch.dtype:
     """The dtype ``tl.dot`` runs in: the common dtype when queries and keys agree, else fp32 (both upcast)."""
     return q_dtype if q_dtype == k_dtype else torch.float32
@@ -50,10 +65,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs one launch should have to keep every SM busy (4 per SM); a small number in the interpreter,
-    where every program instance costs ~0.5 ms of CPU time."""
+def num_sms(device: torch.device) -> int:
+    """The device's SM count; 2 off CUDA and in the interpreter, where every program instance costs ~0.5 ms of
+    CPU time (so launches sized from it stay small there)."""
     if device.type != "cuda" or interpret_mode():
-        return 8
+        return 2
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return 4 * _num_sms(index)
+    return _num_sms(index)
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs one launch should have to keep every SM busy: 4 per SM (8 in the interpreter)."""
+    return 4 * num_sms(device)

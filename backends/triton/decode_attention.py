@@ -12,8 +12,9 @@ rows ``r = g*Q + i`` of one ``[M, d]`` tile (query heads ``j*G + g``): K/V block
 whole group, never repeated to ``H`` heads. fp32 accumulation; fp32 inputs use exact ``ieee`` dot products (no
 TF32).
 
-Grids (``S`` splits chosen on the host from ``B*Hkv``, the device's SM count and the capacity; no host sync,
-so the call is CUDA-graph capturable):
+Grids (``S`` splits chosen on the host by :func:`choose_num_splits` from ``B*Hkv``, the device's SM count and
+the capacity: about 2 programs per SM, 3 when ``B*Hkv*MC`` is below the SM count, at least 256 capacity slots
+per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-graph capturable):
 
 * ``_decode_split_kernel``: ``(S, B*Hkv, MC)``. Program ``(s, b*Hkv + j, mc)`` takes chunk ``s`` of row
   ``(b, j)``'s live range -- the range is cut into ``S`` chunks of ``ceil(len / S)`` slots rounded up to
@@ -22,8 +23,15 @@ so the call is CUDA-graph capturable):
   It runs an online softmax over its chunk and writes the partial (max, sum, unnormalised accumulator) to fp32
   buffers ``[B*Hkv, S, M]`` / ``[B*Hkv, S, M, d]``. With ``S == 1`` it writes the normalised output directly
   instead.
-* ``_decode_reduce_kernel``: ``(B*Hkv, MC)``. Combines the non-empty chunks of the row (it recomputes how many
-  there are from ``starts``/``ends``) into the output: ``sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
+* ``_decode_reduce_kernel``: ``(B*Hkv, MR, DC)``, tiles from :func:`reduce_tiles`. Program ``(b*Hkv + j, mr,
+  dc)`` combines the non-empty chunks of row ``(b, j)`` (it recomputes how many there are from
+  ``starts``/``ends``) for a tile of query rows and of head-dim columns into the output: ``sum_s exp(m_s - m)
+  acc_s / sum_s exp(m_s - m) l_s``. The partials of up to ``BLOCK_S`` chunks (the next power of two ``>= S``,
+  at most ``DecodeConfig.reduce_tile / 64``: 128) are loaded at once as one block and combined in one
+  vectorised pass, not one chunk after another; more splits loop over blocks of chunks. The
+  ``[BLOCK_S, BLOCK_M, BLOCK_D]`` tile stays within ``reduce_tile`` (8192) fp32 elements by taking fewer head-dim
+  columns, which also spreads the reduce over more programs (batch 1 at Hkv=8: ``S = 49``, ``G*Q = 4``,
+  ``d = 128``: tiles of ``64 x 4 x 32``, 4 programs per row, 32 in all; 8 warps).
 """
 
 from __future__ import annotations
@@ -32,15 +40,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, target_programs
+from ._common import cdiv, compute_dtype, dot_precision, interpret_mode, next_pow2, num_sms, prev_pow2
 
-__all__ = ["decode_attention", "DecodeConfig"]
+__all__ = ["decode_attention", "DecodeConfig", "choose_num_splits"]
 
 LOG2E = 1.4426950408889634
 
 
 class DecodeConfig:
-    """Tile sizes and split count of the decode kernels (defaults from :func:`default_config`)."""
+    """Tile sizes and split count of the decode kernels (defaults from :func:`default_config`).
+
+    ``block_n``, ``num_warps``, ``num_stages``: the split kernel's slots per block and launch options;
+    ``max_block_m``: its query-row tile (``G*Q`` rows above it take several tiles, ``MC``). ``num_splits``:
+    ``S`` forced (``None``: :func:`choose_num_splits` from the shapes and the device, with ``programs`` -- a
+    target number of programs per launch, ``None``: 2 or 3 per SM -- and ``min_split_slots``). ``reduce_tile``:
+    fp32 elements of the reduce kernel's partial tile (:func:`reduce_tiles`).
+    """
 
     def __init__(
         self,
@@ -50,29 +65,112 @@ class DecodeConfig:
         num_stages: int = 2,
         num_splits: int | None = None,
         programs: int | None = None,
+        reduce_tile: int = 8192,
+        min_split_slots: int = 256,
     ):
         self.block_n = block_n
         self.max_block_m = max_block_m
         self.num_warps = num_warps
         self.num_stages = num_stages
-        self.num_splits = num_splits  # None: from the device size
-        self.programs = programs  # target programs per launch when num_splits is None (None: 2 per SM)
+        self.num_splits = num_splits
+        self.programs = programs
+        self.reduce_tile = reduce_tile
+        self.min_split_slots = min_split_slots
 
     def __repr__(self) -> str:
         return (
             f"DecodeConfig(block_n={self.block_n}, max_block_m={self.max_block_m}, "
-            f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits})"
+            f"num_warps={self.num_warps}, num_stages={self.num_stages}, num_splits={self.num_splits}, "
+            f"programs={self.programs}, reduce_tile={self.reduce_tile}, min_split_slots={self.min_split_slots})"
         )
 
 
 def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
-    """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``)."""
+    """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``). In the interpreter
+    a split may be a single block, so small test shapes still run split-K with the default config."""
     if device.type != "cuda" or interpret_mode():
-        return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1)
+        return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1, min_split_slots=16)
     return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
 
 
+# split count (choose_num_splits)
+PROGRAMS_PER_SM = 2  # target programs per SM when B*Hkv*MC >= SMs
+# ... and when B*Hkv*MC < SMs (few rows: split deeper). 3 = one full wave of the default d=128 bf16 tile: compiled
+# for sm_90 it takes 72 KB of shared memory (3 stages of a 64-slot K and V block) and 146 registers x 128 threads,
+# so 3 programs fit on an H200 SM (228 KB, 64K registers); 2 per SM left a third of the slots idle at batch 1
+SMALL_PROGRAMS_PER_SM = 3
+MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
+REDUCE_WARPS = 8  # the reduce kernel's warps: 32 fp32 of its 8192-element tile per thread, no register spills
+
+
+def choose_num_splits(
+    rows: int, mc: int, capacity: int, sms: int, block_n: int, config: DecodeConfig, row_partial_bytes: int
+) -> int:
+    """The split count ``S`` of one call: a pure function of the shapes and the device, never of the live
+    lengths (no host sync: the call stays CUDA-graph capturable).
+
+    Args:
+        rows: ``B*Hkv``. mc: query-row tiles per row (``MC``). capacity: cache slots ``C``. sms: the device's SM
+            count. block_n: the split kernel's ``BLOCK_N``. config: its ``num_splits``, ``programs`` and
+            ``min_split_slots`` are used. row_partial_bytes: fp32 partial bytes one split adds per row
+            (``4*M*(d + 2)``).
+
+    * ``config.num_splits`` given: that (at least 1).
+    * Else a target of ``P`` programs -- ``config.programs`` if given, else ``PROGRAMS_PER_SM`` (2) per SM when
+      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (3) per SM when there are fewer rows than SMs (a deeper
+      split, so that a few long rows spread over more programs) -- gives ``S = P // (rows*mc)``, at least 1:
+      by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
+      Hkv=8, 256 rows on 132 SMs).
+    * Each split covers at least ``max(block_n, config.min_split_slots)`` slots of the capacity: ``S <=
+      ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
+    * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
+
+    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 12.5K: batch 32 -> 1 (unsplit), 16 -> 3,
+    8 -> 6, 4 -> 12, 2 -> 24, 1 -> 49 (at C = 8K: 32 splits of 256 slots).
+    """
+    if config.num_splits is not None:
+        return max(1, int(config.num_splits))
+    work = max(1, rows * mc)
+    if config.programs is not None:
+        programs = config.programs
+    else:
+        programs = (PROGRAMS_PER_SM if work >= sms else SMALL_PROGRAMS_PER_SM) * sms
+    n = programs // work
+    n = min(n, cdiv(max(capacity, 1), max(block_n, config.min_split_slots, 1)))
+    n = min(n, MAX_PARTIAL_BYTES // max(rows * row_partial_bytes, 1))
+    return max(1, n)
+
+
+def reduce_tiles(n_splits: int, M: int, d: int, budget: int) -> tuple[int, int, int]:
+    """``(BLOCK_S, BLOCK_M, BLOCK_D)`` of :func:`_decode_reduce_kernel`, powers of two.
+
+    One program combines ``BLOCK_S`` splits at a time (all of them in one pass when ``n_splits <= BLOCK_S``) for
+    ``BLOCK_M`` query rows and ``BLOCK_D`` columns of the head dim; its ``[BLOCK_S, BLOCK_M, BLOCK_D]`` fp32 tile
+    of partial accumulators stays within ``budget`` elements (as long as ``budget >= 16``), so a few rows or
+    many splits leave fewer columns per program and more programs along ``d``. ``BLOCK_S`` leaves room for at
+    least 4 rows of 16 columns, ``BLOCK_D`` is at least 16 (unless ``d`` is smaller).
+    """
+    block_s = min(next_pow2(n_splits), prev_pow2(budget // 64))
+    block_m = min(next_pow2(M), prev_pow2(budget // (16 * block_s)))
+    block_d = min(next_pow2(max(d, 16)), max(16, prev_pow2(budget // (block_s * block_m))))
+    return block_s, block_m, block_d
+
+
 # --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _row_chunks(lo_ptr, hi_ptr, bj, n_splits, block_n):
+    """Row ``bj``'s live range ``[lo, hi)`` and its chunk length ``ceil(len / n_splits)`` rounded up to
+    ``block_n`` (the split kernel's ``BLOCK_N``), with ``n_valid = ceil(len / chunk)`` non-empty chunks (0 for an
+    empty row). Chunk ``s`` is ``[lo + s*chunk, min(lo + (s+1)*chunk, hi))``: non-empty exactly when
+    ``s < n_valid``."""
+    lo = tl.load(lo_ptr + bj)
+    hi = tl.load(hi_ptr + bj)
+    length = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), block_n) * block_n
+    n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
+    return lo, hi, chunk, n_valid
+
+
 @triton.jit
 def _decode_split_kernel(
     q_ptr,
@@ -124,10 +222,7 @@ def _decode_split_kernel(
     mc = tl.program_id(2)
     b = bj // Hkv
     j = bj % Hkv
-    lo = tl.load(lo_ptr + bj)
-    hi = tl.load(hi_ptr + bj)
-    length = tl.maximum(hi - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
+    lo, hi, chunk, _ = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, BLOCK_N)
     c_lo = lo + s * chunk
     c_hi = tl.minimum(c_lo + chunk, hi)
     M = G * Q
@@ -213,46 +308,61 @@ def _decode_reduce_kernel(
     Q,
     D,
     n_splits,
+    block_n,
+    BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Combine the non-empty chunks of row ``(b, j)`` for one tile of query rows into the output."""
+    """Combine the non-empty chunks of row ``(b, j)`` into the output, for query rows
+    ``[mr*BLOCK_M, (mr+1)*BLOCK_M)`` and head-dim columns ``[dc*BLOCK_D, (dc+1)*BLOCK_D)`` (program
+    ``(b*Hkv + j, mr, dc)``).
+
+    Partials as the split kernel writes them: ``pm``/``pl`` ``[B*Hkv, S, M]``, ``pacc`` ``[B*Hkv, S, M, D]``
+    (fp32, contiguous); ``block_n`` is the split kernel's ``BLOCK_N`` (a plain argument here: one compiled reduce
+    serves every ``BLOCK_N``). The chunks are loaded ``BLOCK_S`` at a time as one ``[BLOCK_S, BLOCK_M]`` /
+    ``[BLOCK_S, BLOCK_M, BLOCK_D]`` block -- one pass when the row has at most ``BLOCK_S`` non-empty chunks --
+    and combined at once: block max ``m``, weights ``exp2(m_s - m)`` (0 for a chunk in which a query saw
+    nothing), weighted sums over ``s``. Chunks ``s >= n_valid`` (recomputed from ``starts``/``ends``) are masked
+    and never read (the split kernel did not write them). Successive blocks (only when ``n_valid > BLOCK_S``)
+    are merged by the usual online rescaling. A query row with no visible slot (``l == 0``) gets zeros.
+    """
     bj = tl.program_id(0)
-    mc = tl.program_id(1)
+    mr = tl.program_id(1)
+    dc = tl.program_id(2)
     b = bj // Hkv
     j = bj % Hkv
-    lo = tl.load(lo_ptr + bj)
-    hi = tl.load(hi_ptr + bj)
-    length = tl.maximum(hi - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
-    n_valid = tl.where(length > 0, tl.cdiv(length, tl.maximum(chunk, 1)), 0)
+    _, _, _, n_valid = _row_chunks(lo_ptr, hi_ptr, bj, n_splits, block_n)
 
     M = G * Q
-    rows = mc * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = mr * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     g = rows // Q
     i = rows % Q
-    dcols = tl.arange(0, BLOCK_D)
+    dcols = dc * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, n_valid):
-        prow = (bj.to(tl.int64) * n_splits + s) * M + rows
-        m_s = tl.load(pm_ptr + prow, mask=rmask, other=float("-inf"))
-        l_s = tl.load(pl_ptr + prow, mask=rmask, other=0.0)
+    row0 = bj.to(tl.int64) * n_splits * M  # the row's first partial; offsets from it (< S*M*D) fit in int32
+    for s0 in range(0, n_valid, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        prow = s[:, None] * M + rows[None, :]  # [BLOCK_S, BLOCK_M]
+        pmask = (s < n_valid)[:, None] & rmask[None, :]
+        m_s = tl.load(pm_ptr + row0 + prow, mask=pmask, other=float("-inf"))
+        l_s = tl.load(pl_ptr + row0 + prow, mask=pmask, other=0.0)
         acc_s = tl.load(
-            pacc_ptr + prow[:, None] * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
-        )
-        m_new = tl.maximum(m, m_s)
+            pacc_ptr + row0 * D + prow[:, :, None] * D + dcols[None, None, :],
+            mask=pmask[:, :, None] & dmask[None, None, :],
+            other=0.0,
+        )  # [BLOCK_S, BLOCK_M, BLOCK_D]
+        m_new = tl.maximum(m, tl.max(m_s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l = l * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        w = tl.exp2(m_s - m_safe[None, :])  # [BLOCK_S, BLOCK_M]; 0 where m_s == -inf (masked or nothing seen)
+        l = l * alpha + tl.sum(l_s * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(acc_s * w[:, :, None], 0)
         m = m_new
-    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]  # l == 0: nothing visible (or an empty row) -> zeros
     tl.store(
         out_ptr
         + b.to(tl.int64) * so_b
@@ -311,15 +421,7 @@ def decode_attention(
     mc = cdiv(M, block_m)
     lo = starts.to(device=keys.device, dtype=torch.int64).contiguous()
     hi = ends.to(device=keys.device, dtype=torch.int64).contiguous()
-    if cfg.num_splits is not None:
-        n_splits = max(1, int(cfg.num_splits))
-    else:
-        # ~2 programs per SM: B*Hkv >= 2*SMs runs unsplit (no partials, no reduce: measured fastest on an H200
-        # at B*Hkv = 256); fewer rows are split so one long row still spreads over the whole GPU
-        programs = cfg.programs or max(1, target_programs(keys.device) // 2)
-        n_splits = max(1, min(programs // (B * Hkv * mc), cdiv(max(C, 1), cfg.block_n)))
-        # partial accumulators stay under ~256 MiB
-        n_splits = max(1, min(n_splits, (256 << 20) // max(B * Hkv * M * d * 4, 1)))
+    n_splits = choose_num_splits(B * Hkv, mc, C, num_sms(keys.device), cfg.block_n, cfg, 4 * M * (d + 2))
     single = n_splits == 1
     if single:
         pm = pl = pacc = out  # unused
@@ -360,7 +462,8 @@ def decode_attention(
         num_stages=cfg.num_stages,
     )
     if not single:
-        _decode_reduce_kernel[(B * Hkv, mc)](
+        r_s, r_m, r_d = reduce_tiles(n_splits, M, d, cfg.reduce_tile)
+        _decode_reduce_kernel[(B * Hkv, cdiv(M, r_m), cdiv(d, r_d))](
             lo,
             hi,
             out,
@@ -373,9 +476,10 @@ def decode_attention(
             Q,
             d,
             n_splits,
-            BLOCK_M=block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_D=block_d,
-            num_warps=4,
+            cfg.block_n,
+            BLOCK_S=r_s,
+            BLOCK_M=r_m,
+            BLOCK_D=r_d,
+            num_warps=REDUCE_WARPS,
         )
     return out
