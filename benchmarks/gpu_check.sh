@@ -67,7 +67,7 @@ for stage in $stages; do
                 | tail -n 40 | tee "$out/gpu_tests_files.txt" ;;
     fastpath) python -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -n 40 \
                 | tee "$out/gpu_tests_fastpath.txt" ;;
-    kernels) python benchmarks/kernels.py "$out" 2>&1 | tail -n 80 ;;
+    kernels) python benchmarks/kernels.py "$out" ${KERNEL_SECTIONS:+--sections "$KERNEL_SECTIONS"} 2>&1 | tail -n 80 ;;
     flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
     e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;
     fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;
