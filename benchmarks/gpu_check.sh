@@ -98,8 +98,7 @@ for stage in $stages; do
              PYTHONPATH="$PYTHONPATH:$extra" python benchmarks/eval_grid.py run --out "$out/grid" \
                --procs "${EVAL_GRID_PROCS:-2}" --n "${EVAL_GRID_N:-16}" --seed "${EVAL_GRID_SEED:-101}" \
                --lengths "${EVAL_GRID_LENGTHS:-1K,2K,4K}" ${EVAL_GRID_ARGS:-} "${kvpress[@]}" 2>&1 | tail -n 60
-             cat "$out"/grid/*/results.jsonl > "$out/grid_results.jsonl"
-             cp "$out/grid/grid.md" "$out/grid/grid.json" "$out/" 2>/dev/null
+             cp "$out/grid/grid.md" "$out/grid/grid.json" "$out/grid/grid_results.jsonl" "$out/" 2>/dev/null
              [ -d "$out/grid/kvpress" ] && cat "$out"/grid/kvpress/kvpress_results*.jsonl > "$out/kvpress_results.jsonl" \
                && cp "$out/grid/kvpress/kvpress_table.md" "$out/"
              tar czf "$out/grid_logs.tgz" -C "$out/grid" logs 2>/dev/null ;;
