@@ -432,13 +432,14 @@ def _splits(rows, C=131072 + 128, cfg=GPU_DECODE_CFG, mc=1, sms=H200_SMS, row_by
     return td.choose_num_splits(rows, mc, C, sms, cfg.block_n, cfg, row_bytes)
 
 
-def test_choose_num_splits_small_batch_splits_deeper():
-    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at 3 programs per SM; a split covers
-    at least 256 capacity slots."""
-    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [49, 24, 12, 6, 3, 1, 1, 1, 1]
+def test_choose_num_splits_small_batch():
+    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at SMALL_PROGRAMS_PER_SM (2, measured
+    best) programs per SM; a split covers at least 256 capacity slots."""
+    assert td.SMALL_PROGRAMS_PER_SM == 2
+    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [33, 16, 8, 4, 2, 1, 1, 1, 1]
     assert _splits(8 * 32, C=32768 + 128) == 1  # the measured-fastest unsplit batch-32 case
-    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 12288, 12800, 131200)] == [1, 1, 2, 8, 32, 48, 49, 49]
-    assert _splits(8 * 4, mc=2) == 6  # MC > 1 counts as more rows
+    assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 12288, 12800, 131200)] == [1, 1, 2, 8, 32, 33, 33, 33]
+    assert _splits(8 * 4, mc=2) == 4  # MC > 1 counts as more rows
     for C in (1, 300, 8192, 131200):  # never more splits for more rows
         counts = [_splits(rows, C=C) for rows in range(1, 600)]
         assert all(a >= b >= 1 for a, b in zip(counts, counts[1:])), C

@@ -30,7 +30,7 @@ per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-gr
   at most ``DecodeConfig.reduce_tile / 64``: 128) are loaded at once as one block and combined in one
   vectorised pass, not one chunk after another; more splits loop over blocks of chunks. The
   ``[BLOCK_S, BLOCK_M, BLOCK_D]`` tile stays within ``reduce_tile`` (8192) fp32 elements by taking fewer head-dim
-  columns, which also spreads the reduce over more programs (batch 1 at Hkv=8: ``S = 49``, ``G*Q = 4``,
+  columns, which also spreads the reduce over more programs (batch 1 at Hkv=8: ``S = 33``, ``G*Q = 4``,
   ``d = 128``: tiles of ``64 x 4 x 32``, 4 programs per row, 32 in all; 8 warps).
 """
 
@@ -53,7 +53,7 @@ class DecodeConfig:
     ``block_n``, ``num_warps``, ``num_stages``: the split kernel's slots per block and launch options;
     ``max_block_m``: its query-row tile (``G*Q`` rows above it take several tiles, ``MC``). ``num_splits``:
     ``S`` forced (``None``: :func:`choose_num_splits` from the shapes and the device, with ``programs`` -- a
-    target number of programs per launch, ``None``: 2 or 3 per SM -- and ``min_split_slots``). ``reduce_tile``:
+    target number of programs per launch, ``None``: 2 per SM -- and ``min_split_slots``). ``reduce_tile``:
     fp32 elements of the reduce kernel's partial tile (:func:`reduce_tiles`).
     """
 
@@ -95,10 +95,11 @@ def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
 
 # split count (choose_num_splits)
 PROGRAMS_PER_SM = 2  # target programs per SM when B*Hkv*MC >= SMs
-# ... and when B*Hkv*MC < SMs (few rows: split deeper). 3 = one full wave of the default d=128 bf16 tile: compiled
-# for sm_90 it takes 72 KB of shared memory (3 stages of a 64-slot K and V block) and 146 registers x 128 threads,
-# so 3 programs fit on an H200 SM (228 KB, 64K registers); 2 per SM left a third of the slots idle at batch 1
-SMALL_PROGRAMS_PER_SM = 3
+# ... and when B*Hkv*MC < SMs (few rows). Measured on an H200 (benchmarks/kernels.py --sections decode_small, bf16,
+# d=128, B in {1, 4}, L in {8K, 32K, 128K}): 2 per SM (the rule before) came within 4.5% of the best candidate of
+# each cell on geometric mean, 3 per SM within 6.2% (slower at B=4, 8K: 60.4 vs 56.8 us), so 2 stays; the gain at
+# small batch came from the vectorised reduce (0.341 -> 0.135 ms per Llama-3.1-8B step at batch 1)
+SMALL_PROGRAMS_PER_SM = 2
 MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
 REDUCE_WARPS = 8  # the reduce kernel's warps: 32 fp32 of its 8192-element tile per thread, no register spills
 
@@ -117,16 +118,16 @@ def choose_num_splits(
 
     * ``config.num_splits`` given: that (at least 1).
     * Else a target of ``P`` programs -- ``config.programs`` if given, else ``PROGRAMS_PER_SM`` (2) per SM when
-      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (3) per SM when there are fewer rows than SMs (a deeper
-      split, so that a few long rows spread over more programs) -- gives ``S = P // (rows*mc)``, at least 1:
+      ``rows*mc >= sms`` and ``SMALL_PROGRAMS_PER_SM`` (2, measured) per SM when there are fewer rows than SMs
+      -- gives ``S = P // (rows*mc)``, at least 1:
       by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
       Hkv=8, 256 rows on 132 SMs).
     * Each split covers at least ``max(block_n, config.min_split_slots)`` slots of the capacity: ``S <=
       ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
     * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
 
-    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 12.5K: batch 32 -> 1 (unsplit), 16 -> 3,
-    8 -> 6, 4 -> 12, 2 -> 24, 1 -> 49 (at C = 8K: 32 splits of 256 slots).
+    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 8.5K: batch 32 -> 1 (unsplit), 16 -> 2,
+    8 -> 4, 4 -> 8, 2 -> 16, 1 -> 33 (at C = 8K: 32 splits of 256 slots).
     """
     if config.num_splits is not None:
         return max(1, int(config.num_splits))
