@@ -5,12 +5,14 @@
 #
 # Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), pytest-files (pytest -m gpu on
 # GPU_TEST_FILES), fastpath (pytest -m gpu on the fast path only), gputests (the flash, fast-path,
-# integration and bench GPU tests), kernels (Triton kernel benchmark),
-# flash (prefill TTFT per backend), e2e (backend agreement end to end), fastkv (TTFT smoke at 32K),
+# integration and bench GPU tests), kernels (Triton kernel benchmark; KERNEL_SECTIONS picks sections, e.g.
+# layer_ops,decode_small),
+# flash (prefill TTFT per backend), e2e (backend agreement end to end, fused vs unfused layers), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
 # bench-validate (one real 8K run at batch 32 against the model), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
-# profile (torch.profiler over one prefill per compressor at 8K), profile-decode (one decode step's kernels),
+# profile (torch.profiler over one prefill per compressor at 8K), profile-decode (decode steps against the
+# bandwidth floor at batch 1 and 32, unfused / fused layers, and their kernels; ~2 min),
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
 # RPC decode at R1-7B shapes, SnapKV/FastKV TTFT at 8K/32K), tp (tensor parallelism on TP_GPUS=2 GPUs: every rank
 # keeps what one GPU keeps; needs a machine with that many GPUs), tp-speed (TP=TP_GPUS vs TP=1 speed and memory:
