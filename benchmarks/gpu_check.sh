@@ -10,7 +10,8 @@
 # flash (prefill TTFT per backend), e2e (backend agreement end to end, fused vs unfused layers), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
-# bench-validate (one real 8K run at batch 32 against the model), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
+# bench-validate (one real 8K run at batch 32 against the model), validate-rpc-32k / validate-full-32k (real
+# 32K runs at batch 32, one compressor each), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
 # profile (torch.profiler over one prefill per compressor at 8K), profile-decode (decode steps against the
 # bandwidth floor at batch 1 and 32, unfused / fused layers, and their kernels; ~2 min),
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
@@ -126,6 +127,15 @@ for stage in $stages; do
                         --out "$out/bench-decode-qwq" 2>&1 | tail -n 40 ;;
     bench-validate)   python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
                         --new-tokens 8K --validate 32:8K --no-hf --out "$out/bench-validate" 2>&1 | tail -n 20 ;;
+    # issue 16's end-to-end goal: real 32K-token runs at batch 32 (R1-7B shapes, fast path), one compressor per
+    # stage so each fits one 10-minute call (~6 min each on an H200): tokens/s measured, the modelled rate beside it
+    validate-rpc-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
+                        --new-tokens 32K --validate 32:32K --samples 2 --no-hf --no-hf-static \
+                        --compressor rpc:interval=4096,window=32,ratio=0.25 --out "$out/validate-rpc-32k" 2>&1 \
+                        | tail -n 20 ;;
+    validate-full-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
+                        --new-tokens 32K --validate 32:32K --samples 2 --no-hf --no-hf-static --compressor none \
+                        --out "$out/validate-full-32k" 2>&1 | tail -n 20 ;;
     profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
     bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast --no-hf-static \
                         --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
