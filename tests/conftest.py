@@ -132,3 +132,19 @@ def gpu_backends() -> list[str]:
 def checks_on(monkeypatch):
     """The run-time contract checks at their default: on."""
     monkeypatch.delenv("KVSIEVE_CHECKS", raising=False)
+
+
+def triton_kernels_or_skip(what: str) -> bool:
+    """Whether compiled Triton kernels can run here (a CUDA GPU and TRITON_INTERPRET unset: the ``gpu`` cases);
+    skips the calling test module when neither they nor Triton's CPU interpreter can (``what``: its tests, for
+    the message), or when triton is not installed."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    has_cuda = torch.cuda.is_available() and not interpret  # GPU cases run compiled kernels, never the interpreter
+    if not has_cuda and not interpret:
+        pytest.skip(
+            "no CUDA device: set TRITON_INTERPRET=1 in the environment (before triton is imported) to run the "
+            f"{what} on CPU through Triton's interpreter",
+            allow_module_level=True,
+        )
+    pytest.importorskip("triton")
+    return has_cuda

@@ -25,16 +25,10 @@ import os
 
 import pytest
 import torch
+from conftest import triton_kernels_or_skip
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET  # GPU cases run compiled kernels, never the interpreter
-if not HAS_CUDA and not INTERPRET:
-    pytest.skip(
-        "no CUDA device: set TRITON_INTERPRET=1 in the environment (before triton is imported) to run the "
-        "triton layer-op tests on CPU through Triton's interpreter",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton")
+HAS_CUDA = triton_kernels_or_skip("triton layer-op tests")
 
 from kvsieve import layer_ops as ref  # noqa: E402
 from kvsieve.backends.triton import layer_ops as tlo  # noqa: E402
