@@ -6,8 +6,8 @@ the static-cache step, and CUDA-graph replay times against the bandwidth floor (
 Two settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 (live entries per layer 8K, 11K --
 RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at
 128K --, 32K and 128K). For each model the same probe (random prompt, full cache, triton backend) is built twice, with
-the fused decoder layer (kvsieve.fused_layer), with it but q/k/v as three GEMMs, and without it, one after the
-other in one process. For each live
+the fused decoder layer (kvsieve.fused_layer), with it but q/k/v as three GEMMs and gate/up as two, and without it,
+one after the other in one process. For each live
 length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor (weights + live K/V
 at the measured copy bandwidth). At the profiled length, the profile of 5 eager runs of the same step (the graph
 itself cannot be profiled kernel by kernel): GPU time per kernel family, kernels per step, and the sum of kernel
@@ -34,8 +34,8 @@ from kvsieve.models import random_paper_model
 CASES = [("r1-qwen-7b", 32, (8192, 11391, 16384, 32768), 11391),
          ("llama-3.1-8b", 1, (8192, 13107, 32768, 131072), 13107)]
 PROMPT = 128
-# (label, fuse_layers, FusedDecoderLayers.merge_qkv)
-VARIANTS = [("unfused", False, False), ("fused, q/k/v apart", True, False), ("fused", True, True)]
+# (label, fuse_layers, FusedDecoderLayers.merge_qkv and .merge_gate_up)
+VARIANTS = [("unfused", False, False), ("fused, projections apart", True, False), ("fused", True, True)]
 
 
 def replay_ms(probe: DecodeProbe, live: int, count: int = 50) -> float:
@@ -78,8 +78,8 @@ def main() -> int:
     for shape, batch, lengths, profiled in CASES:
         lengths = lengths[:2] if quick else lengths
         model = random_paper_model(shape)
-        for label, fused, merge_qkv in VARIANTS:
-            FusedDecoderLayers.merge_qkv = merge_qkv
+        for label, fused, merge in VARIANTS:
+            FusedDecoderLayers.merge_qkv = FusedDecoderLayers.merge_gate_up = merge
             with torch.inference_mode(), apply(model, "none", "triton") as engine:
                 probe = DecodeProbe(model, engine, batch, PROMPT, max(lengths) + 64, fuse_layers=fused)
                 for live in lengths:
@@ -88,7 +88,7 @@ def main() -> int:
                     rows.append(dict(model=shape, batch=batch, live=live, layers=label, step_ms=round(ms, 3),
                                      floor_ms=round(floor * 1e3, 3), floor_ratio=round(ms / floor / 1e3, 3)))
                     print(rows[-1], flush=True)
-                if label == "fused, q/k/v apart":  # the replay times tell what merging the projections saves
+                if label == "fused, projections apart":  # the replay times tell what merging the projections saves
                     probe.decoder.close()
                     del probe
                     continue
@@ -107,15 +107,15 @@ def main() -> int:
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    FusedDecoderLayers.merge_qkv = True
-    lines += ["## Replay time against the bandwidth floor: unfused layers, fused with q/k/v apart, fused", "",
-              "| model | batch | live entries per layer | floor ms | unfused ms (/ floor) | fused, q/k/v apart ms "
-              "(/ floor) | fused ms (/ floor) | fused speedup |", "|---|---|---|---|---|---|---|---|"]
+    FusedDecoderLayers.merge_qkv = FusedDecoderLayers.merge_gate_up = True
+    lines += ["## Replay time against the bandwidth floor: unfused layers, fused with q/k/v and gate/up apart, fused",
+              "", "| model | batch | live entries per layer | floor ms | unfused ms (/ floor) | fused, projections "
+              "apart ms (/ floor) | fused ms (/ floor) | fused speedup |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["layers"] != "fused":
             continue
         same = {x["layers"]: x for x in rows if (x["model"], x["live"]) == (r["model"], r["live"])}
-        u, a = same["unfused"], same["fused, q/k/v apart"]
+        u, a = same["unfused"], same["fused, projections apart"]
         lines.append(f"| {r['model']} | {r['batch']} | {r['live']:,} | {r['floor_ms']:.3f} | {u['step_ms']:.3f} "
                      f"({u['floor_ratio']:.2f}) | {a['step_ms']:.3f} ({a['floor_ratio']:.2f}) | {r['step_ms']:.3f} "
                      f"({r['floor_ratio']:.2f}) | {u['step_ms'] / r['step_ms']:.2f}x |")

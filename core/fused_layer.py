@@ -10,7 +10,9 @@ decoder layer a decode-step forward built from the backend's per-layer operators
 and :meth:`~kvsieve.backend.KVBackend.silu_mul`), around the layer's own projection modules (so their biases,
 hooks and quantised weights stay as they are) and the engine's attention (so compressors see the same queries).
 The Triton backend runs each operator as one kernel; the default (torch) ones are
-:mod:`kvsieve.layer_ops`, which compute exactly what HF's layer computes.
+:mod:`kvsieve.layer_ops`, which compute exactly what HF's layer computes. Where they are plain ``nn.Linear``
+modules, q_proj/k_proj/v_proj run as one GEMM and gate_proj/up_proj as another (:class:`MergedProjections`), whose
+output's two halves ``[B, 1, F]`` go to ``silu_mul`` as they are.
 
 It replaces only decode steps of the fast path (one token per row, the static cache in use); any other call
 (a prefill, a forward outside the fast path) runs the layer's own forward. It applies to the layer classes whose
@@ -68,13 +70,16 @@ class FusedDecoderLayers:
 
     :meth:`install` sets them (inside accelerate's hook where a layer has one, so device moves still happen) until
     :meth:`remove` or the engine's detach (the end of :func:`kvsieve.apply`) gives the layers their own forwards
-    back. A layer's fused forward runs only while its engine is the one attached to the model, and a second
+    back, and the merged projections (q/k/v and gate/up, see :attr:`merge_qkv`, :attr:`merge_gate_up`) their own
+    storages. A layer's fused forward runs only while its engine is the one attached to the model, and a second
     install takes the layers over from the first (no chain of wrappers).
     """
 
     #: let q_proj, k_proj and v_proj share one weight (and bias) storage while installed, so the step runs one
     #: GEMM for the three (plain ``nn.Linear`` projections without hooks only; memory stays the same)
     merge_qkv: bool = True
+    #: the same for the MLP's gate_proj and up_proj: one GEMM ``[B, 1, D] -> [B, 1, 2F]`` for the two
+    merge_gate_up: bool = True
 
     def __init__(self, model: torch.nn.Module, engine: Engine):
         self.engine = engine
@@ -99,6 +104,10 @@ class FusedDecoderLayers:
             if self.merge_qkv and MergedProjections.allowed(projections):
                 fused.qkv = MergedProjections(projections)
                 self.merged.append(fused.qkv)
+            projections = [layer.mlp.gate_proj, layer.mlp.up_proj]
+            if self.merge_gate_up and MergedProjections.allowed(projections):
+                fused.gate_up = MergedProjections(projections)
+                self.merged.append(fused.gate_up)
             setattr(layer, attr, fused)
         self.engine.add_handle(self)
 
@@ -116,8 +125,9 @@ class FusedDecoderLayers:
 
 
 class MergedProjections:
-    """Linear modules of one input (e.g. q_proj, k_proj, v_proj) whose weights (and biases) are made views of one
-    concatenated tensor, so one GEMM computes all their outputs; :meth:`split` gives each its own storage back.
+    """Linear modules of one input (q_proj, k_proj, v_proj; gate_proj, up_proj) whose weights (and biases) are made
+    views of one concatenated tensor, so one GEMM computes all their outputs; :meth:`split` gives each its own
+    storage back.
 
     The concatenation is built one layer at a time and the old storages are freed as the views replace them, so
     the model's memory stays the same. Parameters keep their identity (only ``.data`` changes).
@@ -168,6 +178,7 @@ class _FusedForward:
         self.layer, self.engine, self.own_forward = layer, engine, own_forward
         self.replaced = replaced  # what the layer's __dict__ held under the name (None: nothing)
         self.qkv: MergedProjections | None = None  # q_proj, k_proj, v_proj as one GEMM
+        self.gate_up: MergedProjections | None = None  # gate_proj, up_proj as one GEMM
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -203,5 +214,9 @@ class _FusedForward:
         out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling)
         out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
         x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
-        out = mlp.down_proj(backend.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)  # [B, 1, F] each: the halves of one [B, 1, 2F] output
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        out = mlp.down_proj(backend.silu_mul(gate, up))
         return residual + out

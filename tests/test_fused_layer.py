@@ -3,25 +3,28 @@
 On CPU (torch backend, the references of ``kvsieve.layer_ops``): for every family (Llama, Qwen2, Qwen3 with its q/k
 norms, Mistral), a fused decode gives the logits and greedy tokens of the unfused fast path, with and without RPC
 compacting, on left-padded batches; the fused forward really runs (one ``rope_append`` per layer and step) and never
-on a prefill; the layers get their own forwards back; models it cannot restate are refused with the reason when
-``fuse_layers=True`` and left unfused by default. The ``gpu`` case compares the Triton kernels' fused graph replays
-with the unfused ones in bf16.
+on a prefill; the layers get their own forwards back; q/k/v and gate/up merged into one GEMM each give the tokens of
+separate projections, share one storage only while installed, and are left apart where a module has a hook; models
+it cannot restate are refused with the reason when ``fuse_layers=True`` and left unfused by default. The ``gpu`` case
+compares the Triton kernels' fused graph replays with the unfused ones in bf16.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, greedy, left_padded, tiny_llama
+from conftest import FAMILIES, greedy, left_padded, random_prompt, tiny_llama
 
 from kvsieve.backend import KVBackend
 from kvsieve.fastpath import StaticDecoder
-from kvsieve.fused_layer import unfusable_reason
+from kvsieve.fused_layer import FusedDecoderLayers, unfusable_reason
 from kvsieve.integration import apply, generate
 from kvsieve.propagation import decoder_layers
 
 RPC = dict(interval=8, window=4, ratio=0.25)
 LENGTHS = [21, 13, 17]
+# the projections each merge joins into one GEMM: (the _FusedForward attribute, the layer's module, their names)
+GROUPS = [("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")), ("gate_up", "mlp", ("gate_proj", "up_proj"))]
 
 
 def decode_logits(model, ids, mask, compressor, params, fuse_layers, steps, backend="torch", forced=None,
@@ -106,30 +109,79 @@ def test_decoders_left_open_do_not_outlive_their_apply(llama):
     torch.testing.assert_close(again, decode_logits(model, ids, mask, "none", {}, False, 3), rtol=1e-5, atol=1e-5)
 
 
-def test_merged_projections_share_storage_while_installed_and_get_their_own_back(tiny_models):
-    """q/k/v of a Qwen2 layer (biases) are views of one tensor during decode steps (one GEMM), and afterwards own
-    storages again: same Parameter objects, same values, no inference tensors (the model still trains)."""
+@pytest.mark.parametrize("attr, part, names", GROUPS, ids=[g[0] for g in GROUPS])
+def test_merged_projections_share_storage_while_installed_and_get_their_own_back(tiny_models, attr, part, names):
+    """q/k/v (with biases) and gate/up (without) of a Qwen2 layer are views of one tensor during decode steps (one
+    GEMM), and afterwards own storages again: same Parameter objects, same values, no inference tensors (the model
+    still trains)."""
     model, tok = tiny_models["qwen2"]
-    attn = decoder_layers(model)[0].self_attn
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    params = [p for m in projections for p in (m.weight, m.bias)]
+    layer = decoder_layers(model)[0]
+    projections = [getattr(getattr(layer, part), name) for name in names]
+    params = [p for m in projections for p in (m.weight, m.bias) if p is not None]
     before = [p.detach().clone() for p in params]
     ids, mask, _ = left_padded(tok, [7, 5], seed=4)
     with torch.inference_mode(), apply(model, "none", "torch") as engine:
         decoder = StaticDecoder(model, engine, use_cuda_graph=False)
         decoder.step(decoder.prefill(ids, mask, 4).argmax(-1))
-        merged = decoder.fused.merged[0]
+        merged = getattr(layer.forward, attr)
+        assert merged in decoder.fused.merged and all(a is b for a, b in zip(merged.modules, projections))
         assert all(m.weight.data.untyped_storage().data_ptr() == merged.weight.untyped_storage().data_ptr()
                    for m in projections)
         decoder.close()
-    after = [p for m in projections for p in (m.weight, m.bias)]
-    assert all(a is b for a, b in zip(after, params))
+    after = [p for m in projections for p in (m.weight, m.bias) if p is not None]
+    assert len(after) == len(params) and all(a is b for a, b in zip(after, params))
     assert len({p.untyped_storage().data_ptr() for p in after}) == len(after)
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert not any(p.is_inference() for p in after)
     model(input_ids=ids[:, :3]).logits.sum().backward()  # trainable: no inference tensor among the weights
-    assert attn.q_proj.weight.grad is not None
+    assert all(m.weight.grad is not None for m in projections)
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("merge_qkv, merge_gate_up", [(True, True), (True, False), (False, True)],
+                         ids=["both", "qkv", "gate_up"])
+def test_merged_projections_give_the_tokens_of_separate_ones(tiny_models, monkeypatch, family, merge_qkv,
+                                                             merge_gate_up):
+    model, tok = tiny_models[family]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=5)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_qkv", False)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_gate_up", False)
+    apart = decode_logits(model, ids, mask, "rpc", RPC, True, 20)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_qkv", merge_qkv)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_gate_up", merge_gate_up)
+    merged = decode_logits(model, ids, mask, "rpc", RPC, True, 20)
+    torch.testing.assert_close(merged, apart, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.argmax(-1), apart.argmax(-1))
+
+
+@pytest.mark.parametrize("merge_qkv, merge_gate_up, hooked", [
+    (True, True, None), (False, True, None), (True, False, None), (True, True, "gate_proj"), (True, True, "k_proj"),
+], ids=["both", "qkv-off", "gate_up-off", "gate_proj-hooked", "k_proj-hooked"])
+def test_projections_merge_as_asked_and_not_where_hooked(monkeypatch, merge_qkv, merge_gate_up, hooked):
+    """The class attributes turn each merge off; a forward hook on one projection of layer 0 leaves that layer's
+    group apart (the hook runs on every decode step) and the other layers merged."""
+    model = tiny_llama(2)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_qkv", merge_qkv)
+    monkeypatch.setattr(FusedDecoderLayers, "merge_gate_up", merge_gate_up)
+    layers = decoder_layers(model)
+    calls = []
+    if hooked is not None:
+        part = "mlp" if hooked in ("gate_proj", "up_proj") else "self_attn"
+        getattr(getattr(layers[0], part), hooked).register_forward_hook(lambda *a: calls.append(1))
+    ids = random_prompt(6, batch=2, seed=1)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        decoder = StaticDecoder(model, engine, use_cuda_graph=False)
+        logits = decoder.prefill(ids, torch.ones_like(ids), 4)
+        for _ in range(3):
+            logits = decoder.step(logits.argmax(-1))
+        for i, layer in enumerate(layers):
+            for (attr, _, names), on in zip(GROUPS, (merge_qkv, merge_gate_up)):
+                expected = on and not (i == 0 and hooked in names)
+                assert (getattr(layer.forward, attr) is not None) == expected, (i, attr)
+        assert len(decoder.fused.merged) == 2 * merge_qkv + 2 * merge_gate_up - (hooked is not None)
+        decoder.close()
+    assert len(calls) == (1 + 3 if hooked is not None else 0)  # the prefill and three decode steps
 
 
 def test_unfusable_models_are_refused_on_request_and_left_alone_by_default():
