@@ -145,11 +145,15 @@ class ContractGuard:
         self.enabled, self.immediate, self.describe = enabled, immediate, describe
         self._pending: list[tuple[torch.Tensor, str]] = []
         self._sink: FlagSink | None = None
+        self._before_read: list[Callable[[], None]] = []  # joins of the streams that write watched flags
 
     # ------------------------------------------------------------------ host reads
     def read(self, *values: torch.Tensor) -> list[int]:
         """Read ``values`` (device scalars) in one host read, together with the pending fault flags; raise the
         first fault found."""
+        waits, self._before_read = self._before_read, []
+        for wait in waits:
+            wait()
         flags = [flag for flag, _ in self._pending]
         got = _read_all([*values, *flags])
         self._raise_first(got[len(values):])
@@ -157,7 +161,7 @@ class ContractGuard:
 
     def flush(self) -> None:
         """Raise a pending fault, if any (one host read; nothing when none is pending)."""
-        if self._pending:
+        if self._pending or self._before_read:
             self.read()
 
     def _defer(self, broken: torch.Tensor, message: str) -> None:
@@ -180,11 +184,14 @@ class ContractGuard:
         finally:
             self._sink = previous
 
-    def watch(self, sink: FlagSink) -> None:
+    def watch(self, sink: FlagSink, ready: Callable[[], None] | None = None) -> None:
         """Queue ``sink``'s accumulated flags for the next host read (once: a flag already queued is not added
-        again)."""
+        again). ``ready``: called before that read, e.g. to make the reading stream wait for the side stream that
+        writes the flags."""
         queued = {id(flag) for flag, _ in self._pending}
         self._pending += [(flag, message) for flag, message in sink.entries() if id(flag) not in queued]
+        if ready is not None and ready not in self._before_read:
+            self._before_read.append(ready)
 
     def _raise_first(self, values: list[int]) -> None:
         pending, self._pending = self._pending, []

@@ -222,6 +222,7 @@ class Engine:
 
     def _after_forward(self, module, args, output):
         self._padding_memo = None
+        self.prefill_graph_cache.join()  # the prompt compressions issued on side streams (kvsieve.prefill_graph)
         self.guard.flush()  # a contract fault of this forward's last compactions (one read, only if pending)
 
     def begin_forward(self, cache: SieveCache | None) -> None:

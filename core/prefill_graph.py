@@ -8,11 +8,19 @@ a handful of operators per layer instead of the whole sequence, and reads nothin
 
 For a layer of shape key ``k`` (:func:`compress_prompt`):
 
-1. the first layer with ``k`` runs the eager path (it warms the kernels up: Triton compiles there);
-2. the second copies its tensors into static buffers, runs the work eagerly on a side stream (this layer's
-   result), then captures the same work in a graph (recorded, not run);
+1. the first layer with ``k`` copies its tensors into static buffers and runs the work on them eagerly (it warms
+   the kernels up: Triton compiles there), reading nothing on the host: what it needs to know (the candidates,
+   the size after compaction) the host knows in prefill;
+2. the second captures the same work in a graph (recorded, not run; on a capture stream of its own, without
+   waiting for the device), then replays it;
 3. every later layer with ``k`` (in this forward and later ones of the same engine) copies its tensors in and
    replays the graph.
+
+The work runs on a side stream of the device (:class:`PrefillGraphs`): a layer's compression is not on the
+forward's critical path (the next layer computes on the hidden states, not on this layer's cache), so it overlaps
+the next layers' GEMMs and attention. The forward's stream waits for it at the end of the forward
+(:meth:`PrefillGraphs.join`, called by the engine) and before any host read of the contract flags; tensors that
+cross streams are recorded on the stream that uses them, so the allocator does not reuse their memory early.
 
 The kernels are those of the eager path (:func:`~kvsieve.compressor.score_and_select` on copies of the same shapes,
 then :meth:`SieveLayer.compact <kvsieve.cache.SieveLayer.compact>`), so the scores, the kept slots and the cache are
@@ -29,6 +37,7 @@ layer's value), is run eagerly from then on, with one :class:`PrefillGraphWarnin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import OrderedDict
@@ -67,20 +76,48 @@ def prefill_graphs_enabled(default: bool | None = None) -> bool:
 
 
 class PrefillGraphs:
-    """One engine's captured compressions (at most two shape keys, the most recent kept), the keys seen once,
-    and the keys whose policies cannot be captured."""
+    """One engine's captured compressions (at most two shape keys, the most recent kept), the keys whose policies
+    cannot be captured, and the side streams the compressions run on (one per device)."""
 
     def __init__(self) -> None:
         self.runners: OrderedDict[tuple, _Runner] = OrderedDict()
-        self.seen: set[tuple] = set()
         self.refused: set[tuple] = set()
         self.captures = 0  # graphs captured (tests and the benchmark read it)
         self.replays = 0
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.joined = True  # nothing issued on a side stream since the last join
+        self.produced: list[torch.Tensor] = []  # tensors made on a side stream, used later on the forward's stream
 
     def clear(self) -> None:
         """Free every graph and its static buffers."""
+        self.join()
         self.runners.clear()
-        self.seen.clear()
+
+    def side(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Run what follows on ``device``'s side stream, after the work issued so far on its current stream (on a
+        CPU, where the static path runs in tests, a plain context)."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = self.streams.get(device)
+        if stream is None:
+            stream = self.streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        self.joined = False
+        return torch.cuda.stream(stream)
+
+    def join(self) -> None:
+        """Make every device's current stream wait for the compressions issued on its side stream, and record the
+        tensors they made as used there (the forward's end; before a host read of their contract flags)."""
+        if self.joined:
+            return
+        for device, stream in self.streams.items():
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(stream)
+            for tensor in self.produced:
+                if tensor.device == device:
+                    tensor.record_stream(current)
+        self.produced.clear()
+        self.joined = True
 
 
 def compress_prompt(event: LayerEvent, *, scoring: ScoringPolicy, selection: SelectionPolicy,
@@ -99,13 +136,8 @@ def compress_prompt(event: LayerEvent, *, scoring: ScoringPolicy, selection: Sel
         return
     runner = graphs.runners.get(plan.key)
     if runner is None:
-        if plan.key not in graphs.seen:  # the first layer of these shapes runs eagerly: it warms the kernels up
-            if len(graphs.seen) > 64:
-                graphs.seen.clear()
-            graphs.seen.add(plan.key)
-            _eager(event, scoring, selection, budgets, tails)
-            return
-        runner = _Runner(event, plan, scoring, selection)
+        with graphs.side(event.layer.keys.device):  # its static buffers live on the side stream
+            runner = _Runner(event, plan, scoring, selection)
         graphs.runners[plan.key] = runner
         while len(graphs.runners) > _MAX_GRAPHS:
             graphs.runners.popitem(last=False)
@@ -269,6 +301,7 @@ class _Runner:
             self.budget_arg, self.tail_arg = _row_tensor(budgets, layer.starts), _row_tensor(tails, layer.starts)
         self.sink = FlagSink(device)
         self.forward = -1
+        self.runs = 0  # layers this runner compressed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -286,42 +319,59 @@ class _Runner:
         return static.stored
 
     def run(self, event: LayerEvent, graphs: PrefillGraphs) -> None:
+        """Compress ``event``'s layer on the side stream: its first layer of this key eagerly on the static copies,
+        the second through a capture and a replay, every later one through a replay (module docstring)."""
         engine, layer = event.engine, event.layer
         guard = engine.guard
-        if self.forward != engine.forwards:  # a new forward: its faults start clear
-            self.sink.reset()
-            self.forward = engine.forwards
-        if self.plan.window:
-            self.queries.copy_(event.window_queries())
-        self.static.load(layer)
-        if self.graph is not None:
-            self.graph.replay()
-            graphs.replays += 1
-            starts, ends = self.outputs
-        else:
-            starts, ends = self._warm_up_and_capture(event, graphs)
-        guard.watch(self.sink)
-        self._store(layer, starts, ends, event.reserve)
+        read = [t for t in (layer.keys, layer.values, layer.positions, layer.starts, layer.ends, layer.queries)
+                if t is not None]
+        with graphs.side(layer.keys.device):
+            stream = torch.cuda.current_stream(layer.keys.device) if layer.keys.is_cuda else None
+            for tensor in read if stream is not None else ():  # made on the forward's stream, read on this one
+                tensor.record_stream(stream)
+            if self.forward != engine.forwards:  # a new forward: its faults start clear
+                self.sink.reset()
+                self.forward = engine.forwards
+            if self.plan.window:
+                self.queries.copy_(event.window_queries())
+            self.static.load(layer)
+            if self.graph is None and self.runs > 0 and self._capture(event, graphs):
+                graphs.captures += 1
+            if self.graph is not None:
+                self.graph.replay()
+                graphs.replays += 1
+                starts, ends = self.outputs
+            else:  # the first layer of this key, or one whose capture was refused: the same work, eagerly
+                starts, ends = self._run_eagerly(event, graphs)
+            self.runs += 1
+            guard.watch(self.sink, graphs.join)
+            self._store(layer, starts, ends, event.reserve)
+            graphs.produced += [layer.keys, layer.values, layer.positions, layer.starts, layer.ends]
 
-    def _warm_up_and_capture(self, event: LayerEvent, graphs: PrefillGraphs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the work eagerly on a side stream (this layer's result), then capture it (recorded, not run)."""
+    def _run_eagerly(self, event: LayerEvent, graphs: PrefillGraphs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The work on the static copies, run (on the side stream); on its first run it watches whether the
+        policies read ``ScoringContext.layer_idx``, which a replay could not change (then the key stays eager)."""
+        guard = event.engine.guard
+        reads = [False]
+        with guard.accumulating(self.sink):
+            starts, ends = self._body(event, _probing_context(reads) if self.runs == 0 else ScoringContext)
+        if reads[0]:
+            self._refuse(graphs, f"{self._who(guard)} reads ScoringContext.layer_idx, which a replayed graph cannot "
+                                 f"change")
+        return starts, ends
+
+    def _who(self, guard) -> str:
+        return f"{guard.describe(self.scoring, 'scoring')} with {guard.describe(self.selection, 'selection')}"
+
+    def _capture(self, event: LayerEvent, graphs: PrefillGraphs) -> bool:
+        """Capture the work in a graph (recorded, not run) on a capture stream of its own: nothing waits for the
+        device (the work ran eagerly on the key's first layer, so its kernels are loaded). ``False``: it cannot be
+        captured (the key is refused; this layer runs it eagerly)."""
         guard = event.engine.guard
         device = self.static.keys.device
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        reads = [False]
-        with torch.cuda.stream(side), guard.accumulating(self.sink):
-            starts, ends = self._body(event, _probing_context(reads))
-        current.wait_stream(side)
-        who = f"{guard.describe(self.scoring, 'scoring')} with {guard.describe(self.selection, 'selection')}"
-        if reads[0]:
-            self._refuse(graphs, f"{who} reads ScoringContext.layer_idx, which a replayed graph cannot change")
-            return starts, ends
-        torch.cuda.synchronize(device)  # the capture starts from an idle device, as torch.cuda.graph does
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):  # a capture cannot run on the default stream
+            with torch.cuda.stream(torch.cuda.Stream(device)):  # a capture cannot run on the default stream
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     with guard.accumulating(self.sink):
@@ -333,12 +383,11 @@ class _Runner:
                 torch.cuda.synchronize(device)
             except Exception:  # noqa: BLE001, S110 - the error was the capture's; nothing else to undo
                 pass
-            self._refuse(graphs, f"{who} cannot be captured in a CUDA graph ({type(exc).__name__}: "
+            self._refuse(graphs, f"{self._who(guard)} cannot be captured in a CUDA graph ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})")
-            return starts, ends
+            return False
         self.graph, self.outputs = graph, outputs
-        graphs.captures += 1
-        return starts, ends
+        return True
 
     def _refuse(self, graphs: PrefillGraphs, why: str) -> None:
         graphs.refused.add(self.plan.key)
