@@ -5,8 +5,8 @@ compression, side by side in one process.
     python benchmarks/prefill_host.py OUTDIR [--contexts 8K,32K --backend auto --repeats 3]
 
 Llama-3.1-8B shapes (random weights, bf16), batch 1, ``model.generate(max_new_tokens=1)`` inside a fresh
-``kvsieve.apply`` per run (as ``kvsieve.generate`` does: every run captures its graphs again, on the second layer of each shape),
-for snapkv and fastkv at their defaults and ``none``. Each configuration is warmed up once, then timed
+``kvsieve.apply`` per run (as ``kvsieve.generate`` does: every run captures its graphs again, on the second layer
+of each shape), for snapkv and fastkv at their defaults and ``none``. Each configuration is warmed up once, then timed
 ``--repeats`` times, the configurations interleaved (drift hits them alike); reported are the medians of the wall
 time (synchronised) and of ``time.process_time()`` over the run (the host's CPU time, every thread of the process),
 and the graphs captured and replayed in one run. Writes OUTDIR/prefill_host.json and OUTDIR/prefill_host.md.
