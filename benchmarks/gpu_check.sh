@@ -11,7 +11,7 @@
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
 # bench-validate (one real 8K run at batch 32 against the model), validate-rpc-32k / validate-full-32k (real
-# 32K runs at batch 32, one compressor each), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
+# 32K runs at batch 32, one compressor each), model-rpc-32k / model-full-32k (the same, modelled only), bench-prefill (Llama-3.1-8B shapes, 8K-128K),
 # profile (torch.profiler over one prefill per compressor at 8K), profile-decode (decode steps against the
 # bandwidth floor at batch 1 and 32, unfused / fused layers, and their kernels; ~2 min),
 # bench-decode-qwq-hf (HF's eager rows for the QwQ-32B shapes), checks (the run-time contract checks on vs off:
@@ -136,6 +136,13 @@ for stage in $stages; do
     validate-full-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
                         --new-tokens 32K --validate 32:32K --samples 2 --no-hf --no-hf-static --compressor none \
                         --out "$out/validate-full-32k" 2>&1 | tail -n 20 ;;
+    # the same two configurations modelled only (no real run; ~30 s each): RPC vs full after a change to the step
+    model-rpc-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
+                        --new-tokens 32K --samples 3 --no-hf --no-hf-static \
+                        --compressor rpc:interval=4096,window=32,ratio=0.25 --out "$out/rpc-model" 2>&1 | tail -n 6 ;;
+    model-full-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
+                        --new-tokens 32K --samples 3 --no-hf --no-hf-static --compressor none \
+                        --out "$out/full-model" 2>&1 | tail -n 6 ;;
     profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
     bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast --no-hf-static \
                         --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
