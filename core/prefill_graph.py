@@ -346,7 +346,8 @@ class _Runner:
             self.runs += 1
             guard.watch(self.sink, graphs.join)
             self._store(layer, starts, ends, event.reserve)
-            graphs.produced += [layer.keys, layer.values, layer.positions, layer.starts, layer.ends]
+            if stream is not None:  # made here, used on the forward's stream after the join
+                graphs.produced += [layer.keys, layer.values, layer.positions, layer.starts, layer.ends]
 
     def _run_eagerly(self, event: LayerEvent, graphs: PrefillGraphs) -> tuple[torch.Tensor, torch.Tensor]:
         """The work on the static copies, run (on the side stream); on its first run it watches whether the
