@@ -302,20 +302,45 @@ def load_prompts(run: Path, lengths: str | None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- the report
 
 
+def kvsieve_config(record: dict) -> str:
+    """A kvsieve record's configuration without its budget: ``fastkv`` with ``{"ratio": 0.2, "selection": "span"}``
+    is ``fastkv(selection=span)`` (so that variants of one compressor stay apart)."""
+    params = {k: v for k, v in record.get("params", {}).items() if k not in ("ratio", "budget")}
+    inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return record["compressor_name"] + (f"({inner})" if inner else "")
+
+
+def split_configs(text: str) -> list[str]:
+    """``"none,fastkv(selection=span, tsp_rate=0.3)"`` -> ``["none", "fastkv(selection=span, tsp_rate=0.3)"]``:
+    commas inside parentheses belong to a configuration."""
+    configs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            configs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [c for c in configs + [current.strip()] if c]
+
+
 def kvsieve_results(run: Path, window: int, kernel: int) -> dict[tuple, bool]:
-    """``{(prompt_id, compressor_name, ratio): correct}`` of kvsieve's own records in RUN/results.jsonl; ``snapkv``
-    only where it ran with the same window and kernel as the presses here."""
+    """``{(prompt_id, config, ratio): correct}`` of kvsieve's own records in RUN/results.jsonl (``config`` as
+    :func:`kvsieve_config`); ``snapkv`` only where it ran with the same window and kernel as the presses here (the
+    kernel is its scoring policy's, ``resolved["scoring"]["kernel"]``; older records have it at the top level)."""
     ours = {}
     merged = run / "results.jsonl"  # and the parts of a sharded run stopped before its ranks merged
     parts = ([merged] if merged.is_file() else []) + sorted(run.glob("results.rank*.jsonl"))
     for r in (r for path in parts for r in read_jsonl(path)):
         name = r["compressor_name"]
-        if name == "snapkv" and (r["resolved"].get("window"), r["resolved"].get("kernel")) != (window, kernel):
+        resolved = r.get("resolved", {})
+        used_kernel = resolved.get("kernel", (resolved.get("scoring") or {}).get("kernel"))
+        if name == "snapkv" and (resolved.get("window"), used_kernel) != (window, kernel):
             continue
         ratio = None if name == "none" else r["params"].get("ratio")
         if name != "none" and ratio is None:
             continue  # a budget given another way: not comparable to a kept ratio
-        ours[r["prompt_id"], name, ratio] = r["correct"]
+        ours[r["prompt_id"], kvsieve_config(r), ratio] = r["correct"]
     return ours
 
 
@@ -350,7 +375,7 @@ def report(runs: list[Path], records: list[dict], args, presses, ratios, protoco
             entry["prompts"].append(prompt["id"])
     our_names = sorted({name for c in cells.values() for (_, name, _) in c["ours"]} - {"none"})
     if args.kvsieve_configs:  # only these (a cell counts the prompts every shown config finished)
-        our_names = [name for name in our_names if name in args.kvsieve_configs.split(",")]
+        our_names = [name for name in our_names if name in split_configs(args.kvsieve_configs)]
     if champion not in our_names:
         champion = our_names[0] if our_names else None
     lines = [
@@ -496,7 +521,8 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip kvpress's uncompressed run")
     parser.add_argument("--champion", default="attended_spans", help="kvsieve config set against the best press")
     parser.add_argument("--kvsieve-configs", default=None,
-                        help="comma list of the kvsieve compressors to show (default: every one in the runs)")
+                        help="comma list of the kvsieve configurations to show, as the report names them, e.g. "
+                        "none,attended_spans,fastkv(selection=span) (default: every one in the runs)")
     parser.add_argument(
         "--out",
         type=Path,
