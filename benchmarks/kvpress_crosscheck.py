@@ -62,6 +62,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from eval_grid import method_of  # benchmarks/eval_grid.py, beside this script (standard library only)
+
 HERE = Path(__file__).resolve().parent
 SCORING = HERE.parent / "core" / "evaluation" / "scoring.py"
 INTERVALS = HERE / "intervals.py"
@@ -302,14 +304,6 @@ def load_prompts(run: Path, lengths: str | None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- the report
 
 
-def kvsieve_config(record: dict) -> str:
-    """A kvsieve record's configuration without its budget: ``fastkv`` with ``{"ratio": 0.2, "selection": "span"}``
-    is ``fastkv(selection=span)`` (so that variants of one compressor stay apart)."""
-    params = {k: v for k, v in record.get("params", {}).items() if k not in ("ratio", "budget")}
-    inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
-    return record["compressor_name"] + (f"({inner})" if inner else "")
-
-
 def split_configs(text: str) -> list[str]:
     """``"none,fastkv(selection=span, tsp_rate=0.3)"`` -> ``["none", "fastkv(selection=span, tsp_rate=0.3)"]``:
     commas inside parentheses belong to a configuration."""
@@ -325,9 +319,10 @@ def split_configs(text: str) -> list[str]:
 
 
 def kvsieve_results(run: Path, window: int, kernel: int) -> dict[tuple, bool]:
-    """``{(prompt_id, config, ratio): correct}`` of kvsieve's own records in RUN/results.jsonl (``config`` as
-    :func:`kvsieve_config`); ``snapkv`` only where it ran with the same window and kernel as the presses here (the
-    kernel is its scoring policy's, ``resolved["scoring"]["kernel"]``; older records have it at the top level)."""
+    """``{(prompt_id, config, ratio): correct}`` of kvsieve's own records in RUN/results.jsonl, ``config`` named as
+    the grid's report names it (``eval_grid.method_of``: ``fastkv(selection=span)``, so variants stay apart);
+    ``snapkv`` only where it ran with the same window and kernel as the presses here (the kernel is its scoring
+    policy's, ``resolved["scoring"]["kernel"]``; older records have it at the top level)."""
     ours = {}
     merged = run / "results.jsonl"  # and the parts of a sharded run stopped before its ranks merged
     parts = ([merged] if merged.is_file() else []) + sorted(run.glob("results.rank*.jsonl"))
@@ -340,7 +335,7 @@ def kvsieve_results(run: Path, window: int, kernel: int) -> dict[tuple, bool]:
         ratio = None if name == "none" else r["params"].get("ratio")
         if name != "none" and ratio is None:
             continue  # a budget given another way: not comparable to a kept ratio
-        ours[r["prompt_id"], kvsieve_config(r), ratio] = r["correct"]
+        ours[r["prompt_id"], method_of(r), ratio] = r["correct"]
     return ours
 
 
