@@ -152,7 +152,8 @@ for stage in $stages; do
                         --new-tokens 16K,32K --samples 2 --steps 6 --compressor none --no-hf \
                         --hf-static sdpa,sdpa-uncompiled,flex_attention \
                         --out "$out/bench-decode-hf-static" 2>&1 | grep -v Warning | tail -n 20 ;;
-    profile-decode) python benchmarks/profile_decode.py "$out" 2>&1 | tail -n 40 ;;
+    # PROFILE_DECODE_ARGS: e.g. "--cases r1-rpc,r1 --variants previous,fused,cublaslt" (default: every case and variant)
+    profile-decode) python benchmarks/profile_decode.py "$out" ${PROFILE_DECODE_ARGS:-} 2>&1 | tail -n 40 ;;
     bench-prefill)    python -m kvsieve.cli bench prefill --model llama-3.1-8b --backend "${PREFILL_BACKEND:-auto}" \
                         --out "$out/bench-prefill" 2>&1 | tail -n 40 ;;
     # span selection's prefill cost against SnapKV's top-k and chunk selection (issue: <= 5% over snapkv at 32K)

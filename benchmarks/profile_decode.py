@@ -1,21 +1,34 @@
 """Where a fast-path decode step's time goes, fused decoder layers against unfused: torch.profiler over eager runs of
 the static-cache step, and CUDA-graph replay times against the bandwidth floor (GPU).
 
-    python benchmarks/profile_decode.py OUTDIR [--quick]
+    python benchmarks/profile_decode.py OUTDIR [--quick] [--cases r1,r1-rpc,llama] [--variants unfused,...]
 
-Two settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 (live entries per layer 8K, 11K --
-RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at
-128K --, 32K and 128K). For each model the same probe (random prompt, full cache, triton backend) is built twice, with
-the fused decoder layer (kvsieve.fused_layer), with it but q/k/v as three GEMMs and gate/up as two, and without it,
-one after the other in one process. For each live
-length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor (weights + live K/V
-at the measured copy bandwidth). At the profiled length, the profile of 5 eager runs of the same step (the graph
-itself cannot be profiled kernel by kernel): GPU time per kernel family, kernels per step, and the sum of kernel
-times against the replay time. Writes OUTDIR/profile_decode.md and OUTDIR/decode_floor.json.
+Settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 with the full cache (live entries per
+layer 8K, 11K -- RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and with RPC (P=4096, R=32, c=4: an
+almost empty cache, 5.6K and 11.2K, the lengths RPC's steps run at), and Llama-3.1-8B shapes at batch 1 (8K, 13K --
+FastKV at 128K --, 32K and 128K). For each case the same probe (random prompt, triton backend) is built once per
+variant, one after the other in one process:
+
+* ``unfused``: HF's decoder layers;
+* ``apart``: the fused decoder layer with q/k/v as three GEMMs and gate/up as two, the residual add after down_proj
+  as a kernel of its own, the selector query pushed by a copy of its own;
+* ``previous``: q/k/v and gate/up merged (the fused layer before the residual add and the query moved into other
+  kernels);
+* ``fused``: the fused layer as shipped (also: the residual add inside down_proj's GEMM, the query written by the
+  cache append);
+* ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``.
+
+For each live length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor
+(weights + live K/V at the measured copy bandwidth). At the profiled length, for ``previous`` and ``fused``, the
+profile of 5 eager runs of the same step (the graph itself cannot be profiled kernel by kernel): GPU time per
+kernel family, kernels per step, and the sum of kernel times against the replay time. Writes
+OUTDIR/profile_decode.md and OUTDIR/decode_floor.json.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,13 +42,42 @@ from kvsieve.fused_layer import FusedDecoderLayers
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
 
-# the step's cost depends on the live length, not on the compressor (RPC adds one host check per step): the full
-# cache is used so that the static capacity covers the length. (shape, batch, live lengths, the profiled one)
-CASES = [("r1-qwen-7b", 32, (8192, 11391, 16384, 32768), 11391),
-         ("llama-3.1-8b", 1, (8192, 13107, 32768, 131072), 13107)]
+RPC = {"interval": 4096, "window": 32, "ratio": 0.25}
+# name: (shape, batch, compressor, its params, live lengths, the profiled one, the run it sizes the cache for). The
+# step's cost depends on the live length; the full cache's capacity covers every length, RPC's is its peak in a 32K run
+CASES = {
+    "r1": ("r1-qwen-7b", 32, "none", {}, (8192, 11391, 16384, 32768), 11391, None),
+    "r1-rpc": ("r1-qwen-7b", 32, "rpc", RPC, (1, 5632, 11264), 5632, 32768),
+    "llama": ("llama-3.1-8b", 1, "none", {}, (8192, 13107, 32768, 131072), 13107, None),
+}
 PROMPT = 128
-# (label, fuse_layers, FusedDecoderLayers.merge_qkv and .merge_gate_up)
-VARIANTS = [("unfused", False, False), ("fused, projections apart", True, False), ("fused", True, True)]
+# name: (label, fuse_layers, FusedDecoderLayers settings, BLAS library)
+_ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True}
+VARIANTS = {
+    "unfused": ("unfused", False, _ALL_ON, None),
+    "apart": ("fused, projections apart", True, dict.fromkeys(_ALL_ON, False), None),
+    "previous": ("fused, add and query apart", True,
+                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False}, None),
+    "fused": ("fused", True, _ALL_ON, None),
+    "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt"),
+}
+PROFILED = ("previous", "fused")
+
+
+@contextlib.contextmanager
+def variant_settings(settings: dict, blas: str | None):
+    saved = {name: getattr(FusedDecoderLayers, name) for name in settings}
+    library = torch.backends.cuda.preferred_blas_library()
+    for name, value in settings.items():
+        setattr(FusedDecoderLayers, name, value)
+    if blas is not None:
+        torch.backends.cuda.preferred_blas_library(blas)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(FusedDecoderLayers, name, value)
+        torch.backends.cuda.preferred_blas_library(library)
 
 
 def replay_ms(probe: DecodeProbe, live: int, count: int = 50) -> float:
@@ -67,61 +109,72 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="the first two lengths of each case")
+    parser.add_argument("--cases", default="r1,r1-rpc,llama", help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    cases, variants = args.cases.split(","), args.variants.split(",")
+    for what, chosen, known in (("case", cases, CASES), ("variant", variants, VARIANTS)):
+        bad = [x for x in chosen if x not in known]
+        if bad:
+            parser.error(f"unknown {what} {bad}: choose from {', '.join(known)}")
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    quick = "--quick" in sys.argv[2:]
     bandwidth = copy_bandwidth(torch.device("cuda"))
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_bandwidth_gbs=round(bandwidth / 1e9),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     lines = [f"## Decode step profiles ({env['gpu']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {env['date']})"]
     rows = []
-    for shape, batch, lengths, profiled in CASES:
-        lengths = lengths[:2] if quick else lengths
+    for case in cases:
+        shape, batch, compressor, params, lengths, profiled, run_tokens = CASES[case]
+        lengths = lengths[:2] if args.quick else lengths
         model = random_paper_model(shape)
-        for label, fused, merge in VARIANTS:
-            FusedDecoderLayers.merge_qkv = FusedDecoderLayers.merge_gate_up = merge
-            with torch.inference_mode(), apply(model, "none", "triton") as engine:
-                probe = DecodeProbe(model, engine, batch, PROMPT, max(lengths) + 64, fuse_layers=fused)
+        for key in variants:
+            label, fused, settings, blas = VARIANTS[key]
+            with variant_settings(settings, blas), torch.inference_mode(), \
+                    apply(model, compressor, "triton", params=params) as engine:
+                probe = DecodeProbe(model, engine, batch, PROMPT, run_tokens or max(lengths) + 64, fuse_layers=fused)
                 for live in lengths:
                     ms = replay_ms(probe, live)
                     floor = (weight_bytes(model) + batch * kv_bytes_per_token(model) * (PROMPT + live)) / bandwidth
-                    rows.append(dict(model=shape, batch=batch, live=live, layers=label, step_ms=round(ms, 3),
-                                     floor_ms=round(floor * 1e3, 3), floor_ratio=round(ms / floor / 1e3, 3)))
+                    rows.append(dict(case=case, model=shape, compressor=compressor, batch=batch, live=live,
+                                     layers=label, step_ms=round(ms, 3), floor_ms=round(floor * 1e3, 3),
+                                     floor_ratio=round(ms / floor / 1e3, 3)))
                     print(rows[-1], flush=True)
-                if label == "fused, projections apart":  # the replay times tell what merging the projections saves
-                    probe.decoder.close()
-                    del probe
-                    continue
-                count, total, top = profile_step(probe, profiled)
+                if key in PROFILED and profiled in lengths:
+                    count, total, top = profile_step(probe, profiled)
+                    ms = next(r["step_ms"] for r in rows
+                              if (r["case"], r["live"], r["layers"]) == (case, profiled, label))
+                    lines += [f"### {shape} ({compressor}), batch {batch}, {profiled} live entries per layer, {label} "
+                              "layers", "", f"- graph replay: {ms:.3f} ms per step",
+                              f"- eager step under the profiler: {count} kernels, {total:.3f} ms of kernel time per "
+                              "step", "", "| kernel | ms per step | share | launches per step |", "|---|---|---|---|"]
+                    lines += [f"| {e.key[:90]} | {e.self_device_time_total / 5 / 1e3:.3f} | "
+                              f"{e.self_device_time_total / 5 / 1e3 / total:.1%} | {e.count // 5} |" for e in top]
+                    lines.append("")
                 probe.decoder.close()
-                key = (shape, profiled, label)
-                ms = next(r["step_ms"] for r in rows if (r["model"], r["live"], r["layers"]) == key)
-                lines += [f"### {shape}, batch {batch}, {profiled} live entries per layer, {label} layers", "",
-                          f"- graph replay: {ms:.3f} ms per step",
-                          f"- eager step under the profiler: {count} kernels, {total:.3f} ms of kernel time per step",
-                          "", "| kernel | ms per step | share | launches per step |", "|---|---|---|---|"]
-                lines += [f"| {e.key[:90]} | {e.self_device_time_total / 5 / 1e3:.3f} | "
-                          f"{e.self_device_time_total / 5 / 1e3 / total:.1%} | {e.count // 5} |" for e in top]
-                lines.append("")
                 del probe
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    FusedDecoderLayers.merge_qkv = FusedDecoderLayers.merge_gate_up = True
-    lines += ["## Replay time against the bandwidth floor: unfused layers, fused with q/k/v and gate/up apart, fused",
-              "", "| model | batch | live entries per layer | floor ms | unfused ms (/ floor) | fused, projections "
-              "apart ms (/ floor) | fused ms (/ floor) | fused speedup |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["layers"] != "fused":
-            continue
-        same = {x["layers"]: x for x in rows if (x["model"], x["live"]) == (r["model"], r["live"])}
-        u, a = same["unfused"], same["fused, projections apart"]
-        lines.append(f"| {r['model']} | {r['batch']} | {r['live']:,} | {r['floor_ms']:.3f} | {u['step_ms']:.3f} "
-                     f"({u['floor_ratio']:.2f}) | {a['step_ms']:.3f} ({a['floor_ratio']:.2f}) | {r['step_ms']:.3f} "
-                     f"({r['floor_ratio']:.2f}) | {u['step_ms'] / r['step_ms']:.2f}x |")
+    labels = [VARIANTS[key][0] for key in variants]
+    table = "## Replay time against the bandwidth floor"
+    lines += [table, "", "| case | batch | live entries per layer | floor ms | "
+              + " | ".join(f"{label} ms (/ floor)" for label in labels) + " |",
+              "|---|---|---|---|" + "---|" * len(labels)]
+    for case in cases:
+        for live in sorted({r["live"] for r in rows if r["case"] == case}):
+            same = {r["layers"]: r for r in rows if (r["case"], r["live"]) == (case, live)}
+            first = next(iter(same.values()))
+            cells = [f"{same[label]['step_ms']:.3f} ({same[label]['floor_ratio']:.2f})" if label in same else "-"
+                     for label in labels]
+            lines.append(f"| {case} | {first['batch']} | {live:,} | {first['floor_ms']:.3f} | " + " | ".join(cells)
+                         + " |")
     (out / "profile_decode.md").write_text("\n".join(lines) + "\n")
     (out / "decode_floor.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2))
-    print("\n".join(lines[-(len(rows) // 3 + 3):]))
+    print("\n".join(lines[lines.index(table):]))
     return 0
 
 

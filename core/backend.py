@@ -153,16 +153,20 @@ class KVBackend(abc.ABC):
         positions: torch.Tensor,
         ends: torch.Tensor,
         seen: torch.Tensor,
+        query_ring: torch.Tensor | None = None,
+        ring_count: torch.Tensor | None = None,
     ) -> None:
         """One decode token's rotary embedding and cache append, in place (graph-capturable: no host reads).
 
         Rotates ``query [B, H, 1, d]`` in place with ``cos``/``sin [B, 1, d]``; rotates ``key [B, Hkv, 1, d]``
         and writes it and ``value [B, Hkv, 1, d]`` at slot ``ends[b, j]`` of ``keys``/``values [B, Hkv, C, d]``,
         sets ``positions[b, j, ends[b, j]] = seen[0]`` (``positions int64 [B, Hkv, C]``, ``seen int64 [1]``)
-        and increments ``ends int64 [B, Hkv]``. The caller guarantees ``ends < C``. See
+        and increments ``ends int64 [B, Hkv]``. With ``query_ring [B, H, R, d]`` (the layer's selector queries)
+        and ``ring_count int64 [1]``, the rotated query is also written at ring slot ``ring_count[0] % R``
+        (``ring_count`` is read, not changed). The caller guarantees ``ends < C``. See
         :func:`kvsieve.layer_ops.rope_append`.
         """
-        layer_ops.rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen)
+        layer_ops.rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring, ring_count)
 
     # ------------------------------------------------------------------ scoring
     @abc.abstractmethod

@@ -240,7 +240,7 @@ class Engine:
             self.phase = "prefill" if cache.get_seq_length() == 0 else "decode"
 
     def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                  attention_mask: torch.Tensor | None, scale: float, queries_recorded: bool = False) -> torch.Tensor:
         """One layer's attention over its live slots, then the compressor's turn.
 
         Args:
@@ -249,6 +249,8 @@ class Engine:
             key, value: ``[B, Hkv, C, d]``: the whole buffers ``Cache.update`` returned.
             attention_mask: the 4D prefill mask, or None.
             scale: the softmax scale.
+            queries_recorded: the layer's cache already holds ``query`` in its selector-query ring (the fused
+                decoder layer's append writes it there); otherwise it is pushed here.
 
         Returns:
             ``[B, H, Q, d]``.
@@ -263,7 +265,8 @@ class Engine:
             out = self.backend.prefill_attention(query, key[:, :, :end], value[:, :, :end], attention_mask, scale)
         else:
             out = self.backend.decode_attention(query, key, value, layer.starts, layer.ends, scale)
-        layer.push_queries(query)
+        if not queries_recorded:
+            layer.push_queries(query)
         # a compressor hears only the phases it declares (eager and fast path alike); on the fast path decode
         # events wait for run_decode_schedule
         if self.phase in self.compressor.phases and (self.phase == "prefill" or not self.decode_between_steps):

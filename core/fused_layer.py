@@ -80,6 +80,12 @@ class FusedDecoderLayers:
     merge_qkv: bool = True
     #: the same for the MLP's gate_proj and up_proj: one GEMM ``[B, 1, D] -> [B, 1, 2F]`` for the two
     merge_gate_up: bool = True
+    #: add down_proj's output to the residual stream inside its GEMM (``residual.addmm_``: the BLAS accumulates
+    #: onto the residual and rounds once) instead of in a kernel of its own; plain bias-free ``nn.Linear`` only
+    residual_in_down_proj: bool = True
+    #: have the cache append (``rope_append``) also write the step's query into the layer's selector-query ring
+    #: (RPC, SnapKV-style decode scoring) instead of a copy and a counter update of their own
+    query_in_append: bool = True
 
     def __init__(self, model: torch.nn.Module, engine: Engine):
         self.engine = engine
@@ -100,6 +106,7 @@ class FusedDecoderLayers:
             self.saved.append((attr, own))
             call = own if own is not None else types.MethodType(type(layer).forward, layer)
             fused = _FusedForward(layer, self.engine, call, own)
+            fused.query_in_append = self.query_in_append
             projections = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
             if self.merge_qkv and MergedProjections.allowed(projections):
                 fused.qkv = MergedProjections(projections)
@@ -108,6 +115,9 @@ class FusedDecoderLayers:
             if self.merge_gate_up and MergedProjections.allowed(projections):
                 fused.gate_up = MergedProjections(projections)
                 self.merged.append(fused.gate_up)
+            down = layer.mlp.down_proj
+            fused.residual_in_down = self.residual_in_down_proj and MergedProjections.allowed([down]) \
+                and down.bias is None
             setattr(layer, attr, fused)
         self.engine.add_handle(self)
 
@@ -179,6 +189,8 @@ class _FusedForward:
         self.replaced = replaced  # what the layer's __dict__ held under the name (None: nothing)
         self.qkv: MergedProjections | None = None  # q_proj, k_proj, v_proj as one GEMM
         self.gate_up: MergedProjections | None = None  # gate_proj, up_proj as one GEMM
+        self.residual_in_down = False  # down_proj's GEMM adds its output onto the residual stream in place
+        self.query_in_append = True  # the append records the query in the selector-query ring
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -210,13 +222,20 @@ class _FusedForward:
         query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, heads, 1, d]
         layer_cache = cache.layers[attn.layer_idx]
         cos, sin = rotary
-        layer_cache.append_rotated(backend, query, key, value, cos, sin)  # rotates query in place
-        out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling)
+        # rotates query in place (and records it in the layer's selector-query ring, if asked and it keeps one)
+        recorded = layer_cache.append_rotated(backend, query, key, value, cos, sin, self.query_in_append)
+        out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling,
+                               queries_recorded=recorded)
         out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
         x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
         if self.gate_up is not None:
             gate, up = self.gate_up(x)  # [B, 1, F] each: the halves of one [B, 1, 2F] output
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        out = mlp.down_proj(backend.silu_mul(gate, up))
-        return residual + out
+        hidden = backend.silu_mul(gate, up)  # [B, 1, F]
+        weight = mlp.down_proj.weight  # [D, F]
+        if (self.residual_in_down and residual.dtype == weight.dtype and residual.is_contiguous()
+                and residual.data_ptr() != hidden_states.data_ptr()):
+            # residual is the post-attention norm's fresh sum: accumulate onto it (one GEMM, no add kernel)
+            return residual.view(B, -1).addmm_(hidden.reshape(B, -1), weight.t()).view_as(residual)
+        return residual + mlp.down_proj(hidden)

@@ -91,8 +91,16 @@ def rope_append(
     positions: torch.Tensor,
     ends: torch.Tensor,
     seen: torch.Tensor,
+    query_ring: torch.Tensor | None = None,
+    ring_count: torch.Tensor | None = None,
 ) -> None:
     """Rotate ``query [B, H, 1, d]`` in place, rotate ``key [B, Hkv, 1, d]`` and append it with ``value`` as
-    :func:`append_at_ends` does (the other arguments are :func:`rotate`'s and :func:`append_at_ends`'s)."""
+    :func:`append_at_ends` does (the other arguments are :func:`rotate`'s and :func:`append_at_ends`'s). With
+    ``query_ring [B, H, R, d]`` and ``ring_count int64 [1]`` (given together), also write the rotated query at
+    ring slot ``ring_count[0] % R`` (``ring_count`` is not changed)."""
+    if (query_ring is None) != (ring_count is None):
+        raise ValueError("query_ring and ring_count go together: pass both or neither")
     query.copy_(rotate(query, cos, sin))
     append_at_ends(rotate(key, cos, sin), value, keys, values, positions, ends, seen)
+    if query_ring is not None:
+        query_ring.index_copy_(2, ring_count % query_ring.shape[2], query)

@@ -8,7 +8,9 @@ a CUDA graph and replayed:
 
 * append (:meth:`StaticSieveLayer.update`): scatter the new K/V at ``ends``, then ``ends += 1`` in place; the
   token's logical index (``positions``) comes from a device counter;
-* selector queries (:meth:`StaticSieveLayer.push_queries`): written at a ring slot computed from a device counter;
+* selector queries (:meth:`StaticSieveLayer.push_queries`): written at a ring slot computed from a device counter
+  (the fused decoder layer's :meth:`StaticSieveLayer.append_rotated` writes the rotated query there itself, in the
+  same kernel as the append, and advances both counters with one increment);
 * decode attention runs over the whole buffer with tensor ``starts``/``ends`` (the backend makes its cost follow
   the live length; the torch reference masks).
 
@@ -42,8 +44,9 @@ class StaticSieveLayer(SieveLayer):
     """A :class:`~kvsieve.cache.SieveLayer` of fixed capacity whose decode append is graph-capturable (one token
     per forward). Made from a prefilled layer by :meth:`from_layer`.
 
-    Extra state: ``device_seen`` and ``device_queries`` (``int64 [1]``): ``seen`` and ``num_queries`` on the
-    device, advanced inside the step; ``end_bound``: a host upper bound of ``max(ends)``, checked before a step.
+    Extra state: ``device_counters`` (``int64 [2]``): ``seen`` and ``num_queries`` on the device, advanced inside
+    the step; ``device_seen`` and ``device_queries`` are its two ``[1]`` views; ``end_bound``: a host upper bound of
+    ``max(ends)``, checked before a step.
     """
 
     @classmethod
@@ -70,8 +73,8 @@ class StaticSieveLayer(SieveLayer):
         static.row_lengths = layer.row_lengths
         static.slot_fills = dict(layer.slot_fills)
         static.slot_buffers = layer._resized_slot_buffers(capacity, used)
-        static.device_seen = torch.tensor([layer.seen], dtype=torch.long, device=layer.device)
-        static.device_queries = torch.tensor([layer.num_queries], dtype=torch.long, device=layer.device)
+        static.device_counters = torch.tensor([layer.seen, layer.num_queries], dtype=torch.long, device=layer.device)
+        static.device_seen, static.device_queries = static.device_counters[0:1], static.device_counters[1:2]
         static.end_bound = used
         layer.reset()
         return static
@@ -92,13 +95,25 @@ class StaticSieveLayer(SieveLayer):
         return self.keys, self.values
 
     def append_rotated(self, backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor) -> None:
+                       cos: torch.Tensor, sin: torch.Tensor, record_query: bool = True) -> bool:
         """:meth:`update` fused with the rotary embedding (the fused decoder layer's step): rotate ``query
         [B, H, 1, d]`` in place and append the rotated ``key``/``value [B, Hkv, 1, d]`` through the backend's
-        :meth:`~kvsieve.backend.KVBackend.rope_append` (``cos``/``sin [B, 1, d]``)."""
+        :meth:`~kvsieve.backend.KVBackend.rope_append` (``cos``/``sin [B, 1, d]``). With ``record_query``, a
+        layer that keeps selector queries has the same launch write the rotated query into its ring (what
+        :meth:`push_queries` does), and both device counters advance in one increment.
+
+        Returns:
+            Whether the step's query was recorded (the caller must not push it again).
+        """
+        if self.query_window and record_query:
+            backend.rope_append(query, key, value, cos, sin, self.keys, self.values, self.positions, self.ends,
+                                self.device_seen, query_ring=self.queries, ring_count=self.device_queries)
+            self.device_counters += 1
+            return True
         backend.rope_append(query, key, value, cos, sin, self.keys, self.values, self.positions, self.ends,
                             self.device_seen)
         self.device_seen += 1
+        return False
 
     def push_queries(self, queries: torch.Tensor) -> None:
         """Write the step's query ``[B, H, 1, d]`` at ring slot ``device_queries % query_window``."""

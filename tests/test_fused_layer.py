@@ -53,6 +53,61 @@ def test_fused_steps_give_the_unfused_logits(tiny_models, family, compressor, pa
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
 
 
+def decode_state(model, ids, mask, fuse_layers, steps, backend, **toggles):
+    """Each layer's selector-query ring, its counters and its live K/V after ``steps`` greedy RPC decode steps."""
+    saved = {name: getattr(FusedDecoderLayers, name) for name in toggles}
+    for name, value in toggles.items():
+        setattr(FusedDecoderLayers, name, value)
+    try:
+        with torch.inference_mode(), apply(model, "rpc", backend, params=RPC) as engine:
+            decoder = StaticDecoder(model, engine, use_cuda_graph=False, fuse_layers=fuse_layers)
+            try:
+                tokens = decoder.prefill(ids, mask, steps + 1).argmax(-1)
+                for _ in range(steps):
+                    tokens = decoder.step(tokens).argmax(-1)
+                return tokens, [(layer.queries.clone(), layer.num_queries, int(layer.device_queries),
+                                 int(layer.device_seen), layer.starts.clone(), layer.ends.clone())
+                                for layer in decoder.cache.layers]
+            finally:
+                decoder.close()
+    finally:
+        for name, value in saved.items():
+            setattr(FusedDecoderLayers, name, value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_append_records_the_selector_queries_the_unfused_step_pushes(tiny_models, backend):
+    """The fused append writes each step's rotated query into the ring (no push of its own): after RPC steps that
+    wrap the ring and compact, every layer's ring, counters and live range equal the unfused path's, and the
+    separate push (``query_in_append=False``) gives the same."""
+    model, tok = tiny_models["llama"]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=5)
+    steps = 19  # > the interval (8) twice, and the ring (window 4) wraps
+    plain = decode_state(model, ids, mask, False, steps, backend)
+    for toggles in ({}, {"query_in_append": False}):
+        fused = decode_state(model, ids, mask, True, steps, backend, **toggles)
+        assert torch.equal(fused[0], plain[0])
+        for got, want in zip(fused[1], plain[1], strict=True):
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            assert got[1:4] == want[1:4]
+            assert torch.equal(got[4], want[4]) and torch.equal(got[5], want[5])
+
+
+def test_the_residual_add_inside_down_proj_gives_the_separate_add(tiny_models):
+    """``residual_in_down_proj`` (``residual.addmm_``) against the add as a kernel of its own: the same logits (one
+    rounding fewer) and tokens."""
+    model, tok = tiny_models["qwen2"]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=9)
+    inside = decode_logits(model, ids, mask, "rpc", RPC, True, 20)
+    FusedDecoderLayers.residual_in_down_proj = False
+    try:
+        apart = decode_logits(model, ids, mask, "rpc", RPC, True, 20)
+    finally:
+        FusedDecoderLayers.residual_in_down_proj = True
+    torch.testing.assert_close(inside, apart, rtol=1e-5, atol=1e-5)
+    assert torch.equal(inside.argmax(-1), apart.argmax(-1))
+
+
 def test_fused_generate_gives_the_eager_tokens(tiny_models):
     model, tok = tiny_models["qwen3"]
     ids, mask, _ = left_padded(tok, LENGTHS, seed=3)

@@ -333,6 +333,40 @@ def test_rope_append_full_row_not_written(device):
     assert int(got[7][0, 1, 1]) == int(args[9])
 
 
+def _with_ring(gen, args, R, count, strided=False):
+    """``args`` plus a poisoned selector-query ring ``[B, H, R, d]`` (a non-contiguous view when ``strided``) and
+    its ring count."""
+    B, H, _, d = args[0].shape
+    ring = torch.full((B, R, H, d) if strided else (B, H, R, d), POISON, dtype=args[0].dtype, device=args[0].device)
+    if strided:
+        ring = ring.transpose(1, 2)
+    ring[:, :, 0] = _randn(gen, B, H, d, dtype=args[0].dtype, device=args[0].device)  # an older query
+    return [*args, ring, torch.tensor([count], dtype=torch.int64, device=args[0].device)]
+
+
+def _assert_ring_written(got, want, args):
+    """The ring as the reference leaves it; only slot ``count % R`` changed, to the rotated query; count kept."""
+    _assert_rope_equal(got[:10], want[:10], args[:10])
+    ring, count = got[10], got[11]
+    assert ring.stride() == want[10].stride() and torch.equal(ring, want[10])
+    assert torch.equal(count, args[11])
+    slot = int(args[11]) % ring.shape[2]
+    assert torch.equal(ring[:, :, slot], got[0][:, :, 0])
+    others = [r for r in range(ring.shape[2]) if r != slot]
+    assert torch.equal(ring[:, :, others], args[10][:, :, others])
+
+
+@pytest.mark.parametrize("device", CPU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize(("R", "count", "strided"), [(1, 0, False), (5, 7, False), (3, 2, True), (4, 4, False)])
+def test_rope_append_records_the_query_in_the_ring(device, dtype, R, count, strided):
+    B, H, Hkv, d, C = 3, 6, 2, 16, 9
+    gen = _gen(R * 10 + count)
+    args = _with_ring(gen, _rope_inputs(gen, B, H, Hkv, d, C, dtype, device), R, count, strided)
+    got, want = _run_both(args)
+    _assert_ring_written(got, want, args)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def _rope_ok(device="cpu"):
     return _rope_inputs(_gen(0), 2, 4, 2, 8, 5, torch.float32, device)
@@ -359,6 +393,14 @@ BAD_ROPE = {
     "seen-shape": (lambda a: _replace(a, seen=torch.zeros(2, dtype=torch.int64)), "seen"),
     "seen-not-tensor": (lambda a: _replace(a, seen=5), "seen"),
     "query-int": (lambda a: _replace(a, query=a[0].to(torch.int32)), "query"),
+    "ring-without-count": (lambda a: [*a, torch.zeros(2, 4, 3, 8)], "ring_count"),
+    "count-without-ring": (lambda a: [*a, None, torch.zeros(1, dtype=torch.int64)], "query_ring"),
+    "ring-heads": (lambda a: [*a, torch.zeros(2, 3, 3, 8), torch.zeros(1, dtype=torch.int64)], "query_ring"),
+    "ring-empty": (lambda a: [*a, torch.zeros(2, 4, 0, 8), torch.zeros(1, dtype=torch.int64)], "query_ring"),
+    "ring-dtype": (lambda a: [*a, torch.zeros(2, 4, 3, 8, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)],
+                   "query_ring"),
+    "count-int32": (lambda a: [*a, torch.zeros(2, 4, 3, 8), torch.zeros(1, dtype=torch.int32)], "ring_count"),
+    "count-shape": (lambda a: [*a, torch.zeros(2, 4, 3, 8), torch.zeros(2, dtype=torch.int64)], "ring_count"),
 }
 
 
@@ -448,3 +490,13 @@ def test_rope_append_gpu(device, B, dtype):
     args = _rope_inputs(_gen(B), B, 32, 8, 128, 257, dtype, device)
     got, want = _run_both(args)
     _assert_rope_equal(got, want, args)
+
+
+@pytest.mark.parametrize("device", GPU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("B", [1, 32])
+def test_rope_append_ring_gpu(device, B, dtype):
+    gen = _gen(B + 1)
+    args = _with_ring(gen, _rope_inputs(gen, B, 28, 4, 128, 257, dtype, device), 32, 77)
+    got, want = _run_both(args)
+    _assert_ring_written(got, want, args)

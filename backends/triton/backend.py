@@ -114,11 +114,12 @@ class TritonBackend(KVBackend):
         with _launching_on(gate, up):
             return silu_mul(gate, up)
 
-    def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen):
+    def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring=None,
+                    ring_count=None):
         from .layer_ops import rope_append
 
         with _launching_on(query, key, value, keys, values):
-            rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen)
+            rope_append(query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring, ring_count)
 
     # ------------------------------------------------------------------ scoring
     def window_lse(self, queries, keys, starts, ends, scale):

@@ -17,7 +17,8 @@ results are bit for bit the reference's wherever the arithmetic is the same (see
 * ``_silu_mul_kernel``: grid ``(N, cdiv(F, BLOCK_F))`` over ``gate``/``up`` viewed as ``[N, F]``:
   ``out = round(round(silu(gate_f32)) * up)`` with ``silu(g) = g / (1 + exp(-g))`` in fp32 (IEEE division).
 * ``_rope_append_kernel``: grid ``(B, H + Hkv)``, ONE launch for the whole step. Program ``(b, h < H)``
-  rotates ``query[b, h, 0, :]`` in place; program ``(b, H + j)`` rotates ``key[b, j, 0, :]`` (``key`` itself
+  rotates ``query[b, h, 0, :]`` in place (and, given the layer's selector-query ring ``[B, H, R, d]``, stores it
+  at ring slot ``count[0] % R`` too); program ``(b, H + j)`` rotates ``key[b, j, 0, :]`` (``key`` itself
   is not changed), reads ``e = ends[b, j]``, writes the rotated key and ``value[b, j, 0, :]`` to
   ``keys``/``values[b, j, e, :]``, ``positions[b, j, e] = seen[0]`` and ``ends[b, j] = e + 1``. Each ``(b, j)``
   is owned by one program, so the read-modify-write of ``ends`` has no race. The rotation is HF's
@@ -259,6 +260,8 @@ def _rope_append_kernel(
     pos_ptr,
     ends_ptr,
     seen_ptr,
+    ring_ptr,
+    count_ptr,
     sq_b,
     sq_h,
     sq_d,
@@ -285,13 +288,20 @@ def _rope_append_kernel(
     sp_c,
     se_b,
     se_h,
+    sr_b,
+    sr_h,
+    sr_r,
+    sr_d,
     H,
     C,
+    R,
     HALF,
+    RING: tl.constexpr,
     EMU_BF16: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Program ``(b, p)``: rotate query head ``p < H`` in place, or rotate and append KV head ``p - H``."""
+    """Program ``(b, p)``: rotate query head ``p < H`` in place (and, with ``RING``, store it at ring slot
+    ``count[0] % R`` too), or rotate and append KV head ``p - H``."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     lo = tl.arange(0, BLOCK_H)
@@ -308,6 +318,11 @@ def _rope_append_kernel(
         o1, o2 = _rotate_halves(x1, x2, c1, c2, s1, s2, EMU_BF16)
         tl.store(q_row + lo * sq_d, o1, mask=mask)
         tl.store(q_row + hi * sq_d, o2, mask=mask)
+        if RING:
+            slot = tl.load(count_ptr) % R
+            r_row = ring_ptr + b * sr_b + p.to(tl.int64) * sr_h + slot * sr_r
+            tl.store(r_row + lo * sr_d, o1, mask=mask)
+            tl.store(r_row + hi * sr_d, o2, mask=mask)
     else:
         j = (p - H).to(tl.int64)
         k_row = k_ptr + b * sk_b + j * sk_h
@@ -497,6 +512,8 @@ def rope_append(
     positions: torch.Tensor,
     ends: torch.Tensor,
     seen: torch.Tensor,
+    query_ring: torch.Tensor | None = None,
+    ring_count: torch.Tensor | None = None,
 ) -> None:
     """One decode token's rotary embedding and cache append, in place, in one launch (as
     :func:`kvsieve.layer_ops.rope_append`).
@@ -510,6 +527,9 @@ def rope_append(
         ends: ``int64 [B, Hkv]``, incremented (the caller guarantees ``0 <= ends < C``; a slot outside it is
             not written).
         seen: ``int64 [1]``, the token's logical index (read on the device).
+        query_ring: ``None`` or ``[B, H, R, d]`` in ``query``'s dtype (the layer's selector queries): the rotated
+            query is also stored at slot ``ring_count[0] % R``; ring_count: ``int64 [1]`` (read on the device,
+            not changed), given with ``query_ring``.
     All tensors may have any strides and must be on one device. No host synchronisation.
     """
     tensors = dict(
@@ -564,6 +584,23 @@ def rope_append(
     for name in ("positions", "ends", "seen"):
         if tensors[name].dtype != torch.int64:
             raise ValueError(f"{name} must be int64, got {tensors[name].dtype}")
+    ring = query_ring is not None
+    if ring != (ring_count is not None):
+        raise ValueError("query_ring and ring_count go together: pass both or neither")
+    if ring:
+        for name, t in (("query_ring", query_ring), ("ring_count", ring_count)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if query_ring.dim() != 4 or query_ring.shape[2] == 0:
+            raise ValueError(f"query_ring must be [B, H, R, d] = [{B}, {H}, R >= 1, {d}], got shape "
+                             f"{tuple(query_ring.shape)}")
+        _shape("query_ring", query_ring, (B, H, query_ring.shape[2], d), "[B, H, R, d]")
+        _shape("ring_count", ring_count, (1,), "[1]")
+        if query_ring.dtype != query.dtype:
+            raise ValueError(f"query_ring must be in query's dtype {query.dtype}, got {query_ring.dtype}")
+        if ring_count.dtype != torch.int64:
+            raise ValueError(f"ring_count must be int64, got {ring_count.dtype}")
+        tensors.update(query_ring=query_ring, ring_count=ring_count)
     _check_device(query.device, **{k: v for k, v in tensors.items() if k != "query"})
     if B == 0 or H + Hkv == 0:
         return
@@ -579,6 +616,8 @@ def rope_append(
         positions,
         ends,
         seen,
+        query_ring if ring else query,  # never read without RING
+        ring_count if ring else seen,
         query.stride(0),
         query.stride(1),
         query.stride(3),
@@ -596,9 +635,12 @@ def rope_append(
         *values.stride(),
         *positions.stride(),
         *ends.stride(),
+        *(query_ring.stride() if ring else (0, 0, 0, 0)),
         H,
         C,
+        query_ring.shape[2] if ring else 1,
         half,
+        RING=ring,
         EMU_BF16=interpret_mode(),
         BLOCK_H=next_pow2(half),
         num_warps=_warps(next_pow2(half)),
