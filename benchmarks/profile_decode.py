@@ -5,7 +5,7 @@ the static-cache step, and CUDA-graph replay times against the bandwidth floor (
 
 Settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 with the full cache (live entries per
 layer 8K, 11K -- RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and with RPC (P=4096, R=32, c=4: an
-almost empty cache, 5.6K and 11.2K, the lengths RPC's steps run at), and Llama-3.1-8B shapes at batch 1 (8K, 13K --
+almost empty cache, 5.6K and 11.2K (the largest that fits with 16 steps to spare), the lengths RPC's steps run at), and Llama-3.1-8B shapes at batch 1 (8K, 13K --
 FastKV at 128K --, 32K and 128K). For each case the same probe (random prompt, triton backend) is built once per
 variant, one after the other in one process:
 
@@ -47,7 +47,7 @@ RPC = {"interval": 4096, "window": 32, "ratio": 0.25}
 # step's cost depends on the live length; the full cache's capacity covers every length, RPC's is its peak in a 32K run
 CASES = {
     "r1": ("r1-qwen-7b", 32, "none", {}, (8192, 11391, 16384, 32768), 11391, None),
-    "r1-rpc": ("r1-qwen-7b", 32, "rpc", RPC, (1, 5632, 11264), 5632, 32768),
+    "r1-rpc": ("r1-qwen-7b", 32, "rpc", RPC, (1, 5632, 11200), 5632, 32768),
     "llama": ("llama-3.1-8b", 1, "none", {}, (8192, 13107, 32768, 131072), 13107, None),
 }
 PROMPT = 128
