@@ -23,7 +23,7 @@
 # GPUs by accelerate keeps the one-GPU tokens), bench-decode-hf-static (HF's static cache with generate's compile
 # beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
 # TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
-# bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
+# prefill-128k (FastKV and SnapKV against the full prefill at 128K, prefill_host.py), bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
 # path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), allreduce (one TP all-reduce of a decode step, NCCL
 # and symmetric memory, in a CUDA graph), eval-grid (the accuracy grid of docs/accuracy.md
 # with kvpress beside it; see the stage for its settings).
@@ -166,6 +166,9 @@ for stage in $stages; do
                       python benchmarks/prefill_host.py "$out/prefill-graphs" --backend "${PREFILL_BACKEND:-auto}" \
                         2>&1 | tail -n 20; bench_rc=${PIPESTATUS[0]}
                       [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]; } ;;
+    # FastKV and SnapKV against the full prefill at 128K (the prefill_host measurement; ~3 min)
+    prefill-128k) python benchmarks/prefill_host.py "$out/prefill-128k" --contexts 128K --runs none,snapkv-on,fastkv-on \
+                        --repeats 2 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 10 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

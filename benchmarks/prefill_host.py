@@ -2,7 +2,7 @@
 with the per-layer prompt compression replayed from a CUDA graph (on) or issued eagerly (off), against no
 compression, side by side in one process.
 
-    python benchmarks/prefill_host.py OUTDIR [--contexts 8K,32K --backend auto --repeats 3]
+    python benchmarks/prefill_host.py OUTDIR [--contexts 8K,32K --backend auto --repeats 3 --runs none,fastkv-on]
 
 Llama-3.1-8B shapes (random weights, bf16), batch 1, ``model.generate(max_new_tokens=1)`` inside a fresh
 ``kvsieve.apply`` per run (as ``kvsieve.generate`` does: every run captures its graphs again, on the second layer
@@ -27,13 +27,13 @@ from kvsieve.models import random_paper_model
 from kvsieve.params import parse_size
 from kvsieve.prefill_graph import describe_graphs
 
-RUNS = [  # (label, compressor, prefill graphs)
-    ("none", "none", False),
-    ("snapkv graphs off", "snapkv", False),
-    ("snapkv graphs on", "snapkv", True),
-    ("fastkv graphs off", "fastkv", False),
-    ("fastkv graphs on", "fastkv", True),
-]
+RUNS = {  # key: (label, compressor, prefill graphs)
+    "none": ("none", "none", False),
+    "snapkv-off": ("snapkv graphs off", "snapkv", False),
+    "snapkv-on": ("snapkv graphs on", "snapkv", True),
+    "fastkv-off": ("fastkv graphs off", "fastkv", False),
+    "fastkv-on": ("fastkv graphs on", "fastkv", True),
+}
 
 
 def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, backend: str) -> dict:
@@ -54,27 +54,33 @@ def main() -> None:
     parser.add_argument("--contexts", default="8K,32K")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)} (none is the "
+                        "baseline: always run)")
     args = parser.parse_args()
+    unknown = [key for key in args.runs.split(",") if key not in RUNS]
+    if unknown:
+        parser.error(f"unknown --runs {unknown}: choose from {', '.join(RUNS)}")
+    runs = [RUNS[key] for key in RUNS if key == "none" or key in args.runs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     model = random_paper_model("llama-3.1-8b")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, backend=args.backend, rows=[])
     for context in [parse_size(c) for c in args.contexts.split(",")]:
         ids = torch.randint(100, 120000, (1, context), device="cuda")
-        samples: dict[str, list[dict]] = {label: [] for label, _, _ in RUNS}
-        for _label, compressor, graphs in RUNS:  # warm-up: kernels compiled, allocator warm
+        samples: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+        for _label, compressor, graphs in runs:  # warm-up: kernels compiled, allocator warm
             one_run(model, ids, compressor, graphs, args.backend)
         for _ in range(args.repeats):
-            for label, compressor, graphs in RUNS:
+            for label, compressor, graphs in runs:
                 samples[label].append(one_run(model, ids, compressor, graphs, args.backend))
         base = statistics.median(s["wall"] for s in samples["none"])
-        for label, compressor, graphs in RUNS:
-            runs = samples[label]
-            wall = statistics.median(s["wall"] for s in runs)
+        for label, compressor, graphs in runs:
+            timed = samples[label]
+            wall = statistics.median(s["wall"] for s in timed)
             row = dict(context=context, run=label, compressor=compressor, prefill_graphs=graphs,
-                       ttft_s=round(wall, 4), cpu_s=round(statistics.median(s["cpu"] for s in runs), 4),
-                       over_none=round(wall / base - 1, 4), captures=runs[-1]["captures"],
-                       replays=runs[-1]["replays"], kv_layer0=runs[-1]["kv_layer0"], kv_last=runs[-1]["kv_last"],
-                       ttft_all_s=[round(s["wall"], 4) for s in runs])
+                       ttft_s=round(wall, 4), cpu_s=round(statistics.median(s["cpu"] for s in timed), 4),
+                       over_none=round(wall / base - 1, 4), speedup=round(base / wall, 4),
+                       captures=timed[-1]["captures"], replays=timed[-1]["replays"], kv_layer0=timed[-1]["kv_layer0"],
+                       kv_last=timed[-1]["kv_last"], ttft_all_s=[round(s["wall"], 4) for s in timed])
             result["rows"].append(row)
             print(row, flush=True)
         del ids
@@ -82,11 +88,11 @@ def main() -> None:
     (args.out / "prefill_host.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Prefill graphs: TTFT and host CPU time ({result['gpu']}, torch {result['torch']}, backend "
              f"{args.backend}, median of {args.repeats})", "",
-             "| context | run | TTFT (s) | vs none | CPU time (s) | graphs captured / replayed |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| context | run | TTFT (s) | vs none | none / run | CPU time (s) | graphs captured / replayed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
-        lines.append(f"| {row['context']} | {row['run']} | {row['ttft_s']} | {100 * row['over_none']:+.1f}% | "
-                     f"{row['cpu_s']} | {row['captures']} / {row['replays']} |")
+        lines.append(f"| {row['context']} | {row['run']} | {row['ttft_s']} | {100 * row['over_none']:+.2f}% | "
+                     f"{row['speedup']:.3f}x | {row['cpu_s']} | {row['captures']} / {row['replays']} |")
     (args.out / "prefill_host.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

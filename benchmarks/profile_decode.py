@@ -5,9 +5,9 @@ the static-cache step, and CUDA-graph replay times against the bandwidth floor (
 
 Settings of docs/benchmarks.md's goals: R1-Distill-Qwen-7B shapes at batch 32 with the full cache (live entries per
 layer 8K, 11K -- RPC's largest cache in a 32K run at P=4096 --, 16K and 32K) and with RPC (P=4096, R=32, c=4: an
-almost empty cache, 5.6K and 11.2K (the largest that fits with 16 steps to spare), the lengths RPC's steps run at), and Llama-3.1-8B shapes at batch 1 (8K, 13K --
-FastKV at 128K --, 32K and 128K). For each case the same probe (random prompt, triton backend) is built once per
-variant, one after the other in one process:
+almost empty cache, 5.6K and 11.2K -- the largest that fits with 16 steps to spare --, the lengths RPC's steps run
+at), and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at 128K --, 32K and 128K). For each case the same probe
+(random prompt, triton backend) is built once per variant, one after the other in one process:
 
 * ``unfused``: HF's decoder layers;
 * ``apart``: the fused decoder layer with q/k/v as three GEMMs and gate/up as two, the residual add after down_proj
