@@ -24,6 +24,7 @@ import kvsieve
 from kvsieve.budget import Budget
 from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.contracts import debug_checks
+from kvsieve.indexing import ints_to_device
 from kvsieve.parallel import LOCAL
 from kvsieve.plugins import selection_policy
 from kvsieve.policies.window_attention import AGGREGATIONS, pool_scores
@@ -272,7 +273,7 @@ class FastKV(PromptCompressor):
         counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
         tails = [min(self.window, b, n) for b, n in zip(budgets, event.layer.row_lengths, strict=True)]
         real = select_rows(self.tsp_selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
-        fill = torch.tensor([K - b for b in budgets], device=scores.device)[:, None]  # [B, 1]
+        fill = ints_to_device([K - b for b in budgets], scores.device)[:, None]  # [B, 1], without a sync
         j = torch.arange(K, device=scores.device)
         from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))
         keep = torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)
