@@ -244,6 +244,8 @@ class FastKV(PromptCompressor):
             scale=event.scale,
             backend=event.backend,
             queries_are_last=True,
+            # prefill: row b's candidates are its real tokens but the window (known on the host: no read of N)
+            candidate_count=max((max(n - self.window, 0) for n in layer.row_lengths), default=None),
             heads=event.engine.heads if event.engine is not None else LOCAL,
         )
         # [B, N]: candidate n is token starts + n; over every KV head, across tensor-parallel ranks too, so that
