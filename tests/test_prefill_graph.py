@@ -6,11 +6,13 @@ accumulate over replays. Then the static path itself, run eagerly on CPU (the ca
 the same work on the static copies, every layer): the same cache (kept positions per layer, row and head, keys,
 live ranges, capacities) and greedy tokens as the eager path for snapkv, snapkv with chunk selection and fastkv on
 a GQA model, an odd prompt length and a left-padded batch of 2; a contract fault is raised at the end of the
-forward; the per-layer host reads are gone.
+forward; the per-layer host reads are gone; FastKV's token propagation adds none, and a malformed one is raised at
+the end of the forward with every later layer cached on the stand-in.
 
 GPU (``@pytest.mark.gpu``): the real capture and replays give exactly the eager path's kept positions and greedy
-tokens (snapkv, snapkv + chunk, fastkv, on the torch and triton backends), and a policy that reads the device on
-the host falls back with one warning and still gives the eager results.
+tokens (snapkv, snapkv + chunk, fastkv, on the torch and triton backends), a policy that reads the device on the
+host falls back with one warning and still gives the eager results, and FastKV's prefill synchronises no more than
+SnapKV's.
 """
 
 from __future__ import annotations
