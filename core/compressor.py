@@ -18,6 +18,7 @@ import torch
 
 from kvsieve.budget import Budget
 from kvsieve.contracts import ContractGuard, checks_enabled
+from kvsieve.indexing import ints_to_device
 from kvsieve.parallel import LOCAL, HeadGroup
 from kvsieve.policy import ScoringContext, ScoringPolicy, Selection, SelectionPolicy
 
@@ -330,8 +331,9 @@ def _per_row(value: int | Sequence[int], rows: int, name: str) -> list[int]:
 
 
 def _row_tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    """``int64 [B, Hkv]`` from one value per row (a host-to-device copy, no read)."""
-    return torch.tensor(values, dtype=torch.long, device=like.device)[:, None].expand_as(like)
+    """``int64 [B, Hkv]`` (``like``'s shape and device) from one value per row: an asynchronous host-to-device copy
+    on the current stream (:func:`~kvsieve.indexing.ints_to_device`: no read, no wait for the device)."""
+    return ints_to_device(values, like.device)[:, None].expand_as(like)
 
 
 def select_rows(selection: SelectionPolicy, scores: torch.Tensor, counts: torch.Tensor, budgets: list[int],

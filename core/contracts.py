@@ -1,7 +1,8 @@
 """Run-time checks where plugin output enters the cache: a faulty scoring or selection policy cannot corrupt it.
 
 :func:`kvsieve.compressor.compress_layer` passes every score tensor and every selection through a
-:class:`ContractGuard` before the cache is compacted. What is checked (docs/reliability.md):
+:class:`ContractGuard` before the cache is compacted, and :func:`kvsieve.propagation.propagate` every token
+selection before later layers compute on it. What is checked (docs/reliability.md):
 
 * scores: a tensor of exactly ``[B, Hkv, N]`` (``N`` the candidate count), floating point, finite on every valid
   candidate; the scoring call left the layer's cache unchanged (a fingerprint of keys, values, positions and
@@ -10,13 +11,18 @@
   ``int64 [B, Hkv]``; per row and KV head exactly ``min(budget, n)`` kept (for a ``head_adaptive`` policy: per row
   ``sum_h min(budget, n_h)`` in all, each head keeping from its protected candidates to all of them), ``counts <=
   K``, the kept indices strictly increasing (sorted, unique), inside ``[0, n)``, the protected head and tail among
+  them;
+* a token propagation: ``keep``, ``int64 [B, K]`` with ``0 < K <= n`` (``n`` the tokens the calling layer computed
+  on), holds per row strictly increasing indices (sorted, unique) inside ``[0, n)``, the last token ``n - 1`` among
   them.
 
-Shape and type faults are known on the host and raised at once. Value faults live on the device: reading them
-would stall the GPU, so they are recorded as device flags and raised at the next host read the run already
-makes (the next layer's eviction check, the end of the forward, or the end of a decode step's schedule); until
-then a faulty selection is replaced, on the device, by a valid one (the first candidates), so the cache stays
-consistent. The error is a :class:`PluginContractError` naming the policy, its distribution and entry point.
+Shape and type faults are known on the host and raised at once (``propagate`` raises them as ``ValueError``). Value
+faults live on the device: reading them would stall the GPU, so they are recorded as device flags and raised at the
+next host read the run already makes (the next layer's eviction check, the end of the forward, or the end of a
+decode step's schedule); until then a faulty selection is replaced, on the device, by a valid one (the first
+candidates), and a faulty propagation by the last ``K`` tokens, so the cache stays consistent and no gather reads
+out of range. The error is a :class:`PluginContractError` naming the policy (or compressor), its distribution and
+entry point.
 
 The checks are on by default. ``KVSIEVE_CHECKS=off`` in the environment (or ``apply(..., checks=False)``) turns
 the device checks off for a plugin that passed the conformance kit; the shape checks cost nothing and always run.
@@ -42,7 +48,8 @@ _OFF = ("0", "off", "false", "no")
 
 
 class PluginContractError(RuntimeError):
-    """A scoring or selection policy broke its contract (the message names the plugin and what it did)."""
+    """A scoring or selection policy, or a propagating compressor, broke its contract (the message names the plugin
+    and what it did)."""
 
 
 def checks_enabled(default: bool | None = None) -> bool:
@@ -59,9 +66,11 @@ def debug_checks() -> bool:
 
 
 def describe_class(policy: Any, kind: str) -> str:
-    """``scoring policy 'x' (class module.Class)``: how a guard without a registry names a plugin."""
+    """``scoring policy 'x' (class module.Class)`` (``compressor 'x' (...)`` for ``kind="compressor"``): how a guard
+    without a registry names a plugin."""
     name = getattr(policy, "name", "") or type(policy).__name__
-    return f"{kind} policy {name!r} (class {type(policy).__module__}.{type(policy).__qualname__})"
+    label = f"{kind} policy" if kind in ("scoring", "selection") else kind
+    return f"{label} {name!r} (class {type(policy).__module__}.{type(policy).__qualname__})"
 
 
 def _read_all(values: list[torch.Tensor]) -> list[int]:
@@ -278,3 +287,29 @@ class ContractGuard:
         stand_in_counts = expected.clamp(max=K)
         stand_in = torch.where(idx < stand_in_counts[..., None], idx, -1)
         return torch.where(broken, stand_in, keep), torch.where(broken, stand_in_counts, kept)
+
+    # ------------------------------------------------------------------ token propagation
+    def check_propagation(self, keep: torch.Tensor, num_live: int, who: str) -> torch.Tensor:
+        """``keep`` (``int64 [B, K]``, ``0 < K <= num_live``: the tokens a propagation keeps among the ``num_live``
+        the calling layer computed on; its shape checked by the caller), checked on the device: per row, strictly
+        increasing (sorted, unique), inside ``[0, num_live)``, ending with the last token ``num_live - 1``.
+
+        Returns ``keep``, or, in each row that breaks a rule, the stand-in ``num_live - K .. num_live - 1`` (the last
+        ``K`` tokens: sorted, unique, in range, the last token kept), so nothing downstream gathers out of range;
+        the fault is raised at the next host read (at once for an ``immediate`` guard), naming ``who`` (e.g.
+        ``compressor 'fastkv' (...)``). With the checks off, ``keep`` unchecked.
+        """
+        if not self.enabled:
+            return keep
+        n, K = num_live, keep.shape[1]
+        outside = ((keep < 0) | (keep >= n)).any(dim=1)  # [B]
+        unsorted = (keep[:, 1:] <= keep[:, :-1]).any(dim=1)
+        no_last = keep[:, -1] != n - 1
+        what = f"{who} propagated an invalid keep:"
+        self._defer(outside.any(), f"{what} keep must hold token indices inside [0, {n}) (the tokens the calling "
+                                   f"layer computed on)")
+        self._defer(unsorted.any(), f"{what} keep must hold sorted, unique token indices per row")
+        self._defer(no_last.any(), f"{what} keep must include the last token (index {n - 1}): generation reads its "
+                                   f"logits")
+        stand_in = torch.arange(n - K, n, device=keep.device)
+        return torch.where((outside | unsorted | no_last)[:, None], stand_in, keep)

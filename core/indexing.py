@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["compaction_moves", "range_mask"]
+__all__ = ["compaction_moves", "ints_to_device", "range_mask"]
+
+
+def ints_to_device(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """``int64 [len(values)]`` on ``device``, from host ints, without making the host wait for the device.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory, which PyTorch does synchronously: the
+    host waits until the GPU has run everything queued before it (in a prefill, every layer issued so far). On CUDA
+    the values are put in pinned host memory instead and copied asynchronously on ``device``'s current stream;
+    PyTorch's caching host allocator keeps the pinned block until that copy has run. Work issued later on the same
+    stream sees the values; another stream must wait for this one first. Elsewhere: ``torch.tensor``.
+
+    Not during a CUDA graph capture: a captured copy would read the pinned block at every replay, after it was
+    freed. Make the tensor before the capture (:mod:`kvsieve.prefill_graph` does).
+
+    Raises:
+        RuntimeError: ``device``'s current stream is capturing a CUDA graph.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    with torch.cuda.device(device):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"ints_to_device(device={device}) was called while that device's stream captures a CUDA graph, where "
+                "the copy would read freed host memory at every replay; make the tensor before the capture"
+            )
+    return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
 
 
 def compaction_moves(

@@ -297,7 +297,7 @@ class _Runner:
         budgets, tails = list(plan.budgets), list(plan.tails)
         if len(set(budgets)) == 1 and len(set(tails)) == 1:
             self.budget_arg, self.tail_arg = budgets[0], tails[0]
-        else:  # made here: a host-to-device copy cannot be captured
+        else:  # made here, before any capture, on the side stream whose later work reads them (an async copy)
             self.budget_arg, self.tail_arg = _row_tensor(budgets, layer.starts), _row_tensor(tails, layer.starts)
         self.sink = FlagSink(device)
         self.forward = -1

@@ -13,7 +13,9 @@ keep. What happens then, without patching any model class:
    forward pre-hook puts a fresh :class:`PropagationState` on the :class:`~kvsieve.engine.Engine`
    (``engine.propagation``): all tokens live.
 2. :func:`propagate` records the selection (``int64 [B, K]``, sorted, indices into the tokens that layer
-   computed on: a per-row set of a common size ``K``).
+   computed on: a per-row set of a common size ``K``), its values checked on the device by the engine's
+   :class:`~kvsieve.contracts.ContractGuard` (a fault is raised at the next host read, a valid stand-in
+   propagated meanwhile).
 3. That layer's forward hook gathers its output hidden states to the ``K`` tokens, so every later layer (and
    the model's final norm and LM head) computes on them only.
 4. Every later layer's forward pre-hook gathers the per-token inputs the model computed once for the whole
@@ -38,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+
+from kvsieve.contracts import ContractGuard, checks_enabled
 
 if TYPE_CHECKING:
     from kvsieve.compressor import LayerEvent
@@ -81,17 +85,26 @@ class PropagationState:
 def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
     """Keep only the tokens ``keep`` for every layer after the calling one (call it during a layer's forward).
 
+    The shape is checked at once; the values (a device read would stall the GPU mid-prefill) through the engine's
+    :class:`~kvsieve.contracts.ContractGuard` (:meth:`~kvsieve.contracts.ContractGuard.check_propagation`): a fault
+    is raised at the next host read the run makes (the end of the forward at the latest), and meanwhile the rows
+    that break a rule propagate the last ``K`` tokens instead, so the forward and the cache stay consistent. An
+    engine without a guard (a unit test's stand-in) has the values checked at once.
+
     Args:
         event: the layer event of ``Compressor.after_attention``.
-        keep: ``int64 [B, K]``: per row, the sorted, unique indices (among the tokens the calling layer
-            computed on) of the tokens later layers compute on. Every row keeps the same number ``K``; the
-            last token must be kept (generation reads its logits).
+        keep: ``int64 [B, K]``: per row, the sorted, unique indices (among the ``n`` tokens the calling layer
+            computed on, so ``0 < K <= n``) of the tokens later layers compute on. Every row keeps the same number
+            ``K``; the last token ``n - 1`` must be kept (generation reads its logits).
 
     Raises:
         RuntimeError: no :class:`TokenPropagation` is installed on the model (``Compressor.install``).
-        ValueError: ``keep`` is malformed.
+        ValueError: ``keep`` is not a non-empty ``int64 [B, K]`` tensor with ``K <= n``.
+        kvsieve.contracts.PluginContractError: ``keep`` holds indices that are unsorted, repeated, outside
+            ``[0, n)``, or miss the last token (at the next host read; at once without an engine guard).
     """
-    state = None if event.engine is None else event.engine.propagation
+    engine = event.engine
+    state = None if engine is None else engine.propagation
     if state is None:
         raise RuntimeError(
             "propagate() needs token propagation hooks on the model: return TokenPropagation.install(engine) "
@@ -102,11 +115,17 @@ def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
         raise ValueError(
             f"keep must be a non-empty int64 [B, K] tensor, got {keep.dtype} {tuple(keep.shape)}"
         )
-    if bool((keep[:, 1:] <= keep[:, :-1]).any()) or bool((keep[:, 0] < 0).any()):
-        raise ValueError("keep must hold sorted, unique, non-negative token indices per row")
-    if bool((keep[:, -1] != n - 1).any()):
-        raise ValueError(f"keep must include the last token (index {n - 1}): generation reads its logits")
-    state.pending = keep
+    if keep.shape[1] > n:
+        raise ValueError(
+            f"keep must hold at most {n} token indices per row (the tokens the calling layer computed on), "
+            f"got K={keep.shape[1]}"
+        )
+    guard = getattr(engine, "guard", None)
+    if guard is None:  # an engine stand-in (a unit test's): check at once
+        guard = ContractGuard(checks_enabled(), immediate=True)
+    compressor = getattr(engine, "compressor", None)
+    who = "a compressor" if compressor is None else guard.describe(compressor, "compressor")
+    state.pending = guard.check_propagation(keep, n, who)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -24,6 +24,7 @@ import kvsieve
 from kvsieve.budget import Budget
 from kvsieve.compressor import LayerEvent, select_rows
 from kvsieve.contracts import debug_checks
+from kvsieve.indexing import ints_to_device
 from kvsieve.parallel import LOCAL
 from kvsieve.plugins import selection_policy
 from kvsieve.policies.window_attention import AGGREGATIONS, pool_scores
@@ -243,6 +244,8 @@ class FastKV(PromptCompressor):
             scale=event.scale,
             backend=event.backend,
             queries_are_last=True,
+            # prefill: row b's candidates are its real tokens but the window (known on the host: no read of N)
+            candidate_count=max((max(n - self.window, 0) for n in layer.row_lengths), default=None),
             heads=event.engine.heads if event.engine is not None else LOCAL,
         )
         # [B, N]: candidate n is token starts + n; over every KV head, across tensor-parallel ranks too, so that
@@ -272,7 +275,7 @@ class FastKV(PromptCompressor):
         counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
         tails = [min(self.window, b, n) for b, n in zip(budgets, event.layer.row_lengths, strict=True)]
         real = select_rows(self.tsp_selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
-        fill = torch.tensor([K - b for b in budgets], device=scores.device)[:, None]  # [B, 1]
+        fill = ints_to_device([K - b for b in budgets], scores.device)[:, None]  # [B, 1], without a sync
         j = torch.arange(K, device=scores.device)
         from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))
         keep = torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)

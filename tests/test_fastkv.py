@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
+from kvsieve.contracts import PluginContractError
 from kvsieve.engine import Engine
 from kvsieve.integration import apply, generate, resolve_compressor
 from kvsieve.params import UnknownParameterError
@@ -527,6 +528,34 @@ def test_left_padded_batch(model4):
     for b, pad in enumerate(pads):  # every row as if it ran alone
         alone = generate(model4, rows[b][None], compressor="fastkv", backend="torch", params=params, **greedy(10))
         assert torch.equal(batch[b, pad:], alone.sequences[0]), b
+
+
+class MisorderedFastKV(FastKV):
+    """FastKV whose propagated tokens come with the first two swapped (unsorted): a faulty propagating plugin."""
+
+    name = "misordered_fastkv"
+
+    def select_propagated(self, event, propagated):
+        keep = super().select_propagated(event, propagated).clone()
+        keep[:, :2] = keep[:, :2].flip(-1)
+        return keep
+
+
+def test_a_malformed_propagation_is_reported_naming_the_compressor(model4):
+    """Checked on the device, raised at the next host read (on the eager path: the TSP layer's own eviction check),
+    as a PluginContractError that names the compressor and the rule it broke."""
+    ids, mask, _ = left_padded(PAD0, [60, 41], seed=7)
+    with torch.inference_mode(), apply(model4, MisorderedFastKV(tsp_rate=0.4, ratio=0.2), "torch"):
+        with pytest.raises(PluginContractError, match="compressor 'misordered_fastkv'.*sorted, unique"):
+            model4(ids, attention_mask=mask)
+
+
+def test_the_checks_off_leave_a_well_formed_propagation_alone(model4):
+    ids, mask, _ = left_padded(PAD0, [60, 41], seed=7)
+    runs = [generate(model4, ids, mask, compressor="fastkv", backend="torch", params=dict(tsp_rate=0.4, ratio=0.2),
+                     checks=checks, **greedy(6)) for checks in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].kv_lengths == runs[1].kv_lengths
 
 
 def test_sampling_with_several_return_sequences(model4):

@@ -6,11 +6,13 @@ accumulate over replays. Then the static path itself, run eagerly on CPU (the ca
 the same work on the static copies, every layer): the same cache (kept positions per layer, row and head, keys,
 live ranges, capacities) and greedy tokens as the eager path for snapkv, snapkv with chunk selection and fastkv on
 a GQA model, an odd prompt length and a left-padded batch of 2; a contract fault is raised at the end of the
-forward; the per-layer host reads are gone.
+forward; the per-layer host reads are gone; FastKV's token propagation adds none, and a malformed one is raised at
+the end of the forward with every later layer cached on the stand-in.
 
 GPU (``@pytest.mark.gpu``): the real capture and replays give exactly the eager path's kept positions and greedy
-tokens (snapkv, snapkv + chunk, fastkv, on the torch and triton backends), and a policy that reads the device on
-the host falls back with one warning and still gives the eager results.
+tokens (snapkv, snapkv + chunk, fastkv, on the torch and triton backends), a policy that reads the device on the
+host falls back with one warning and still gives the eager results, and FastKV's prefill synchronises no more than
+SnapKV's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from conftest import gpu_backends, left_padded, random_prompt, tiny_llama
 from kvsieve import prefill_graph
 from kvsieve.contracts import ContractGuard, FlagSink, PluginContractError
 from kvsieve.integration import apply, generate
+from kvsieve.policies.fastkv import FastKV
 from kvsieve.policies.topk import TopKSelection
 from kvsieve.policies.window_attention import WindowAttentionScoring
 from kvsieve.policy import ScoringContext, SelectionPolicy
@@ -212,35 +215,89 @@ def test_a_contract_fault_in_the_static_path_is_raised_at_the_end_of_the_forward
         assert prefill_graph.describe_graphs(engine)["captures"] > 0
 
 
-def test_the_static_path_reads_nothing_per_layer(model6, static_path_on_cpu):
-    ids, mask = prompts()[1]
+def host_reads(model, ids, mask, name, params, **options) -> list[str]:
+    """The host reads of device values (``Tensor.item``, ``tolist``, ``bool()``, ...) in one prefill."""
     names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
     saved = {name: getattr(torch.Tensor, name) for name in names}
-    counts = {}
-    for graphs in (True, False):
-        reads = []
+    reads = []
 
-        def counting(name, reads=reads):
-            def read(self, *args, **kwargs):
-                reads.append(name)
-                return saved[name](self, *args, **kwargs)
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
 
-            return read
+        return read
 
-        with torch.inference_mode(), apply(model6, "snapkv", "torch", params={"ratio": 0.3, "window": 4},
-                                           prefill_graphs=graphs):
-            for name in names:
-                setattr(torch.Tensor, name, counting(name))
-            try:
-                model6(input_ids=ids, attention_mask=mask, use_cache=True)
-            finally:
-                for name, method in saved.items():
-                    setattr(torch.Tensor, name, method)
-        counts[graphs] = len(reads)
+    with torch.inference_mode(), apply(model, name, "torch", params=params, **options):
+        for method in names:
+            setattr(torch.Tensor, method, counting(method))
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        finally:
+            for method, original in saved.items():
+                setattr(torch.Tensor, method, original)
+    return reads
+
+
+SNAPKV = {"ratio": 0.3, "window": 4}
+FASTKV = {"tsp_rate": 0.5, "ratio": 0.3, "window": 4}  # SnapKV's settings, with TSP after layer 2 of 6
+
+
+def test_the_static_path_reads_nothing_per_layer(model6, static_path_on_cpu):
+    ids, mask = prompts()[1]
+    counts = {graphs: len(host_reads(model6, ids, mask, "snapkv", SNAPKV, prefill_graphs=graphs))
+              for graphs in (True, False)}
     # eager: two reads per layer (the eviction check, the size after compaction); the static path reads nothing
     # in any layer, the first of a shape included (the padding is read once per forward, the contract flags at
     # its end)
     assert counts[True] + 2 * LAYERS <= counts[False], counts
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["single", "padded"])
+def test_token_propagation_adds_no_host_read(model6, static_path_on_cpu, padded):
+    """FastKV's TSP layer reads nothing on the host: its token ranking (the candidate count is known), the fill of
+    the shorter rows, and propagate()'s checks of the kept tokens (device flags, read with the others at the
+    forward's end). FastKV's prefill reads what SnapKV's does with the same settings; in a padded batch, plus the
+    engine's one read of the padding of the mask that propagation gathered (Engine._padding)."""
+    ids, mask = prompts()[padded]
+    fastkv = host_reads(model6, ids, mask, "fastkv", FASTKV, prefill_graphs=True)
+    snapkv = host_reads(model6, ids, mask, "snapkv", SNAPKV, prefill_graphs=True)
+    assert len(fastkv) <= len(snapkv) + (1 if padded else 0), (fastkv, snapkv)
+
+
+class MisorderedFastKV(FastKV):
+    """FastKV whose propagated tokens come with the first two swapped (unsorted)."""
+
+    name = "misordered_fastkv"
+
+    def select_propagated(self, event, propagated):
+        keep = super().select_propagated(event, propagated).clone()
+        keep[:, :2] = keep[:, :2].flip(-1)
+        return keep
+
+
+def test_a_malformed_propagation_on_the_static_path_is_raised_at_the_end_of_the_forward(model6, static_path_on_cpu):
+    """No layer reads the guard's flags: the layers after the TSP layer run (and compress) on the stand-in, the last
+    ``K`` tokens, and the fault comes at the forward's end; every layer's cache holds sorted, unique positions of
+    the tokens it computed on."""
+    ids, mask = prompts()[1]
+    B, L = ids.shape
+    fastkv = MisorderedFastKV(**FASTKV)
+    tsp = fastkv.resolve_tsp_layer(LAYERS)
+    with torch.inference_mode(), apply(model6, fastkv, "torch", prefill_graphs=True) as engine:
+        with pytest.raises(PluginContractError, match="compressor 'misordered_fastkv'.*sorted, unique"):
+            model6(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache, index = engine.last_cache, engine.propagation.index
+        assert prefill_graph.describe_graphs(engine)["replays"] > 0
+    K = index.shape[1]
+    assert torch.equal(index, torch.arange(L - K, L).expand(B, K))
+    for i, layer in enumerate(cache.layers):
+        assert layer.seen == L and layer.compactions == 1, f"layer {i}"
+        for b in range(B):
+            for j in range(layer.starts.shape[1]):
+                live = layer.positions[b, j, layer.starts[b, j]: layer.ends[b, j]]
+                assert len(live) > 0 and (live[1:] > live[:-1]).all(), (i, b, j)
+                assert (live >= (0 if i <= tsp else L - K)).all() and (live < L).all(), (i, b, j)
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -338,10 +395,9 @@ def test_a_contract_fault_in_a_replay_on_the_side_stream_is_raised_at_the_end_of
         assert prefill_graph.describe_graphs(engine)["replays"] > 0
 
 
-def _synchronisations(model, ids, mask, **options) -> int:
+def _synchronisations(model, ids, mask, name="snapkv", params=SNAPKV, **options) -> int:
     """Synchronising CUDA calls in the second of two identical prefills (the first captured the graph)."""
-    with torch.inference_mode(), apply(model, "snapkv", "torch", params={"ratio": 0.3, "window": 4},
-                                       **options) as engine:
+    with torch.inference_mode(), apply(model, name, "torch", params=params, **options) as engine:
         model(input_ids=ids, attention_mask=mask, use_cache=True)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
@@ -367,3 +423,18 @@ def test_graph_replays_do_not_synchronise(cuda_model6):
     if off == 0:
         pytest.skip("torch.cuda.set_sync_debug_mode('warn') reported no synchronisation on this build")
     assert on + LAYERS <= off, (on, off)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True], ids=["single", "padded"])
+def test_token_propagation_does_not_synchronise(cuda_model6, padded):
+    """FastKV's TSP layer makes no synchronising call (its checks are device flags, its host-to-device copies
+    asynchronous from pinned memory): its prefill synchronises as often as SnapKV's with the same settings; in a
+    padded batch, plus the engine's one read of the padding of the mask that propagation gathered
+    (Engine._padding)."""
+    ids, mask = prompts("cuda")[padded]
+    fastkv = _synchronisations(cuda_model6, ids, mask, "fastkv", FASTKV, prefill_graphs=True)
+    snapkv = _synchronisations(cuda_model6, ids, mask, "snapkv", SNAPKV, prefill_graphs=True)
+    if snapkv == 0 and fastkv == 0:
+        pytest.skip("torch.cuda.set_sync_debug_mode('warn') reported no synchronisation on this build")
+    assert fastkv <= snapkv + (1 if padded else 0), (fastkv, snapkv)

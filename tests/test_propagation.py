@@ -19,6 +19,7 @@ from conftest import left_padded, tiny_llama
 from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import Compressor, LayerEvent
+from kvsieve.contracts import PluginContractError
 from kvsieve.engine import Engine
 from kvsieve.integration import apply, generate
 from kvsieve.propagation import (
@@ -63,6 +64,51 @@ class Thinning(Compressor):
         if event.phase == "prefill" and event.layer_idx in self.layers:
             n = event.layer.max_end
             propagate(event, keep_every_other(n, event.layer.ends.shape[0]))
+
+
+def broken(keep: torch.Tensor, fault: str, n: int) -> torch.Tensor:
+    """``keep`` (``int64 [B, K]`` among ``n`` tokens) broken in one way (``fault``), in every row or, for a fault
+    ending in ``_row1``, in row 1 only."""
+    keep = keep.clone()
+    rows = slice(1, 2) if fault.endswith("_row1") else slice(None)
+    fault = fault.removesuffix("_row1")
+    if fault == "unsorted":
+        keep[rows, :2] = keep[rows, :2].flip(-1)
+    elif fault == "duplicate":
+        keep[rows, 1] = keep[rows, 0]
+    elif fault == "negative":
+        keep[rows, 0] = -1
+    elif fault == "out_of_range":
+        keep[rows, -1] = n + 3
+    elif fault == "no_last_token":
+        keep = keep[:, :-1]
+    else:
+        raise AssertionError(fault)
+    return keep
+
+
+# each malformed keep, and what the error says
+KEEP_FAULTS = [
+    ("unsorted", "sorted, unique"),
+    ("duplicate", "sorted, unique"),
+    ("negative", r"inside \[0, 30\)"),
+    ("out_of_range", r"inside \[0, 30\)"),
+    ("no_last_token", r"last token \(index 29\)"),
+    ("unsorted_row1", "sorted, unique"),
+]
+
+
+@attrs.frozen
+class Mispropagating(Thinning):
+    """Thinning whose propagation at layer 1 is broken in one way (``fault``, see :func:`broken`)."""
+
+    name: ClassVar[str] = "test-mispropagating"
+    fault: str = "unsorted"
+
+    def after_attention(self, event: LayerEvent) -> None:
+        if event.phase == "prefill" and event.layer_idx in self.layers:
+            n = event.layer.max_end
+            propagate(event, broken(keep_every_other(n, event.layer.ends.shape[0]), self.fault, n))
 
 
 def by_hand(model, ids, mask, layers):
@@ -114,6 +160,42 @@ def test_forward_equals_a_by_hand_propagation(model4, layers, padded):
         assert torch.equal(pos, live), f"layer {i}"
         if i in layers:
             live = live.gather(1, keep_every_other(live.shape[1], 2))
+
+
+@pytest.mark.parametrize("fault, match", KEEP_FAULTS)
+def test_a_malformed_keep_is_reported_at_the_end_of_the_forward_and_the_cache_stays_consistent(model4, fault, match):
+    """The values of ``keep`` are checked on the device (no host read mid-prefill): the error comes at the forward's
+    end, naming the compressor and the rule; meanwhile the faulty rows propagate the last ``K`` tokens, so no gather
+    reads out of range and every later layer holds them at their original positions."""
+    ids, mask, _ = left_padded(PAD0, [30, 21], seed=1)
+    B, L = ids.shape
+    with torch.inference_mode(), apply(model4, Mispropagating(fault=fault), "torch") as engine:
+        with pytest.raises(PluginContractError, match=f"compressor 'test-mispropagating'.*{match}"):
+            model4(ids, attention_mask=mask)
+        cache, propagation = engine.last_cache, engine.propagation
+    keep = keep_every_other(L, B)
+    K = broken(keep, fault, L).shape[1]
+    faulty = [1] if fault.endswith("_row1") else range(B)
+    want = torch.stack([torch.arange(L - K, L) if b in faulty else keep[b] for b in range(B)])
+    assert torch.equal(propagation.index, want)
+    for i, layer in enumerate(cache.layers):
+        assert layer.seen == layer.prompt_len == L, f"layer {i}"
+        pos = layer.positions[:, 0, : layer.max_end]
+        assert torch.equal(pos, torch.arange(L).expand(B, L) if i <= 1 else want), f"layer {i}"
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_a_well_formed_keep_gives_the_same_forward_with_the_checks_on_or_off(model4, checks):
+    ids, mask, _ = left_padded(PAD0, [30, 21], seed=1)
+    with torch.inference_mode():
+        want, index = by_hand(model4, ids, mask, (1,))
+        with apply(model4, Thinning((1,)), "torch", checks=checks) as engine:
+            assert engine.guard.enabled is checks
+            got = model4(ids, attention_mask=mask).logits
+            propagation = engine.propagation
+    real = mask.gather(1, index).bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(propagation.index, index)
 
 
 def test_last_layer_propagation_gives_the_full_logits_of_kept_tokens(model4):
@@ -197,6 +279,9 @@ def test_gather_tokens_broadcasts_a_shared_batch():
 
 
 def test_propagate_refuses_bad_selections(model4):
+    """The shape at once (``ValueError``); the values through the engine's contract guard, at its next read
+    (``PluginContractError``), with the faulty rows' stand-in (the last ``K`` tokens) propagated meanwhile; at once
+    for an engine without a guard."""
     backend = TorchBackend()
     engine = Engine(model4, Thinning(), backend)  # not attached: no propagation hooks, no state
     layer = SieveCache(num_layers=1).layers[0]
@@ -212,11 +297,34 @@ def test_propagate_refuses_bad_selections(model4):
     for keep, match in [
         (torch.tensor([0, 3]), "int64 \\[B, K\\]"),
         (torch.tensor([[0.0, 3.0]]), "int64"),
-        (torch.tensor([[2, 1, 3]]), "sorted, unique"),
-        (torch.tensor([[1, 1, 3]]), "sorted, unique"),
-        (torch.tensor([[0, 2]]), "last token"),
+        (torch.zeros(1, 0, dtype=torch.long), "non-empty"),
+        (torch.tensor([[0, 1, 2, 3, 3]]), "at most 4 token indices per row .* K=5"),
     ]:
         with pytest.raises(ValueError, match=match):
             propagate(event(engine), keep)
+    value_faults = [
+        (torch.tensor([[2, 1, 3]]), "sorted, unique"),
+        (torch.tensor([[1, 1, 3]]), "sorted, unique"),
+        (torch.tensor([[-1, 1, 3]]), r"inside \[0, 4\)"),
+        (torch.tensor([[0, 2, 4]]), r"inside \[0, 4\)"),
+        (torch.tensor([[0, 2]]), r"last token \(index 3\)"),
+    ]
+    for keep, match in value_faults:
+        propagate(event(engine), keep)  # no host read: recorded, a valid stand-in propagated meanwhile
+        assert torch.equal(engine.propagation.pending, torch.arange(4 - keep.shape[1], 4)[None])
+        with pytest.raises(PluginContractError, match=f"compressor 'test-thinning'.*{match}"):
+            engine.guard.flush()
+    propagate(event(engine), torch.tensor([[0, 3], [3, 2]]))  # only the faulty row is replaced
+    assert torch.equal(engine.propagation.pending, torch.tensor([[0, 3], [2, 3]]))
+    with pytest.raises(PluginContractError, match="sorted, unique"):
+        engine.guard.flush()
     propagate(event(engine), torch.tensor([[0, 3]]))
+    engine.guard.flush()
     assert torch.equal(engine.propagation.pending, torch.tensor([[0, 3]]))
+
+    stand_in = SimpleNamespace(num_layers=4, propagation=PropagationState(num_tokens=4))  # an engine without a guard
+    for keep, match in value_faults:
+        with pytest.raises(PluginContractError, match=f"a compressor propagated an invalid keep.*{match}"):
+            propagate(event(stand_in), keep)
+    propagate(event(stand_in), torch.tensor([[0, 3]]))
+    assert torch.equal(stand_in.propagation.pending, torch.tensor([[0, 3]]))
