@@ -169,6 +169,10 @@ for stage in $stages; do
     # FastKV and SnapKV against the full prefill at 128K (the prefill_host measurement; ~3 min)
     prefill-128k) python benchmarks/prefill_host.py "$out/prefill-128k" --contexts 128K --runs none,snapkv-on,fastkv-on \
                         --repeats 2 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 10 ;;
+    # 8K TTFT, median of 7: the full prefill, snapkv and fastkv with their graphs, with and without contract checks
+    prefill-8k) python benchmarks/prefill_host.py "$out/prefill-8k" --contexts 8K --repeats 7 \
+                        --runs none,snapkv-on,snapkv-on-unchecked,fastkv-on,fastkv-on-unchecked \
+                        --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 9 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -27,19 +27,23 @@ from kvsieve.models import random_paper_model
 from kvsieve.params import parse_size
 from kvsieve.prefill_graph import describe_graphs
 
-RUNS = {  # key: (label, compressor, prefill graphs)
-    "none": ("none", "none", False),
-    "snapkv-off": ("snapkv graphs off", "snapkv", False),
-    "snapkv-on": ("snapkv graphs on", "snapkv", True),
-    "fastkv-off": ("fastkv graphs off", "fastkv", False),
-    "fastkv-on": ("fastkv graphs on", "fastkv", True),
+RUNS = {  # key: (label, compressor, prefill graphs, contract checks)
+    "none": ("none", "none", False, True),
+    "snapkv-off": ("snapkv graphs off", "snapkv", False, True),
+    "snapkv-on": ("snapkv graphs on", "snapkv", True, True),
+    "fastkv-off": ("fastkv graphs off", "fastkv", False, True),
+    "fastkv-on": ("fastkv graphs on", "fastkv", True, True),
+    # what the contract checks cost (their device work and the read of their flags at the forward's end)
+    "snapkv-on-unchecked": ("snapkv graphs on, checks off", "snapkv", True, False),
+    "fastkv-on-unchecked": ("fastkv graphs on, checks off", "fastkv", True, False),
 }
+DEFAULT_RUNS = "none,snapkv-off,snapkv-on,fastkv-off,fastkv-on"
 
 
-def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, backend: str) -> dict:
+def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, checks: bool, backend: str) -> dict:
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode(), apply(model, compressor, backend, prefill_graphs=graphs) as engine:
+    with torch.inference_mode(), apply(model, compressor, backend, prefill_graphs=graphs, checks=checks) as engine:
         model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -54,7 +58,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="8K,32K")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)} (none is the "
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated, of {', '.join(RUNS)} (none is the "
                         "baseline: always run)")
     args = parser.parse_args()
     unknown = [key for key in args.runs.split(",") if key not in RUNS]
@@ -66,17 +70,17 @@ def main() -> None:
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, backend=args.backend, rows=[])
     for context in [parse_size(c) for c in args.contexts.split(",")]:
         ids = torch.randint(100, 120000, (1, context), device="cuda")
-        samples: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
-        for _label, compressor, graphs in runs:  # warm-up: kernels compiled, allocator warm
-            one_run(model, ids, compressor, graphs, args.backend)
+        samples: dict[str, list[dict]] = {label: [] for label, *_ in runs}
+        for _label, compressor, graphs, checks in runs:  # warm-up: kernels compiled, allocator warm
+            one_run(model, ids, compressor, graphs, checks, args.backend)
         for _ in range(args.repeats):
-            for label, compressor, graphs in runs:
-                samples[label].append(one_run(model, ids, compressor, graphs, args.backend))
+            for label, compressor, graphs, checks in runs:
+                samples[label].append(one_run(model, ids, compressor, graphs, checks, args.backend))
         base = statistics.median(s["wall"] for s in samples["none"])
-        for label, compressor, graphs in runs:
+        for label, compressor, graphs, checks in runs:
             timed = samples[label]
             wall = statistics.median(s["wall"] for s in timed)
-            row = dict(context=context, run=label, compressor=compressor, prefill_graphs=graphs,
+            row = dict(context=context, run=label, compressor=compressor, prefill_graphs=graphs, checks=checks,
                        ttft_s=round(wall, 4), cpu_s=round(statistics.median(s["cpu"] for s in timed), 4),
                        over_none=round(wall / base - 1, 4), speedup=round(base / wall, 4),
                        captures=timed[-1]["captures"], replays=timed[-1]["replays"], kv_layer0=timed[-1]["kv_layer0"],
