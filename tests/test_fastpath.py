@@ -483,5 +483,6 @@ def test_prefill_host_reads_per_layer_are_bounded(tiny_models, compressor, param
                 setattr(torch.Tensor, name, method)
     layers = model.config.num_hidden_layers
     # per layer: the padding mask check, the eviction check (one read for two facts), the size after compaction;
-    # once per forward: the TSP layer's ranking and token propagation's input checks
+    # once per forward: the padding of the mask the TSP layer's propagation gathers (token propagation checks its
+    # input on the device, through the engine's guard: no read)
     assert len(reads) <= per_layer * layers + 8, reads
