@@ -23,7 +23,8 @@
 # GPUs by accelerate keeps the one-GPU tokens), bench-decode-hf-static (HF's static cache with generate's compile
 # beside the fast path), prefill-graphs (the prefill compression replayed from CUDA graphs: its GPU tests, then
 # TTFT and host CPU time with graphs on vs off vs no compression, SnapKV/FastKV at 8K/32K, ~3 min).
-# prefill-128k (FastKV and SnapKV against the full prefill at 128K, prefill_host.py), bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
+# prefill-128k (FastKV and SnapKV against the full prefill at 128K, prefill_host.py), prefill-8k (the same at 8K,
+# median of 7, with and without the contract checks), bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
 # path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), allreduce (one TP all-reduce of a decode step, NCCL
 # and symmetric memory, in a CUDA graph), eval-grid (the accuracy grid of docs/accuracy.md
 # with kvpress beside it; see the stage for its settings).
