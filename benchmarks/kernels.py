@@ -39,6 +39,13 @@ Sections:
   minute on an H200, mostly compilation (not measured yet; the section prints its own time). ``--quick``: B=1,
   L=32K, three candidates.
 
+* ``linear`` (not in the default set): the decode step's projections at batch 32 (R1-Distill-Qwen-7B: q/k/v with
+  its bias, o_proj, gate/up, down_proj with the residual) and batch 1 (Llama-3.1-8B), bf16: cuBLAS (``F.linear``;
+  ``residual.addmm_`` for down_proj, as the fused layer runs them) against ``kvsieve.backends.triton.linear`` over
+  a grid of tiles. Each op is timed as 28 calls on 28 different weight tensors in one CUDA graph (the layers of a
+  step: no call finds its weights in L2), per call in microseconds, beside the floor (weight bytes / the copy
+  bandwidth) and the error against cuBLAS.
+
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
 """
@@ -53,7 +60,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small")
+SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small", "linear")
 DEFAULT_SECTIONS = ("scores", "decode", "compact", "layer_ops")
 
 
@@ -625,6 +632,113 @@ def _layer_row(op, B, tri, ref_fn, nbytes, share, reset=None) -> dict:
     }
 
 
+# (model, op, M, N, K, bias, residual): the fused decode step's projections
+LINEAR_SHAPES = [
+    ("r1-qwen-7b", "qkv", 32, 4608, 3584, True, False),
+    ("r1-qwen-7b", "o_proj", 32, 3584, 3584, False, False),
+    ("r1-qwen-7b", "gate_up", 32, 37888, 3584, False, False),
+    ("r1-qwen-7b", "down", 32, 3584, 18944, False, True),
+    ("llama-3.1-8b", "qkv", 1, 6144, 4096, False, False),
+    ("llama-3.1-8b", "o_proj", 1, 4096, 4096, False, False),
+    ("llama-3.1-8b", "gate_up", 1, 28672, 4096, False, False),
+    ("llama-3.1-8b", "down", 1, 4096, 14336, False, True),
+]
+LINEAR_LAYERS = 28
+
+
+def _graph_us_per_call(thunks, reps: int = 5) -> float:
+    """Median over ``reps`` replays of one CUDA graph that runs every thunk once, per thunk, in microseconds."""
+    import statistics
+
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for thunk in thunks:
+            thunk()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for thunk in thunks:
+            thunk()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(thunks))
+    del graph
+    return statistics.median(times)
+
+
+def linear_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    from kvsieve.backends.triton.linear import LinearConfig
+
+    rep.line("## linear: the decode step's projections, cuBLAS vs the Triton skinny linear (bf16)")
+    rep.line()
+    rep.line(f"Per call, us: {LINEAR_LAYERS} calls on {LINEAR_LAYERS} weight copies in one CUDA graph. floor = weight "
+             "bytes / copy bandwidth. `best` = the fastest Triton config; err = max |triton - cuBLAS| / max |cuBLAS|.")
+    rep.line()
+    configs = [LinearConfig(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 5)]
+    configs += [LinearConfig(32, 512, 8, 3), LinearConfig(64, 128, 8, 4), LinearConfig(128, 128, 8, 3),
+                LinearConfig(16, 512, 4, 4)]
+    shapes = LINEAR_SHAPES[:2] if quick else LINEAR_SHAPES
+    configs = configs[:3] if quick else configs
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    summary, every = [], []
+    for shape in shapes:
+        row, rows = _linear_rows(gen, shape, configs, copy_bw)
+        summary.append(row)
+        every += rows
+        print(row, flush=True)
+        torch.cuda.empty_cache()
+    rep.table("linear", summary)
+    rep.line("Every config (files only):", echo=False)
+    rep.table("linear_all", every, echo=False)
+
+
+def _linear_rows(gen, shape, configs, copy_bw) -> tuple[dict, list[dict]]:
+    """One projection shape: cuBLAS as the fused layer calls it, then every Triton config."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvsieve.backends.triton.linear import skinny_linear
+
+    model, op, M, N, K, has_bias, has_residual = shape
+    dtype = torch.bfloat16
+    weights = [torch.randn(N, K, device="cuda", dtype=dtype, generator=gen) / K**0.5 for _ in range(LINEAR_LAYERS)]
+    bias = torch.randn(N, device="cuda", dtype=dtype, generator=gen) if has_bias else None
+    x = torch.randn(M, 1, K, device="cuda", dtype=dtype, generator=gen)
+    residual = torch.randn(M, 1, N, device="cuda", dtype=dtype, generator=gen) if has_residual else None
+    if residual is not None:  # as the fused layer: accumulate onto the residual stream in place
+        want = residual.clone().view(M, N).addmm_(x.view(M, K), weights[0].t())
+        accumulated = residual.clone()
+        base = _graph_us_per_call([lambda w=w: accumulated.view(M, N).addmm_(x.view(M, K), w.t()) for w in weights])
+    else:
+        want = F.linear(x, weights[0], bias).view(M, N)
+        base = _graph_us_per_call([lambda w=w: F.linear(x, w, bias) for w in weights])
+    floor = N * K * 2 / (copy_bw * 1e9) * 1e6  # copy_bw in GB/s
+    best, every = None, []
+    for config in configs:
+        got = skinny_linear(x, weights[0], bias, residual, config).view(M, N)
+        err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+        us = _graph_us_per_call([lambda w=w, c=config: skinny_linear(x, w, bias, residual, c) for w in weights])
+        every.append({"model": model, "op": op, "M": M, "config": repr(config), "us": us, "err": err})
+        if best is None or us < best[0]:
+            best = (us, config, err)
+    row = {"model": model, "op": op, "M": M, "N": N, "K": K, "floor us": floor, "cuBLAS us": base,
+           "cuBLAS / floor": base / floor, "best triton us": best[0], "triton / floor": best[0] / floor,
+           "cuBLAS / triton": base / best[0], "best config": repr(best[1]), "err": best[2]}
+    return row, every
+
+
 def sweep_section(rep: Report) -> None:
     import torch
 
@@ -731,6 +845,8 @@ def main(argv=None) -> int:
         layer_ops_section(rep, copy_bw, args.quick)
     if "decode_small" in args.sections:
         decode_small_section(rep, copy_bw, args.quick)
+    if "linear" in args.sections:
+        linear_section(rep, copy_bw, args.quick)
     if args.sweep:
         sweep_section(rep)
     rep.line(f"Total benchmark time: {time.time() - t0:.0f} s")

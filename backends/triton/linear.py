@@ -1,0 +1,175 @@
+"""A Triton linear layer for the few rows of a decode step: ``y = x @ W.T (+ bias) (+ residual)``.
+
+At batch 1-64 a decode step's projections read a weight matrix once for a handful of rows, so their time is the time
+to stream ``W``; cuBLAS's kernels for these shapes stay 1.2-1.6x above that at batch 32 on an H200 for the short
+GEMMs (o_proj, q/k/v) and split ``K`` with a separate reduce for the long one (down_proj) (docs/benchmarks.md).
+This kernel is the candidate replacement, measured against cuBLAS by ``benchmarks/kernels.py --sections linear``;
+the fused decoder layer does not use it yet.
+
+* ``_skinny_linear_kernel``: grid ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))``. Program ``(n, m)`` owns output columns
+  ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of rows ``[m * BLOCK_M, ...)``: it walks ``K`` in ``BLOCK_K`` steps, loading
+  the ``[BLOCK_M, BLOCK_K]`` tile of ``x`` and the ``[BLOCK_N, BLOCK_K]`` tile of ``W`` (contiguous along ``K``,
+  pipelined over ``num_stages``), and accumulates ``x_tile @ W_tile.T`` in fp32. The epilogue adds ``bias`` and
+  ``residual`` (each converted to fp32) to the fp32 sum and rounds once to the output dtype, as cuBLAS's bias and
+  ``beta = 1`` epilogues do. There is no split of ``K``: every program is resident at once for the shapes this is
+  for (a few hundred programs), so the DRAM stream, not a wave of programs, sets the time.
+
+Layouts: ``x [..., K]`` (any strides; flattened to ``[M, K]`` with ``reshape``), ``weight [N, K]``, ``bias [N]``,
+``residual [..., N]`` of ``x``'s leading shape. Offsets are int64. Graph-capturable (no host reads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_precision, interpret_mode, next_pow2
+
+__all__ = ["LinearConfig", "skinny_linear"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROWS = 64  # the rows (M) this kernel is meant for; more runs, but a GEMM library serves them better
+
+
+class LinearConfig:
+    """Tiles of :func:`skinny_linear`: columns per program ``block_n``, ``K`` per step ``block_k``, ``num_warps``,
+    ``num_stages`` (pipelined loads). Defaults: ``block_n=32``, ``block_k=256``, 4 warps, 4 stages."""
+
+    def __init__(self, block_n: int = 32, block_k: int = 256, num_warps: int = 4, num_stages: int = 4):
+        for name, v, low in (("block_n", block_n, 16), ("block_k", block_k, 16), ("num_warps", num_warps, 1)):
+            if v < low or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= {low}, got {v}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        self.block_n, self.block_k, self.num_warps, self.num_stages = block_n, block_k, num_warps, num_stages
+
+    def __repr__(self) -> str:
+        return (f"LinearConfig(block_n={self.block_n}, block_k={self.block_k}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages})")
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    sx_m,
+    sx_k,
+    sw_n,
+    sw_k,
+    sr_m,
+    sr_n,
+    sy_m,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program ``(n, m)``: ``y[m-rows, n-cols] = x[m-rows] @ W[n-cols].T (+ b) (+ r)``, fp32 accumulation."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_rows = x_ptr + rows[:, None] * sx_m
+    w_rows = w_ptr + cols[:, None] * sw_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        x = tl.load(x_rows + k[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's 16-bit tl.dot returns garbage (triton 3.9): multiply in fp32 there
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + rows[:, None] * sr_m + cols[None, :] * sr_n, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (+ residual)`` in one launch, rounded once (see the module docstring).
+
+    Args:
+        x: ``[..., K]`` float32/bfloat16/float16, any strides.
+        weight: ``[N, K]`` in ``x``'s dtype, any strides.
+        bias: ``None`` or ``[N]`` in ``x``'s dtype.
+        residual: ``None`` or ``[..., N]`` (``x``'s leading shape) in ``x``'s dtype.
+        config: tiles (default :class:`LinearConfig`).
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype (a new tensor).
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"x must be [..., K] and weight [N, K], got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dim must equal weight's K={K}, got x of shape {tuple(x.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must be in x's dtype {x.dtype}, got {weight.dtype}")
+    lead = tuple(x.shape[:-1])
+    for name, t, want in (("bias", bias, (N,)), ("residual", residual, (*lead, N))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must be in x's dtype {x.dtype}, got {t.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: all must be on one device")
+    config = config or LinearConfig()
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
+    y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        if residual is not None:
+            y += residual
+        return y
+    r2 = residual.reshape(M, N) if residual is not None else y
+    y2 = y.view(M, N)
+    block_m = min(max(16, next_pow2(M)), MAX_ROWS)
+    grid = (cdiv(N, config.block_n), cdiv(M, block_m))
+    _skinny_linear_kernel[grid](
+        x2, weight, bias if bias is not None else weight, r2, y2, M, N, K,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1), y2.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        PRECISION="ieee" if interpret_mode() else dot_precision(x.dtype), UPCAST=interpret_mode(),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

@@ -1,0 +1,117 @@
+"""The Triton linear layer for decode-step rows (``kvsieve.backends.triton.linear``) against a torch reference.
+
+The reference accumulates ``x @ W.T`` in float64, adds the bias and the residual, and rounds once to the dtype: the
+kernel (fp32 accumulation, one rounding) must be within the dtype's rounding of it, on awkward sizes (rows 1-33 and
+past one row tile, columns and K not multiples of the tiles, strided inputs, several tile configurations). On CPU
+the kernel runs through Triton's interpreter; the ``gpu`` cases use decode shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import triton_kernels_or_skip
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = triton_kernels_or_skip("triton linear tests")
+
+from kvsieve.backends.triton.linear import LinearConfig, skinny_linear  # noqa: E402
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+cpu = pytest.mark.skipif(not INTERPRET, reason="CPU cases run through Triton's interpreter: set TRITON_INTERPRET=1")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative to the output's scale
+
+
+def _inputs(seed, lead, N, K, dtype, device, bias, residual, strided):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 2 * K if strided else K, generator=gen)
+    x = (x[..., ::2] if strided else x).to(dtype=dtype, device=device)
+    w = torch.randn(N, 2 * K if strided else K, generator=gen) / K**0.5
+    w = (w[:, 1::2] if strided else w).to(dtype=dtype, device=device)
+    b = torch.randn(N, generator=gen).to(dtype=dtype, device=device) if bias else None
+    r = torch.randn(*lead, N, generator=gen).to(dtype=dtype, device=device) if residual else None
+    return x, w, b, r
+
+
+def _reference(x, w, b, r):
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    if r is not None:
+        y = y + r.double()
+    return y
+
+
+def _check(x, w, b, r, config=None):
+    got = skinny_linear(x, w, b, r, config)
+    want = _reference(x, w, b, r)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    scale = want.abs().max().clamp(min=1.0)
+    err = float((got.double() - want).abs().max() / scale)
+    assert err <= TOL[x.dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("lead", "N", "K"), [((1,), 17, 19), ((3, 1), 40, 100), ((33,), 50, 70), ((2, 5), 16, 16)])
+@pytest.mark.parametrize(("bias", "residual"), [(False, False), (True, False), (False, True), (True, True)])
+@cpu
+def test_matches_the_reference(dtype, lead, N, K, bias, residual):
+    _check(*_inputs(sum(lead) + N + K, lead, N, K, dtype, "cpu", bias, residual, strided=False))
+
+
+@pytest.mark.parametrize("config", [LinearConfig(16, 16, 1, 1), LinearConfig(32, 64, 4, 2), LinearConfig(64, 32)],
+                         ids=repr)
+@cpu
+def test_tile_configurations_and_strided_inputs(config):
+    _check(*_inputs(5, (7,), 45, 83, torch.bfloat16, "cpu", True, True, strided=True), config)
+
+
+@cpu
+def test_more_rows_than_one_tile():
+    """Rows beyond ``MAX_ROWS`` go to a second row tile."""
+    _check(*_inputs(9, (70,), 20, 24, torch.float32, "cpu", False, True, strided=False))
+
+
+@cpu
+def test_empty_sizes():
+    x, w = torch.randn(0, 8), torch.randn(5, 8)
+    assert skinny_linear(x, w).shape == (0, 5)
+    y = skinny_linear(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4), torch.ones(3, 4))
+    assert torch.equal(y, torch.full((3, 4), 2.0))
+
+
+BAD = {
+    "x-int": (lambda x, w: (x.long(), w), "x must be float32"),
+    "weight-1d": (lambda x, w: (x, w[0]), "weight"),
+    "k-mismatch": (lambda x, w: (x[..., :-1], w), "weight's K=8"),
+    "weight-dtype": (lambda x, w: (x, w.double()), "weight"),
+    "bias-shape": (lambda x, w: (x, w, torch.zeros(4)), "bias must have shape"),
+    "residual-shape": (lambda x, w: (x, w, None, torch.zeros(3, 4)), "residual must have shape"),
+    "residual-dtype": (lambda x, w: (x, w, None, torch.zeros(2, 5, dtype=torch.float64)), "residual"),
+    "bias-not-tensor": (lambda x, w: (x, w, 1.0), "bias must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_arguments_are_named(case):
+    make, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        skinny_linear(*make(torch.randn(2, 8), torch.randn(5, 8)))
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 24"):
+        LinearConfig(block_n=24)
+    with pytest.raises(ValueError, match="num_stages"):
+        LinearConfig(num_stages=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 4096, 4096), (32, 3584, 3584), (32, 3584, 18944), (32, 4608, 3584),
+                                           (7, 1000, 999)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_shapes_on_the_gpu(M, N, K, dtype):
+    _check(*_inputs(M + N, (M, 1), N, K, dtype, "cuda", True, True, strided=False))
