@@ -15,6 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsieve import models
+from kvsieve.integration import apply
+from kvsieve.policies.fastkv import FastKV
 
 FAMILIES = tuple(models.TINY_RANDOM_FAMILIES)  # llama, qwen2, qwen3, mistral
 
@@ -148,3 +150,38 @@ def triton_kernels_or_skip(what: str) -> bool:
         )
     pytest.importorskip("triton")
     return has_cuda
+
+
+def host_reads(model, ids, mask, name, params, **options) -> list[str]:
+    """The host reads of device values (``Tensor.item``, ``tolist``, ``bool()``, ...) in one prefill."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    reads = []
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return read
+
+    with torch.inference_mode(), apply(model, name, "torch", params=params, **options):
+        for method in names:
+            setattr(torch.Tensor, method, counting(method))
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        finally:
+            for method, original in saved.items():
+                setattr(torch.Tensor, method, original)
+    return reads
+
+
+class MisorderedFastKV(FastKV):
+    """FastKV whose propagated tokens come with the first two swapped (unsorted): a faulty propagating plugin."""
+
+    name = "misordered_fastkv"
+
+    def select_propagated(self, event, propagated):
+        keep = super().select_propagated(event, propagated).clone()
+        keep[:, :2] = keep[:, :2].flip(-1)
+        return keep

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, greedy, left_padded, random_prompt, tiny_llama
+from conftest import FAMILIES, MisorderedFastKV, greedy, left_padded, random_prompt, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -528,17 +528,6 @@ def test_left_padded_batch(model4):
     for b, pad in enumerate(pads):  # every row as if it ran alone
         alone = generate(model4, rows[b][None], compressor="fastkv", backend="torch", params=params, **greedy(10))
         assert torch.equal(batch[b, pad:], alone.sequences[0]), b
-
-
-class MisorderedFastKV(FastKV):
-    """FastKV whose propagated tokens come with the first two swapped (unsorted): a faulty propagating plugin."""
-
-    name = "misordered_fastkv"
-
-    def select_propagated(self, event, propagated):
-        keep = super().select_propagated(event, propagated).clone()
-        keep[:, :2] = keep[:, :2].flip(-1)
-        return keep
 
 
 def test_a_malformed_propagation_is_reported_naming_the_compressor(model4):

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, gpu_backends, left_padded, random_prompt
+from conftest import FAMILIES, gpu_backends, host_reads, left_padded, random_prompt
 
 from kvsieve import models
 from kvsieve.fastpath import StaticDecoder
@@ -462,25 +462,7 @@ def test_prefill_host_reads_per_layer_are_bounded(tiny_models, compressor, param
     not one per helper call."""
     model, tok = tiny_models["llama"]
     ids, mask, _ = left_padded(tok, [40, 33], seed=57)
-    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    reads = []
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return saved[name](self, *args, **kwargs)
-
-        return read
-
-    with torch.inference_mode(), apply(model, compressor, "torch", params=params):
-        for name in names:
-            setattr(torch.Tensor, name, counting(name))
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=True)
-        finally:
-            for name, method in saved.items():
-                setattr(torch.Tensor, name, method)
+    reads = host_reads(model, ids, mask, compressor, params)
     layers = model.config.num_hidden_layers
     # per layer: the padding mask check, the eviction check (one read for two facts), the size after compaction;
     # once per forward: the padding of the mask the TSP layer's propagation gathers (token propagation checks its

@@ -22,12 +22,11 @@ import warnings
 import attrs
 import pytest
 import torch
-from conftest import gpu_backends, left_padded, random_prompt, tiny_llama
+from conftest import MisorderedFastKV, gpu_backends, host_reads, left_padded, random_prompt, tiny_llama
 
 from kvsieve import prefill_graph
 from kvsieve.contracts import ContractGuard, FlagSink, PluginContractError
 from kvsieve.integration import apply, generate
-from kvsieve.policies.fastkv import FastKV
 from kvsieve.policies.topk import TopKSelection
 from kvsieve.policies.window_attention import WindowAttentionScoring
 from kvsieve.policy import ScoringContext, SelectionPolicy
@@ -215,30 +214,6 @@ def test_a_contract_fault_in_the_static_path_is_raised_at_the_end_of_the_forward
         assert prefill_graph.describe_graphs(engine)["captures"] > 0
 
 
-def host_reads(model, ids, mask, name, params, **options) -> list[str]:
-    """The host reads of device values (``Tensor.item``, ``tolist``, ``bool()``, ...) in one prefill."""
-    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    reads = []
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return saved[name](self, *args, **kwargs)
-
-        return read
-
-    with torch.inference_mode(), apply(model, name, "torch", params=params, **options):
-        for method in names:
-            setattr(torch.Tensor, method, counting(method))
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=True)
-        finally:
-            for method, original in saved.items():
-                setattr(torch.Tensor, method, original)
-    return reads
-
-
 SNAPKV = {"ratio": 0.3, "window": 4}
 FASTKV = {"tsp_rate": 0.5, "ratio": 0.3, "window": 4}  # SnapKV's settings, with TSP after layer 2 of 6
 
@@ -263,17 +238,6 @@ def test_token_propagation_adds_no_host_read(model6, static_path_on_cpu, padded)
     fastkv = host_reads(model6, ids, mask, "fastkv", FASTKV, prefill_graphs=True)
     snapkv = host_reads(model6, ids, mask, "snapkv", SNAPKV, prefill_graphs=True)
     assert len(fastkv) <= len(snapkv) + (1 if padded else 0), (fastkv, snapkv)
-
-
-class MisorderedFastKV(FastKV):
-    """FastKV whose propagated tokens come with the first two swapped (unsorted)."""
-
-    name = "misordered_fastkv"
-
-    def select_propagated(self, event, propagated):
-        keep = super().select_propagated(event, propagated).clone()
-        keep[:, :2] = keep[:, :2].flip(-1)
-        return keep
 
 
 def test_a_malformed_propagation_on_the_static_path_is_raised_at_the_end_of_the_forward(model6, static_path_on_cpu):
