@@ -14,14 +14,12 @@ at), and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at 128K --, 32K and 1
   as a kernel of its own, the selector query pushed by a copy of its own;
 * ``previous``: q/k/v and gate/up merged (the fused layer before the residual add and the query moved into other
   kernels);
-* ``cublas``: the residual add inside down_proj's GEMM and the query written by the cache append, the projections
-  on cuBLAS;
-* ``fused``: the fused layer as shipped (also: o_proj, gate/up and down_proj through the Triton backend's
-  skinny-linear kernel);
+* ``fused``: the fused layer as shipped (also: the residual add inside down_proj's GEMM, the query written by the
+  cache append);
 * ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``.
 
 For each live length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor
-(weights + live K/V at the measured copy bandwidth). At the profiled length, for ``cublas`` and ``fused``, the
+(weights + live K/V at the measured copy bandwidth). At the profiled length, for ``previous`` and ``fused``, the
 profile of 5 eager runs of the same step (the graph itself cannot be profiled kernel by kernel): GPU time per
 kernel family, kernels per step, and the sum of kernel times against the replay time. Writes
 OUTDIR/profile_decode.md and OUTDIR/decode_floor.json.
@@ -54,19 +52,16 @@ CASES = {
 }
 PROMPT = 128
 # name: (label, fuse_layers, FusedDecoderLayers settings, BLAS library)
-_ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True,
-           "projections_on_backend": True}
+_ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True}
 VARIANTS = {
     "unfused": ("unfused", False, _ALL_ON, None),
     "apart": ("fused, projections apart", True, dict.fromkeys(_ALL_ON, False), None),
     "previous": ("fused, add and query apart", True,
-                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False, "projections_on_backend": False},
-                 None),
-    "cublas": ("fused, projections on cuBLAS", True, {**_ALL_ON, "projections_on_backend": False}, None),
+                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False}, None),
     "fused": ("fused", True, _ALL_ON, None),
     "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt"),
 }
-PROFILED = ("cublas", "fused")
+PROFILED = ("previous", "fused")
 
 
 @contextlib.contextmanager

@@ -141,33 +141,6 @@ class KVBackend(abc.ABC):
         """``silu(gate) * up`` of the gated MLP (``[..., F]`` each, one dtype)."""
         return layer_ops.silu_mul(gate, up)
 
-    def linear(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A decode step's projection ``x @ weight.T (+ bias) (+ residual)``.
-
-        Args:
-            x: ``[..., K]``; weight: ``[N, K]``; bias: ``None`` or ``[N]``; residual: ``None`` or ``[..., N]``
-                (the residual stream, owned by the caller: the result may be written into its storage). One dtype.
-
-        Returns:
-            ``[..., N]``. The default is cuBLAS through torch: ``F.linear``, or with a residual ``residual.addmm_``
-            (accumulated onto the residual, rounded once).
-        """
-        if residual is None:
-            return torch.nn.functional.linear(x, weight, bias)
-        N = weight.shape[0]
-        if not residual.is_contiguous():
-            return residual + torch.nn.functional.linear(x, weight, bias)
-        out = residual.view(-1, N).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
-        if bias is not None:
-            out += bias
-        return out.view_as(residual)
-
     def rope_append(
         self,
         query: torch.Tensor,

@@ -83,9 +83,6 @@ class FusedDecoderLayers:
     #: add down_proj's output to the residual stream inside its GEMM (``residual.addmm_``: the BLAS accumulates
     #: onto the residual and rounds once) instead of in a kernel of its own; plain bias-free ``nn.Linear`` only
     residual_in_down_proj: bool = True
-    #: run o_proj, gate/up and down_proj through the backend's :meth:`~kvsieve.backend.KVBackend.linear` (the Triton
-    #: backend: its skinny-linear kernel for a decode step's few rows; others: cuBLAS as before); plain ``nn.Linear``
-    projections_on_backend: bool = True
     #: have the cache append (``rope_append``) also write the step's query into the layer's selector-query ring
     #: (RPC, SnapKV-style decode scoring) instead of a copy and a counter update of their own
     query_in_append: bool = True
@@ -110,9 +107,6 @@ class FusedDecoderLayers:
             call = own if own is not None else types.MethodType(type(layer).forward, layer)
             fused = _FusedForward(layer, self.engine, call, own)
             fused.query_in_append = self.query_in_append
-            o_proj = layer.self_attn.o_proj
-            fused.o_proj_on_backend = self.projections_on_backend and MergedProjections.allowed([o_proj])
-            fused.mlp_on_backend = self.projections_on_backend
             projections = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
             if self.merge_qkv and MergedProjections.allowed(projections):
                 fused.qkv = MergedProjections(projections)
@@ -174,11 +168,9 @@ class MergedProjections:
             for m in modules
         )
 
-    def __call__(self, x: torch.Tensor, linear=None) -> list[torch.Tensor]:
-        """Every module's output of ``x [..., in]``: views ``[..., out_i]`` of one GEMM's result (``linear(x,
-        weight, bias)``; default ``F.linear``)."""
-        linear = linear or torch.nn.functional.linear
-        return list(linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every module's output of ``x [..., in]``: views ``[..., out_i]`` of one GEMM's result."""
+        return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
 
     def split(self) -> None:
         with torch.no_grad(), torch.inference_mode(False):
@@ -199,8 +191,6 @@ class _FusedForward:
         self.gate_up: MergedProjections | None = None  # gate_proj, up_proj as one GEMM
         self.residual_in_down = False  # down_proj's GEMM adds its output onto the residual stream in place
         self.query_in_append = True  # the append records the query in the selector-query ring
-        self.o_proj_on_backend = False  # o_proj through backend.linear
-        self.mlp_on_backend = False  # the merged gate/up and (with residual_in_down) down_proj through backend.linear
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -236,20 +226,16 @@ class _FusedForward:
         recorded = layer_cache.append_rotated(backend, query, key, value, cos, sin, self.query_in_append)
         out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling,
                                queries_recorded=recorded)
-        out = out.transpose(1, 2).reshape(B, 1, -1)
-        o_proj = attn.o_proj
-        out = backend.linear(out, o_proj.weight, o_proj.bias) if self.o_proj_on_backend else o_proj(out)
+        out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
         x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
-        if self.gate_up is not None:  # [B, 1, F] each: the halves of one [B, 1, 2F] output
-            gate, up = self.gate_up(x, backend.linear if self.mlp_on_backend else None)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)  # [B, 1, F] each: the halves of one [B, 1, 2F] output
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         hidden = backend.silu_mul(gate, up)  # [B, 1, F]
         weight = mlp.down_proj.weight  # [D, F]
         if (self.residual_in_down and residual.dtype == weight.dtype and residual.is_contiguous()
                 and residual.data_ptr() != hidden_states.data_ptr()):
-            # residual is the post-attention norm's fresh sum: the GEMM accumulates onto it (no add kernel)
-            if self.mlp_on_backend:
-                return backend.linear(hidden, weight, None, residual)
+            # residual is the post-attention norm's fresh sum: accumulate onto it (one GEMM, no add kernel)
             return residual.view(B, -1).addmm_(hidden.reshape(B, -1), weight.t()).view_as(residual)
         return residual + mlp.down_proj(hidden)

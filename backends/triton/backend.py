@@ -114,15 +114,6 @@ class TritonBackend(KVBackend):
         with _launching_on(gate, up):
             return silu_mul(gate, up)
 
-    def linear(self, x, weight, bias=None, residual=None):
-        from .linear import MAX_ROWS, decode_config, skinny_linear
-
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > MAX_ROWS or x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return super().linear(x, weight, bias, residual)
-        with _launching_on(x, weight):
-            return skinny_linear(x, weight, bias, residual, decode_config(*weight.shape))
-
     def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring=None,
                     ring_count=None):
         from .layer_ops import rope_append

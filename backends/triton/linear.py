@@ -3,9 +3,8 @@
 At batch 1-64 a decode step's projections read a weight matrix once for a handful of rows, so their time is the time
 to stream ``W``; cuBLAS's kernels for these shapes stay 1.2-1.6x above that at batch 32 on an H200 for the short
 GEMMs (o_proj, q/k/v) and split ``K`` with a separate reduce for the long one (down_proj) (docs/benchmarks.md).
-The Triton backend's :meth:`~kvsieve.backend.KVBackend.linear` runs it for up to :data:`MAX_ROWS` rows (the fused
-decoder layer's o_proj, gate/up and down_proj); ``benchmarks/kernels.py --sections linear`` measures it against
-cuBLAS.
+This kernel is the candidate replacement, measured against cuBLAS by ``benchmarks/kernels.py --sections linear``;
+the fused decoder layer does not use it yet.
 
 * ``_skinny_linear_kernel``: grid ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))``. Program ``(n, m)`` owns output columns
   ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of rows ``[m * BLOCK_M, ...)``: it walks ``K`` in ``BLOCK_K`` steps, loading
@@ -29,7 +28,7 @@ import triton.language as tl
 
 from ._common import cdiv, dot_precision, interpret_mode, next_pow2
 
-__all__ = ["LinearConfig", "decode_config", "skinny_linear"]
+__all__ = ["LinearConfig", "skinny_linear"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64  # the rows (M) this kernel is meant for; more runs, but a GEMM library serves them better
@@ -50,14 +49,6 @@ class LinearConfig:
     def __repr__(self) -> str:
         return (f"LinearConfig(block_n={self.block_n}, block_k={self.block_k}, num_warps={self.num_warps}, "
                 f"num_stages={self.num_stages})")
-
-
-def decode_config(N: int, K: int) -> LinearConfig:
-    """The tiles for a decode projection of ``N`` outputs over ``K`` inputs: 32 columns and 256 of ``K`` per step;
-    5 pipelined stages, 3 for wide outputs (``N > 16384``, gate/up), whose programs are already many. The best of
-    a 16-config sweep on an H200 at R1-7B (batch 32) and Llama-3.1-8B (batch 1) shapes, within 3% of it for each of
-    o_proj, gate/up and down_proj (docs/benchmarks.md)."""
-    return LinearConfig(32, 256, 4, 3 if N > 16384 else 5)
 
 
 @triton.jit
