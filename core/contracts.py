@@ -173,6 +173,12 @@ class ContractGuard:
         if self._pending or self._before_read:
             self.read()
 
+    def defer(self, broken: torch.Tensor, message: str) -> None:
+        """Hold ``broken`` (a device bool scalar) until the next host read, then raise a
+        :class:`PluginContractError` with ``message`` if it is set (at once for an ``immediate`` guard): for a
+        check made outside this class (:func:`kvsieve.propagation.propagate`'s declared padding)."""
+        self._defer(broken, message)
+
     def _defer(self, broken: torch.Tensor, message: str) -> None:
         if self._sink is not None:
             self._sink.add(broken, message)

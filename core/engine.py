@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import LayerEvent
 from kvsieve.contracts import ContractGuard, checks_enabled
+from kvsieve.indexing import ints_to_device
 from kvsieve.parallel import HeadGroup, tensor_parallel_group
 from kvsieve.plugins import describe_object, has_layer_compressed_observers, notify_layer_compressed
 from kvsieve.prefill_graph import PrefillGraphs, prefill_graphs_enabled
@@ -140,6 +141,7 @@ class Engine:
         self.forwards = 0
         # the prefill's left padding, read once per mask (every layer of a forward gets the same mask object)
         self._padding_memo: tuple[Any, ...] | None = None
+        self._told_padding: tuple[Any, list[int]] | None = None  # (mask, its left padding per row)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -182,7 +184,7 @@ class Engine:
             self._previous_attention = None
         self.cache, self.propagation = None, None
         self.prefill_graph_cache.clear()
-        self._padding_memo = None
+        self._padding_memo = self._told_padding = None
 
     # ------------------------------------------------------------------ forwards
     def new_cache(self) -> SieveCache:
@@ -221,7 +223,7 @@ class Engine:
         return args, kwargs
 
     def _after_forward(self, module, args, output):
-        self._padding_memo = None
+        self._padding_memo = self._told_padding = None
         self.prefill_graph_cache.join()  # the prompt compressions issued on side streams (kvsieve.prefill_graph)
         self.guard.flush()  # a contract fault of this forward's last compactions (one read, only if pending)
 
@@ -234,7 +236,7 @@ class Engine:
             )
         self.cache = cache
         self.forwards += 1
-        self._padding_memo = None
+        self._padding_memo = self._told_padding = None
         if cache is not None:
             self.last_cache = cache
             self.phase = "prefill" if cache.get_seq_length() == 0 else "decode"
@@ -276,13 +278,30 @@ class Engine:
     def _padding(self, attention_mask: torch.Tensor | None, B: int, Hkv: int,
                  device) -> tuple[torch.Tensor, list[int]]:
         """:func:`padding_starts`, read once per mask object in a forward (HF hands every layer the same mask;
-        token propagation one gathered mask to the layers after it), so no layer reads the device for it."""
+        token propagation one gathered mask to the layers after it), so no layer reads the device for it; none
+        at all for a mask whose padding the host was told (:meth:`known_padding`)."""
         memo = self._padding_memo
         if memo is not None and memo[0] is attention_mask and memo[1:4] == (B, Hkv, device):
             return memo[4], memo[5]
-        padding, pad_list = padding_starts(attention_mask, B, Hkv, device)
+        told = self._told_padding
+        if told is not None and told[0] is attention_mask and len(told[1]) == B:
+            pad_list = told[1]
+            padding = ints_to_device(pad_list, device)[:, None].expand(B, Hkv).contiguous()
+        else:
+            padding, pad_list = padding_starts(attention_mask, B, Hkv, device)
         self._padding_memo = (attention_mask, B, Hkv, device, padding, pad_list)
         return padding, pad_list
+
+    def known_padding(self, attention_mask: torch.Tensor, pad_list: list[int]) -> None:
+        """The left padding of ``attention_mask`` per row, known on the host (token propagation gathers a mask
+        whose padding the propagating compressor declared): the layers given that mask read nothing to find it."""
+        self._told_padding = (attention_mask, list(pad_list))
+
+    @property
+    def current_padding(self) -> torch.Tensor | None:
+        """``int64 [B]``: the left padding of the mask the last layer attended with in this forward (None before
+        any)."""
+        return None if self._padding_memo is None else self._padding_memo[4][:, 0]
 
     def layer_event(self, layer_idx: int, cache: SieveCache | None = None,
                     queries: torch.Tensor | None = None) -> LayerEvent:

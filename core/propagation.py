@@ -36,12 +36,14 @@ length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
 from kvsieve.contracts import ContractGuard, checks_enabled
+from kvsieve.indexing import ints_to_device
 
 if TYPE_CHECKING:
     from kvsieve.compressor import LayerEvent
@@ -60,11 +62,15 @@ class PropagationState:
             computed on; ``None`` while every token is.
         pending: a selection made by the running layer, applied by its forward hook (relative to the tokens
             that layer computed on); ``None`` when there is none.
+        pending_padding, padding: the kept padding tokens per row of ``pending`` and of ``index``, when the
+            propagating compressor declared them (host ints); ``None`` otherwise.
     """
 
     num_tokens: int
     index: torch.Tensor | None = None
     pending: torch.Tensor | None = None
+    pending_padding: list[int] | None = None
+    padding: list[int] | None = None
     _gathered: dict[int, tuple[Any, Any]] = attrs.field(factory=dict, repr=False)
 
     @property
@@ -82,7 +88,7 @@ class PropagationState:
         return hit[1]
 
 
-def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
+def propagate(event: LayerEvent, keep: torch.Tensor, padding: Sequence[int] | None = None) -> None:
     """Keep only the tokens ``keep`` for every layer after the calling one (call it during a layer's forward).
 
     The shape is checked at once; the values (a device read would stall the GPU mid-prefill) through the engine's
@@ -96,12 +102,18 @@ def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
         keep: ``int64 [B, K]``: per row, the sorted, unique indices (among the ``n`` tokens the calling layer
             computed on, so ``0 < K <= n``) of the tokens later layers compute on. Every row keeps the same number
             ``K``; the last token ``n - 1`` must be kept (generation reads its logits).
+        padding: per row, how many of the kept tokens are the row's left padding (they come first), when the
+            caller knows it on the host (FastKV does: the padding it fills short rows with). Given, the layers after
+            find the padding of their gathered mask without reading the device; it is checked on the device like
+            ``keep``. Default: read once from the gathered mask.
 
     Raises:
         RuntimeError: no :class:`TokenPropagation` is installed on the model (``Compressor.install``).
-        ValueError: ``keep`` is not a non-empty ``int64 [B, K]`` tensor with ``K <= n``.
+        ValueError: ``keep`` is not a non-empty ``int64 [B, K]`` tensor with ``K <= n``, or ``padding`` is not ``B``
+            ints in ``[0, K)``.
         kvsieve.contracts.PluginContractError: ``keep`` holds indices that are unsorted, repeated, outside
-            ``[0, n)``, or miss the last token (at the next host read; at once without an engine guard).
+            ``[0, n)``, or miss the last token, or ``padding`` does not count the padding among them (at the next
+            host read; at once without an engine guard).
     """
     engine = event.engine
     state = None if engine is None else engine.propagation
@@ -125,7 +137,18 @@ def propagate(event: LayerEvent, keep: torch.Tensor) -> None:
         guard = ContractGuard(checks_enabled(), immediate=True)
     compressor = getattr(engine, "compressor", None)
     who = "a compressor" if compressor is None else guard.describe(compressor, "compressor")
+    if padding is not None:
+        padding = [int(p) for p in padding]
+        B, K = keep.shape
+        if len(padding) != B or any(not 0 <= p < K for p in padding):
+            raise ValueError(f"padding must hold {B} ints in [0, {K}) (the kept padding tokens per row), got {padding}")
     state.pending = guard.check_propagation(keep, n, who)
+    state.pending_padding = padding
+    before = getattr(engine, "current_padding", None)
+    if padding is not None and before is not None and guard.enabled:
+        kept_padding = (state.pending < before[:, None]).sum(dim=1)  # [B]: kept tokens that were padding
+        guard.defer((kept_padding != ints_to_device(padding, keep.device)).any(),
+                    f"{who} propagated keep with padding={padding}, which does not count the padding tokens it keeps")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -217,6 +240,8 @@ class TokenPropagation:
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 kwargs["attention_mask"] = state.gathered(mask, lambda m: _gather_mask(m, index, num_tokens))
+                if state.padding is not None and hasattr(engine, "known_padding"):
+                    engine.known_padding(kwargs["attention_mask"], state.padding)  # no read to find it
             embeddings = kwargs.get("position_embeddings")
             if embeddings is not None:  # (cos, sin) at the original positions of the kept tokens
                 kwargs["position_embeddings"] = state.gathered(
@@ -243,6 +268,7 @@ class TokenPropagation:
             if state.pending is None:
                 return None
             keep, state.pending = state.pending, None
+            state.padding, state.pending_padding = state.pending_padding, None
             state.index = keep if state.index is None else state.index.gather(1, keep)
             state._gathered.clear()
             if isinstance(output, tuple):  # older decoder layers return (hidden_states, ...)

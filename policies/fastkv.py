@@ -219,7 +219,9 @@ class FastKV(PromptCompressor):
             lengths = event.layer.row_lengths
             propagated = [self.propagated_length(n) for n in lengths]
             if any(p < n for p, n in zip(propagated, lengths, strict=True)):
-                propagate(event, self.select_propagated(event, propagated))
+                # the fill is the only padding it keeps: declared, so no later layer reads the mask's padding
+                propagate(event, self.select_propagated(event, propagated),
+                          padding=self.propagated_rows(event, propagated)[1])
         super().after_attention(event)
 
     def token_scores(self, event: LayerEvent) -> torch.Tensor:
@@ -260,6 +262,14 @@ class FastKV(PromptCompressor):
         padding = torch.arange(length, device=scores.device) < starts[:, None]
         return scores.masked_fill(padding, torch.finfo(torch.float32).min)
 
+    def propagated_rows(self, event: LayerEvent, propagated: list[int]) -> tuple[list[int], list[int]]:
+        """Per row, the real tokens it propagates and the leading padding tokens that fill it up to ``K =
+        max(propagated)`` (host ints; never more fill than the row has padding)."""
+        K, length = max(propagated), event.layer.max_end
+        padding = [length - n for n in event.layer.row_lengths]
+        budgets = [max(p, K - pad) for p, pad in zip(propagated, padding, strict=True)]
+        return budgets, [K - b for b in budgets]
+
     def select_propagated(self, event: LayerEvent, propagated: list[int]) -> torch.Tensor:
         """``int64 [B, K]``, ``K = max(propagated)``: sorted indices of the tokens that go on past the TSP layer.
 
@@ -270,12 +280,11 @@ class FastKV(PromptCompressor):
         scores = self.token_scores(event)
         B, length = scores.shape
         K = max(propagated)
-        padding = [length - n for n in event.layer.row_lengths]
-        budgets = [max(p, K - pad) for p, pad in zip(propagated, padding, strict=True)]  # never more fill than padding
+        budgets, fills = self.propagated_rows(event, propagated)
         counts = torch.full((B, 1), length, dtype=torch.long, device=scores.device)
         tails = [min(self.window, b, n) for b, n in zip(budgets, event.layer.row_lengths, strict=True)]
         real = select_rows(self.tsp_selection, scores[:, None], counts, budgets, 0, tails).keep[:, 0]
-        fill = ints_to_device([K - b for b in budgets], scores.device)[:, None]  # [B, 1], without a sync
+        fill = ints_to_device(fills, scores.device)[:, None]  # [B, 1], without a sync
         j = torch.arange(K, device=scores.device)
         from_real = real.gather(1, (j - fill).clamp(0, real.shape[1] - 1))
         keep = torch.where(j < fill, event.layer.starts[:, :1] - fill + j, from_real)

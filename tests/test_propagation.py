@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import left_padded, tiny_llama
 
+import kvsieve.engine as engine_module
 from kvsieve.backends.torch_ref import TorchBackend
 from kvsieve.cache import SieveCache
 from kvsieve.compressor import Compressor, LayerEvent
@@ -182,6 +183,71 @@ def test_a_malformed_keep_is_reported_at_the_end_of_the_forward_and_the_cache_st
         assert layer.seen == layer.prompt_len == L, f"layer {i}"
         pos = layer.positions[:, 0, : layer.max_end]
         assert torch.equal(pos, torch.arange(L).expand(B, L) if i <= 1 else want), f"layer {i}"
+
+
+@attrs.frozen
+class Declaring(Thinning):
+    """Thinning that declares the padding it keeps (``propagate(..., padding=)``), off by ``error`` per row."""
+
+    name: ClassVar[str] = "test-declaring"
+    pads: tuple = ()  # each row's left padding (the test's prompt)
+    error: int = 0
+
+    def after_attention(self, event: LayerEvent) -> None:
+        if event.phase == "prefill" and event.layer_idx in self.layers:
+            n, B = event.layer.max_end, event.layer.ends.shape[0]
+            keep = keep_every_other(n, B)
+            kept_padding = [int((keep[b] < self.pads[b]).sum()) + self.error for b in range(B)]
+            propagate(event, keep, padding=kept_padding)
+
+
+def test_declared_padding_spares_the_read_and_gives_the_same_forward(model4, monkeypatch):
+    """A compressor that declares the padding it keeps: the layers after it find their gathered mask's padding
+    without a host read, and the forward and cache are those of the undeclared run."""
+    ids, mask, _ = left_padded(PAD0, [30, 21], seed=1)
+    pads = tuple(int(p) for p in (mask == 0).sum(dim=1))
+    calls, own = [], engine_module.padding_starts
+
+    def counting(*args, **kwargs):  # padding_starts reads the mask's padding on the host
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "padding_starts", counting)
+    reads = {}
+    with torch.inference_mode():
+        for name, compressor in (("told", Declaring((1,), pads=pads)), ("read", Thinning((1,)))):
+            calls.clear()
+            with apply(model4, compressor, "torch") as engine:
+                logits = model4(ids, attention_mask=mask).logits
+                reads[name] = (len(calls), logits, [layer.starts.clone() for layer in engine.last_cache.layers])
+    assert reads["told"][0] == 1 and reads["read"][0] == 2  # the prompt's mask only, vs the gathered one too
+    torch.testing.assert_close(reads["told"][1], reads["read"][1], rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(reads["told"][2], reads["read"][2], strict=True))
+
+
+def test_a_wrong_declared_padding_is_reported(model4):
+    ids, mask, _ = left_padded(PAD0, [30, 21], seed=1)
+    pads = tuple(int(p) for p in (mask == 0).sum(dim=1))
+    with torch.inference_mode(), apply(model4, Declaring((1,), pads=pads, error=1), "torch"):
+        with pytest.raises(PluginContractError, match="test-declaring.*does not count the padding tokens it keeps"):
+            model4(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("padding", [[1], [0, 40], [-1, 0]], ids=["length", "too-many", "negative"])
+def test_a_declared_padding_of_the_wrong_shape_is_refused(model4, padding):
+    ids, mask, _ = left_padded(PAD0, [30, 21], seed=1)
+
+    @attrs.frozen
+    class BadDeclaration(Thinning):
+        name: ClassVar[str] = "test-bad-declaration"
+
+        def after_attention(self, event: LayerEvent) -> None:
+            if event.phase == "prefill" and event.layer_idx in self.layers:
+                propagate(event, keep_every_other(event.layer.max_end, 2), padding=padding)
+
+    with torch.inference_mode(), apply(model4, BadDeclaration((1,)), "torch"):
+        with pytest.raises(ValueError, match=r"padding must hold 2 ints in \[0, 16\)"):
+            model4(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("checks", [True, False])
