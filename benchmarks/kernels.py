@@ -42,9 +42,9 @@ Sections:
 * ``linear`` (not in the default set): the decode step's projections at batch 32 (R1-Distill-Qwen-7B: q/k/v with
   its bias, o_proj, gate/up, down_proj with the residual) and batch 1 (Llama-3.1-8B), bf16: cuBLAS (``F.linear``;
   ``residual.addmm_`` for down_proj, as the fused layer runs them) against ``kvsieve.backends.triton.linear`` over
-  a grid of tiles. Each op is timed as 28 calls on 28 different weight tensors in one CUDA graph (the layers of a
-  step: no call finds its weights in L2), per call in microseconds, beside the floor (weight bytes / the copy
-  bandwidth) and the error against cuBLAS.
+  a grid of tiles, with and without a split of K. Each op is timed as 28 calls on 28 different weight tensors in
+  one CUDA graph (the layers of a step: no call finds its weights in L2), per call in microseconds, beside the
+  floor (weight bytes / the copy bandwidth) and the error against cuBLAS.
 
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
@@ -688,7 +688,12 @@ def linear_section(rep: Report, copy_bw: float, quick: bool) -> None:
     rep.line()
     configs = [LinearConfig(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 5)]
     configs += [LinearConfig(32, 512, 8, 3), LinearConfig(64, 128, 8, 4), LinearConfig(128, 128, 8, 3),
-                LinearConfig(16, 512, 4, 4)]
+                LinearConfig(16, 512, 4, 4), LinearConfig(32, 256, 4, 7), LinearConfig(32, 512, 4, 4)]
+    # K split over more programs (an fp32 workspace and a reduce launch): for the narrow, long down_proj and the
+    # short q/k/v and o_proj, where one program per column tile leaves SMs idle
+    configs += [LinearConfig(bn, bk, w, st, split) for bn, bk, w, st in ((32, 256, 4, 5), (64, 256, 4, 4),
+                                                                       (128, 128, 8, 3), (64, 128, 4, 5))
+                for split in (2, 4)]
     shapes = LINEAR_SHAPES[:2] if quick else LINEAR_SHAPES
     configs = configs[:3] if quick else configs
     gen = torch.Generator(device="cuda").manual_seed(11)

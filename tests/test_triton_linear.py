@@ -68,6 +68,16 @@ def test_tile_configurations_and_strided_inputs(config):
     _check(*_inputs(5, (7,), 45, 83, torch.bfloat16, "cpu", True, True, strided=True), config)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 7, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@cpu
+def test_split_k_matches_the_reference(split_k, dtype):
+    """K in shares (a share a whole number of BLOCK_K steps; more shares asked than K has steps: fewer made), the
+    shares added in a second launch with the bias and residual."""
+    config = LinearConfig(16, 16, 1, 1, split_k)
+    _check(*_inputs(split_k, (5,), 40, 150, dtype, "cpu", True, True, strided=True), config)
+
+
 @cpu
 def test_more_rows_than_one_tile():
     """Rows beyond ``MAX_ROWS`` go to a second row tile."""
@@ -106,6 +116,8 @@ def test_bad_configs_are_named():
         LinearConfig(block_n=24)
     with pytest.raises(ValueError, match="num_stages"):
         LinearConfig(num_stages=0)
+    with pytest.raises(ValueError, match="split_k must be >= 1, got 0"):
+        LinearConfig(split_k=0)
 
 
 @pytest.mark.gpu
@@ -113,5 +125,6 @@ def test_bad_configs_are_named():
 @pytest.mark.parametrize(("M", "N", "K"), [(1, 4096, 4096), (32, 3584, 3584), (32, 3584, 18944), (32, 4608, 3584),
                                            (7, 1000, 999)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_decode_shapes_on_the_gpu(M, N, K, dtype):
-    _check(*_inputs(M + N, (M, 1), N, K, dtype, "cuda", True, True, strided=False))
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_decode_shapes_on_the_gpu(M, N, K, dtype, split_k):
+    _check(*_inputs(M + N, (M, 1), N, K, dtype, "cuda", True, True, strided=False), LinearConfig(split_k=split_k))

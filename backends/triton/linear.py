@@ -11,8 +11,10 @@ the fused decoder layer does not use it yet.
   the ``[BLOCK_M, BLOCK_K]`` tile of ``x`` and the ``[BLOCK_N, BLOCK_K]`` tile of ``W`` (contiguous along ``K``,
   pipelined over ``num_stages``), and accumulates ``x_tile @ W_tile.T`` in fp32. The epilogue adds ``bias`` and
   ``residual`` (each converted to fp32) to the fp32 sum and rounds once to the output dtype, as cuBLAS's bias and
-  ``beta = 1`` epilogues do. There is no split of ``K``: every program is resident at once for the shapes this is
-  for (a few hundred programs), so the DRAM stream, not a wave of programs, sets the time.
+  ``beta = 1`` epilogues do. With ``LinearConfig.split_k > 1`` (grid ``(..., ..., S)``), program ``(n, m, s)`` sums
+  only the ``s``-th contiguous share of ``K`` (a whole number of ``BLOCK_K`` steps) into an fp32 workspace
+  ``[S, M, N]``, and ``_split_reduce_kernel`` (grid ``(M, cdiv(N, BLOCK))``) adds the shares in order, then the
+  bias and residual, and rounds once: more programs for a narrow, long projection (down_proj), deterministic.
 
 Layouts: ``x [..., K]`` (any strides; flattened to ``[M, K]`` with ``reshape``), ``weight [N, K]``, ``bias [N]``,
 ``residual [..., N]`` of ``x``'s leading shape. Offsets are int64. Graph-capturable (no host reads).
@@ -36,19 +38,24 @@ MAX_ROWS = 64  # the rows (M) this kernel is meant for; more runs, but a GEMM li
 
 class LinearConfig:
     """Tiles of :func:`skinny_linear`: columns per program ``block_n``, ``K`` per step ``block_k``, ``num_warps``,
-    ``num_stages`` (pipelined loads). Defaults: ``block_n=32``, ``block_k=256``, 4 warps, 4 stages."""
+    ``num_stages`` (pipelined loads), and ``split_k``: programs that share one tile's ``K`` (each sums a contiguous
+    share into an fp32 workspace; a second launch adds the shares in order, then the bias and residual).
+    Defaults: ``block_n=32``, ``block_k=256``, 4 warps, 4 stages, no split."""
 
-    def __init__(self, block_n: int = 32, block_k: int = 256, num_warps: int = 4, num_stages: int = 4):
+    def __init__(self, block_n: int = 32, block_k: int = 256, num_warps: int = 4, num_stages: int = 4,
+                 split_k: int = 1):
         for name, v, low in (("block_n", block_n, 16), ("block_k", block_k, 16), ("num_warps", num_warps, 1)):
             if v < low or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= {low}, got {v}")
-        if num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        for name, v in (("num_stages", num_stages), ("split_k", split_k)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
         self.block_n, self.block_k, self.num_warps, self.num_stages = block_n, block_k, num_warps, num_stages
+        self.split_k = split_k
 
     def __repr__(self) -> str:
         return (f"LinearConfig(block_n={self.block_n}, block_k={self.block_k}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages})")
+                f"num_stages={self.num_stages}, split_k={self.split_k})")
 
 
 @triton.jit
@@ -68,17 +75,22 @@ def _skinny_linear_kernel(
     sr_m,
     sr_n,
     sy_m,
+    K_CHUNK,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program ``(n, m)``: ``y[m-rows, n-cols] = x[m-rows] @ W[n-cols].T (+ b) (+ r)``, fp32 accumulation."""
+    """Program ``(n, m, s)``: ``y[m-rows, n-cols] = x[m-rows] @ W[n-cols].T (+ b) (+ r)``, fp32 accumulation, over
+    ``K`` share ``[s * K_CHUNK, (s + 1) * K_CHUNK)``. ``PARTIAL``: store the fp32 sum at ``y[s]`` (a ``[S, M, N]``
+    workspace) for :func:`_split_reduce_kernel`, without bias or residual."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -87,20 +99,55 @@ def _skinny_linear_kernel(
     x_rows = x_ptr + rows[:, None] * sx_m
     w_rows = w_ptr + cols[:, None] * sw_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_s * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + ks
-        k_ok = k < K
+        k_ok = k < k_end
         x = tl.load(x_rows + k[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's 16-bit tl.dot returns garbage (triton 3.9): multiply in fp32 there
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
+    if PARTIAL:
+        tl.store(y_ptr + pid_s * M * N + rows[:, None] * N + cols[None, :], acc, mask=out_ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(r_ptr + rows[:, None] * sr_m + cols[None, :] * sr_n, mask=out_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    ws_ptr,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    S,
+    sr_m,
+    sr_n,
+    sy_m,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program ``(m, n)``: ``y[m, cols] = round(sum_s ws[s, m, cols] (+ b) (+ r))``, the shares added in order."""
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(ws_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        acc += tl.load(r_ptr + rows[:, None] * sr_m + cols[None, :] * sr_n, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        acc += tl.load(r_ptr + m * sr_m + cols * sr_n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * sy_m + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def skinny_linear(
@@ -163,13 +210,27 @@ def skinny_linear(
     r2 = residual.reshape(M, N) if residual is not None else y
     y2 = y.view(M, N)
     block_m = min(max(16, next_pow2(M)), MAX_ROWS)
-    grid = (cdiv(N, config.block_n), cdiv(M, block_m))
+    b = bias if bias is not None else weight  # never read without HAS_BIAS
+    # each share of K a whole number of BLOCK_K steps; a split beyond K's steps would leave shares empty
+    split = min(config.split_k, cdiv(K, config.block_k))
+    k_chunk = cdiv(cdiv(K, split), config.block_k) * config.block_k
+    split = cdiv(K, k_chunk)
+    partial = split > 1
+    out = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if partial else y2
+    grid = (cdiv(N, config.block_n), cdiv(M, block_m), split)
     _skinny_linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, r2, y2, M, N, K,
+        x2, weight, b, r2, out, M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1), y2.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        k_chunk, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, PARTIAL=partial,
         PRECISION="ieee" if interpret_mode() else dot_precision(x.dtype), UPCAST=interpret_mode(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if partial:
+        block = min(next_pow2(N), 1024)
+        _split_reduce_kernel[(M, cdiv(N, block))](
+            out, b, r2, y2, M, N, split, r2.stride(0), r2.stride(1), y2.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=max(1, min(8, block // 256)),
+        )
     return y
