@@ -476,29 +476,34 @@ def compact_section(rep: Report, copy_bw: float, quick: bool) -> None:
 def _per_call_us(fn, calls: int = 200, graph: bool = False, reps: int = 5) -> float | str:
     """Median over ``reps`` of the time of ``calls`` back-to-back calls of ``fn`` / ``calls``, in microseconds;
     ``graph``: the calls captured in one CUDA graph and replayed (device time, no launch cost)."""
+    return _calls_us([fn] * calls, graph, reps, warmup=[fn] * 3)
+
+
+def _calls_us(thunks, graph: bool = False, reps: int = 5, warmup=None) -> float | str:
+    """Median over ``reps`` of the time of running every thunk once, / the thunk count, in microseconds (after one
+    warm-up pass over ``warmup``, default ``thunks``, on a side stream); ``graph``: the pass captured in one CUDA
+    graph and replayed. ``"OOM"`` when the device runs out of memory."""
     import statistics
 
     import torch
+
+    def run_all():
+        for thunk in thunks:
+            thunk()
 
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
+            for thunk in thunks if warmup is None else warmup:
+                thunk()
         torch.cuda.current_stream().wait_stream(stream)
+        run = run_all
         if graph:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                for _ in range(calls):
-                    fn()
+                run_all()
             run = g.replay
-        else:
-
-            def run():
-                for _ in range(calls):
-                    fn()
-
         run()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
@@ -508,7 +513,7 @@ def _per_call_us(fn, calls: int = 200, graph: bool = False, reps: int = 5) -> fl
             run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / calls)
+            times.append(start.elapsed_time(end) * 1e3 / len(thunks))
         return statistics.median(times)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -646,36 +651,6 @@ LINEAR_SHAPES = [
 LINEAR_LAYERS = 28
 
 
-def _graph_us_per_call(thunks, reps: int = 5) -> float:
-    """Median over ``reps`` replays of one CUDA graph that runs every thunk once, per thunk, in microseconds."""
-    import statistics
-
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for thunk in thunks:
-            thunk()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for thunk in thunks:
-            thunk()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(thunks))
-    del graph
-    return statistics.median(times)
-
-
 def linear_section(rep: Report, copy_bw: float, quick: bool) -> None:
     import torch
 
@@ -725,16 +700,16 @@ def _linear_rows(gen, shape, configs, copy_bw) -> tuple[dict, list[dict]]:
     if residual is not None:  # as the fused layer: accumulate onto the residual stream in place
         want = residual.clone().view(M, N).addmm_(x.view(M, K), weights[0].t())
         accumulated = residual.clone()
-        base = _graph_us_per_call([lambda w=w: accumulated.view(M, N).addmm_(x.view(M, K), w.t()) for w in weights])
+        base = _calls_us([lambda w=w: accumulated.view(M, N).addmm_(x.view(M, K), w.t()) for w in weights], graph=True)
     else:
         want = F.linear(x, weights[0], bias).view(M, N)
-        base = _graph_us_per_call([lambda w=w: F.linear(x, w, bias) for w in weights])
+        base = _calls_us([lambda w=w: F.linear(x, w, bias) for w in weights], graph=True)
     floor = N * K * 2 / (copy_bw * 1e9) * 1e6  # copy_bw in GB/s
     best, every = None, []
     for config in configs:
         got = skinny_linear(x, weights[0], bias, residual, config).view(M, N)
         err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-        us = _graph_us_per_call([lambda w=w, c=config: skinny_linear(x, w, bias, residual, c) for w in weights])
+        us = _calls_us([lambda w=w, c=config: skinny_linear(x, w, bias, residual, c) for w in weights], graph=True)
         every.append({"model": model, "op": op, "M": M, "config": repr(config), "us": us, "err": err})
         if best is None or us < best[0]:
             best = (us, config, err)

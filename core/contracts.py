@@ -175,11 +175,9 @@ class ContractGuard:
 
     def defer(self, broken: torch.Tensor, message: str) -> None:
         """Hold ``broken`` (a device bool scalar) until the next host read, then raise a
-        :class:`PluginContractError` with ``message`` if it is set (at once for an ``immediate`` guard): for a
-        check made outside this class (:func:`kvsieve.propagation.propagate`'s declared padding)."""
-        self._defer(broken, message)
-
-    def _defer(self, broken: torch.Tensor, message: str) -> None:
+        :class:`PluginContractError` with ``message`` if it is set (at once for an ``immediate`` guard; into the
+        active :class:`FlagSink` inside :meth:`accumulating`). Every device check goes through it, this class's and
+        others' (:func:`kvsieve.propagation.propagate`'s declared padding)."""
         if self._sink is not None:
             self._sink.add(broken, message)
             return
@@ -234,8 +232,8 @@ class ContractGuard:
             )
         if self.enabled:
             valid = torch.arange(num_candidates, device=scores.device) < counts[..., None]
-            self._defer((valid & ~scores.isfinite()).any(), f"{who} returned a non-finite score for a candidate")
-            self._defer(_differs(before, _fingerprint(layer)),
+            self.defer((valid & ~scores.isfinite()).any(), f"{who} returned a non-finite score for a candidate")
+            self.defer(_differs(before, _fingerprint(layer)),
                         f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
         return scores.float()
 
@@ -287,7 +285,7 @@ class ContractGuard:
         count_rule = (f"sum over KV heads of min({rule}, candidates) per row, each head keeping at least its "
                       f"protected candidates and at most its candidates" if adaptive else
                       f"exactly min({rule}, candidates) per row and KV head")
-        self._defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
+        self.defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
                             f"candidates, {count_rule}, with the protected first {protect_head} and last "
                             f"candidates kept)")
         stand_in_counts = expected.clamp(max=K)
@@ -312,10 +310,10 @@ class ContractGuard:
         unsorted = (keep[:, 1:] <= keep[:, :-1]).any(dim=1)
         no_last = keep[:, -1] != n - 1
         what = f"{who} propagated an invalid keep:"
-        self._defer(outside.any(), f"{what} keep must hold token indices inside [0, {n}) (the tokens the calling "
+        self.defer(outside.any(), f"{what} keep must hold token indices inside [0, {n}) (the tokens the calling "
                                    f"layer computed on)")
-        self._defer(unsorted.any(), f"{what} keep must hold sorted, unique token indices per row")
-        self._defer(no_last.any(), f"{what} keep must include the last token (index {n - 1}): generation reads its "
+        self.defer(unsorted.any(), f"{what} keep must hold sorted, unique token indices per row")
+        self.defer(no_last.any(), f"{what} keep must include the last token (index {n - 1}): generation reads its "
                                    f"logits")
         stand_in = torch.arange(n - K, n, device=keep.device)
         return torch.where((outside | unsorted | no_last)[:, None], stand_in, keep)

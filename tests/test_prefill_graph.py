@@ -123,8 +123,8 @@ def test_flags_accumulate_over_runs_and_are_raised_at_the_next_read():
     sink = FlagSink(torch.device("cpu"), capacity=2)
     for broken in (False, True, False):  # three "replays": the second one is faulty
         with guard.accumulating(sink):
-            guard._defer(torch.tensor(broken), "first check")
-            guard._defer(torch.tensor(False), "second check")
+            guard.defer(torch.tensor(broken), "first check")
+            guard.defer(torch.tensor(False), "second check")
         guard.watch(sink)
     assert len(guard._pending) == 2  # queued once
     with pytest.raises(PluginContractError, match="first check"):
@@ -133,11 +133,11 @@ def test_flags_accumulate_over_runs_and_are_raised_at_the_next_read():
     guard.watch(sink)
     guard.flush()  # clear again
     with guard.accumulating(sink), pytest.raises(RuntimeError, match="other contract checks than its first"):
-        guard._defer(torch.tensor(False), "another check")
+        guard.defer(torch.tensor(False), "another check")
     with guard.accumulating(FlagSink(torch.device("cpu"), capacity=2)), \
             pytest.raises(RuntimeError, match="more than 2 contract checks"):
         for _ in range(3):
-            guard._defer(torch.tensor(False), "check")
+            guard.defer(torch.tensor(False), "check")
 
 
 # ----------------------------------------------------------------------------- the static path, eagerly on CPU
