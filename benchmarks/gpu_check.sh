@@ -144,7 +144,7 @@ for stage in $stages; do
     model-full-32k) python -m kvsieve.cli bench decode --model r1-qwen-7b --backend triton --batches 32 \
                         --new-tokens 32K --samples 3 --no-hf --no-hf-static --compressor none \
                         --out "$out/full-model" 2>&1 | tail -n 6 ;;
-    profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 5 ;;
+    profile) python benchmarks/profile_prefill.py "$out" --context 8192 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 60 ;;
     bench-decode-qwq-hf) python -m kvsieve.cli bench decode --model qwq-32b --no-fast --no-hf-static \
                         --out "$out/bench-decode-qwq-hf" 2>&1 | tail -n 20 ;;
     # HF's StaticCache + generate's auto-compile (docs/benchmarks.md) beside the fast path's full cache, R1-7B

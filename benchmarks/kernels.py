@@ -60,7 +60,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small", "linear")
+SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small", "decode_b32", "linear")
 DEFAULT_SECTIONS = ("scores", "decode", "compact", "layer_ops")
 
 
@@ -306,10 +306,13 @@ def decode_section(rep: Report, copy_bw: float, quick: bool) -> None:
 
 
 def decode_small_section(
-    rep: Report, copy_bw: float, quick: bool, batches=(1, 4), lengths=(8192, 32768, 131072)
+    rep: Report, copy_bw: float, quick: bool, batches=(1, 4), lengths=(8192, 32768, 131072), Hkv: int = 8,
+    G: int = 4, section: str = "decode_small", splits_grid: tuple[int, ...] = (),
 ) -> None:
-    """``decode_attention`` at small batch (``batches``; ``lengths`` live slots): the default config and a grid
-    of candidates, beside the bandwidth floor (see the module docstring)."""
+    """``decode_attention`` at ``batches`` rows (``lengths`` live slots, ``Hkv`` KV heads of group ``G``): the
+    default config and a grid of candidates, beside the bandwidth floor (see the module docstring); tables named
+    ``section``. ``splits_grid``: split counts forced (``DecodeConfig.num_splits``) instead of programs per SM, over
+    a smaller grid of tiles."""
     import functools
     import itertools
     import math
@@ -320,7 +323,7 @@ def decode_small_section(
     from kvsieve.backends.triton._common import cdiv, next_pow2, num_sms
 
     t0 = time.time()
-    Hkv, G, d, Q, dtype = 8, 4, 128, 1, torch.bfloat16
+    d, Q, dtype = 128, 1, torch.bfloat16
     H, M, scale = Hkv * G, G * Q, d**-0.5
     dev = torch.device("cuda")
     sms = num_sms(dev)
@@ -332,9 +335,14 @@ def decode_small_section(
         "block_n": (64,) if quick else (32, 64, 128),
         "stages": (3,) if quick else (2, 3, 4),
     }
+    if splits_grid and not quick:
+        grid = {"pps": tuple(-s for s in splits_grid), "warps": (4, 8), "block_n": (64, 128), "stages": (3, 4)}
     default = td.default_config(d, dev)
 
     def candidate(pps, nw, bn, ns):
+        if pps < 0:  # a forced split count
+            cfg = td.DecodeConfig(block_n=bn, max_block_m=64, num_warps=nw, num_stages=ns, num_splits=-pps)
+            return f"S={-pps} w={nw} n={bn} s={ns}", cfg
         cfg = td.DecodeConfig(
             block_n=bn, max_block_m=64, num_warps=nw, num_stages=ns, programs=pps * sms, min_split_slots=bn
         )
@@ -345,7 +353,8 @@ def decode_small_section(
     old_rule, old_cfg = candidate(2, default.num_warps, default.block_n, default.num_stages)
     if old_rule not in dict(candidates):
         candidates.append((old_rule, old_cfg))
-    rep.line(f"## decode_attention at small batch (Hkv={Hkv}, G={G}, d={d}, Q={Q}, bf16, capacity L+128, {sms} SMs)")
+    rep.line(f"## {section}: decode_attention at B in {batches} (Hkv={Hkv}, G={G}, d={d}, Q={Q}, bf16, capacity L+128, "
+             f"{sms} SMs)")
     rep.line()
     rep.line(
         "Candidates: programs per SM (`pps`: `DecodeConfig.programs = pps x SMs`, `min_split_slots = block_n`), "
@@ -403,7 +412,7 @@ def decode_small_section(
             del want
         del keys, values
         torch.cuda.empty_cache()
-    rep.table("decode_small_summary", summary)
+    rep.table(f"{section}_summary", summary)
     # each candidate over every cell: geometric mean of time / the cell's best (1.00 = best everywhere)
     ranked = []
     for name, _ in candidates:
@@ -414,10 +423,10 @@ def decode_small_section(
     top = ranked[:10] + [r for r in ranked[10:] if r["config"] in ("default", old_rule)]
     rep.line("Candidates ranked over all cells (top 10, plus the default and the old rule):")
     rep.line()
-    rep.table("decode_small_ranked", top)
-    rep.line("Every candidate in every cell: table `decode_small` of kernels.md / kernels.json.")
+    rep.table(f"{section}_ranked", top)
+    rep.line(f"Every candidate in every cell: table `{section}` of kernels.md / kernels.json.")
     rep.line()
-    rep.table("decode_small", rows, echo=False)
+    rep.table(section, rows, echo=False)
     rep.table("decode_small_ranked_all", ranked, echo=False)
     rep.line(f"decode_small: {time.time() - t0:.0f} s")
     rep.line()
@@ -825,6 +834,11 @@ def main(argv=None) -> int:
         layer_ops_section(rep, copy_bw, args.quick)
     if "decode_small" in args.sections:
         decode_small_section(rep, copy_bw, args.quick)
+    if "decode_b32" in args.sections:  # R1-Distill-Qwen-7B's heads (4 KV heads of 7): 96-128 rows on the SMs
+        decode_small_section(rep, copy_bw, args.quick, batches=(24, 28, 32), lengths=(5632, 16384, 32768), Hkv=4,
+                             G=7, section="decode_b32", splits_grid=(1, 2, 3, 4))
+        decode_small_section(rep, copy_bw, args.quick, batches=(16,), lengths=(5632, 16384), Hkv=8, G=4,
+                             section="decode_b16_hkv8", splits_grid=(1, 2, 3, 4))
     if "linear" in args.sections:
         linear_section(rep, copy_bw, args.quick)
     if args.sweep:

@@ -16,7 +16,9 @@ at), and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at 128K --, 32K and 1
   kernels);
 * ``fused``: the fused layer as shipped (also: the residual add inside down_proj's GEMM, the query written by the
   cache append);
-* ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``.
+* ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``;
+* ``split``: ``fused`` with the decode attention's split rule before the one-wave rule
+  (``kvsieve.backends.triton.decode_attention.UNSPLIT_ONE_WAVE = False``: R1-7B at batch 32 splits each row in two).
 
 For each live length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor
 (weights + live K/V at the measured copy bandwidth). At the profiled length, for ``previous`` and ``fused``, the
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvsieve.backends.triton import decode_attention
 from kvsieve.bench import DecodeProbe, copy_bandwidth, kv_bytes_per_token, weight_bytes
 from kvsieve.fused_layer import FusedDecoderLayers
 from kvsieve.integration import apply
@@ -51,33 +54,37 @@ CASES = {
     "llama": ("llama-3.1-8b", 1, "none", {}, (8192, 13107, 32768, 131072), 13107, None),
 }
 PROMPT = 128
-# name: (label, fuse_layers, FusedDecoderLayers settings, BLAS library)
+# name: (label, fuse_layers, FusedDecoderLayers settings, BLAS library, the decode attention's one-wave split rule)
 _ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True}
 VARIANTS = {
-    "unfused": ("unfused", False, _ALL_ON, None),
-    "apart": ("fused, projections apart", True, dict.fromkeys(_ALL_ON, False), None),
+    "unfused": ("unfused", False, _ALL_ON, None, True),
+    "apart": ("fused, projections apart", True, dict.fromkeys(_ALL_ON, False), None, True),
     "previous": ("fused, add and query apart", True,
-                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False}, None),
-    "fused": ("fused", True, _ALL_ON, None),
-    "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt"),
+                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False}, None, True),
+    "fused": ("fused", True, _ALL_ON, None, True),
+    "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt", True),
+    "split": ("fused, split as before", True, _ALL_ON, None, False),
 }
 PROFILED = ("previous", "fused")
 
 
 @contextlib.contextmanager
-def variant_settings(settings: dict, blas: str | None):
+def variant_settings(settings: dict, blas: str | None, one_wave: bool):
     saved = {name: getattr(FusedDecoderLayers, name) for name in settings}
     library = torch.backends.cuda.preferred_blas_library()
+    saved_one_wave = decode_attention.UNSPLIT_ONE_WAVE
     for name, value in settings.items():
         setattr(FusedDecoderLayers, name, value)
     if blas is not None:
         torch.backends.cuda.preferred_blas_library(blas)
+    decode_attention.UNSPLIT_ONE_WAVE = one_wave
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(FusedDecoderLayers, name, value)
         torch.backends.cuda.preferred_blas_library(library)
+        decode_attention.UNSPLIT_ONE_WAVE = saved_one_wave
 
 
 def replay_ms(probe: DecodeProbe, live: int, count: int = 50) -> float:
@@ -132,8 +139,8 @@ def main() -> int:
         lengths = lengths[:2] if args.quick else lengths
         model = random_paper_model(shape)
         for key in variants:
-            label, fused, settings, blas = VARIANTS[key]
-            with variant_settings(settings, blas), torch.inference_mode(), \
+            label, fused, settings, blas, one_wave = VARIANTS[key]
+            with variant_settings(settings, blas, one_wave), torch.inference_mode(), \
                     apply(model, compressor, "triton", params=params) as engine:
                 probe = DecodeProbe(model, engine, batch, PROMPT, run_tokens or max(lengths) + 64, fuse_layers=fused)
                 for live in lengths:

@@ -425,10 +425,10 @@ def _splits(rows, C=131072 + 128, cfg=GPU_DECODE_CFG, mc=1, sms=H200_SMS, row_by
 
 
 def test_choose_num_splits_small_batch():
-    """Hkv = 8 on an H200: batch 32 stays unsplit; fewer rows than SMs aim at SMALL_PROGRAMS_PER_SM (2, measured
-    best) programs per SM; a split covers at least 256 capacity slots."""
+    """Hkv = 8 on an H200: batch 16 and up stay unsplit; fewer rows than SMs aim at SMALL_PROGRAMS_PER_SM (2,
+    measured best) programs per SM; a split covers at least 256 capacity slots."""
     assert td.SMALL_PROGRAMS_PER_SM == 2
-    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [33, 16, 8, 4, 2, 1, 1, 1, 1]
+    assert [_splits(8 * B) for B in (1, 2, 4, 8, 16, 17, 24, 32, 64)] == [33, 16, 8, 4, 1, 1, 1, 1, 1]
     assert _splits(8 * 32, C=32768 + 128) == 1  # the measured-fastest unsplit batch-32 case
     assert [_splits(8, C=C) for C in (100, 256, 257, 2048, 8192, 12288, 12800, 131200)] == [1, 1, 2, 8, 32, 33, 33, 33]
     assert _splits(8 * 4, mc=2) == 4  # MC > 1 counts as more rows
@@ -437,14 +437,30 @@ def test_choose_num_splits_small_batch():
         assert all(a >= b >= 1 for a, b in zip(counts, counts[1:])), C
 
 
-def test_choose_num_splits_unchanged_from_b_hkv_at_sm_count():
-    """B*Hkv*MC >= SMs: the same split count as before (2 programs per SM) at capacities >= 512."""
+def test_choose_num_splits_unsplit_from_b_hkv_at_sm_count():
+    """B*Hkv*MC >= SMs: unsplit (with one row per SM or more, a split never lightens the busiest SM)."""
     for sms in (2, 78, 132):
         for rows in range(sms, 3 * sms + 2):
             for mc in (1, 2):
                 for C in (512, 8192, 32896):
-                    old = max(1, min((2 * sms) // (rows * mc), cdiv(C, 64)))
-                    assert _splits(rows, C=C, mc=mc, sms=sms) == old, (sms, rows, mc, C)
+                    assert _splits(rows, C=C, mc=mc, sms=sms) == 1, (sms, rows, mc, C)
+
+
+def test_choose_num_splits_only_where_a_split_lightens_the_busiest_sm():
+    """S splits put ceil(rows*S / SMs) chunks of 1/S row on the busiest SM: a split is kept only when that is less
+    than a whole row (132 SMs: 128 rows split in two would put two halves on most SMs, so they run unsplit;
+    88 rows split in three put two thirds on the busiest). A given ``programs`` target is taken as it is."""
+    for rows in range(1, 600):
+        for C in (300, 8192, 131200):
+            n = _splits(rows, C=C)
+            assert n == 1 or cdiv(rows * n, H200_SMS) < n, (rows, C, n)
+            plain = max(1, min((2 * H200_SMS) // rows, cdiv(C, 256)))  # the target before the rule
+            assert n in (1, plain), (rows, C, n, plain)
+            if cdiv(rows * plain, H200_SMS) < plain:
+                assert n == plain, (rows, C, n, plain)
+    assert [_splits(rows) for rows in (64, 66, 67, 88, 89, 100, 128, 132)] == [4, 4, 3, 3, 1, 1, 1, 1]
+    targeted = td.DecodeConfig(block_n=64, max_block_m=64, programs=2 * H200_SMS)
+    assert _splits(128, cfg=targeted) == 2
 
 
 def test_choose_num_splits_overrides_and_caps():

@@ -13,8 +13,9 @@ whole group, never repeated to ``H`` heads. fp32 accumulation; fp32 inputs use e
 TF32).
 
 Grids (``S`` splits chosen on the host by :func:`choose_num_splits` from ``B*Hkv``, the device's SM count and
-the capacity: about 2 programs per SM, 3 when ``B*Hkv*MC`` is below the SM count, at least 256 capacity slots
-per split; ``B*Hkv*MC > SMs`` runs unsplit. No host sync, so the call is CUDA-graph capturable):
+the capacity: about 2 programs per SM, at least 256 capacity slots per split, and no split that leaves the
+busiest SM a whole row's work anyway (``B*Hkv*MC`` rows close to the SM count, or above it, run unsplit, with
+128-slot blocks when the launch fits in one wave). No host sync, so the call is CUDA-graph capturable):
 
 * ``_decode_split_kernel``: ``(S, B*Hkv, MC)``. Program ``(s, b*Hkv + j, mc)`` takes chunk ``s`` of row
   ``(b, j)``'s live range -- the range is cut into ``S`` chunks of ``ceil(len / S)`` slots rounded up to
@@ -85,11 +86,19 @@ class DecodeConfig:
         )
 
 
-def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
+def default_config(head_dim: int, device: torch.device, one_wave: bool = False) -> DecodeConfig:
     """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``). In the interpreter
-    a split may be a single block, so small test shapes still run split-K with the default config."""
+    a split may be a single block, so small test shapes still run split-K with the default config.
+
+    ``one_wave``: the launch is unsplit with at most one program per SM (e.g. R1-Distill-Qwen-7B at batch 32:
+    128 rows on 132 SMs). Each SM then streams its row alone, and 128-slot blocks keep more bytes in flight:
+    measured 4-7% faster than 64-slot blocks split in two, 6-9% faster than 64-slot blocks unsplit, at 4K-11K live
+    slots (H200, bf16, d=128, ``benchmarks/kernels.py --sections decode_b32``). ``head_dim`` above 128 keeps
+    64-slot blocks (the shared memory of three 128-slot stages would not fit)."""
     if device.type != "cuda" or interpret_mode():
         return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1, min_split_slots=16)
+    if one_wave and head_dim <= 128:
+        return DecodeConfig(block_n=128, max_block_m=64, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
 
 
@@ -101,6 +110,9 @@ PROGRAMS_PER_SM = 2  # target programs per SM when B*Hkv*MC >= SMs
 # small batch came from the vectorised reduce (0.341 -> 0.135 ms per Llama-3.1-8B step at batch 1)
 SMALL_PROGRAMS_PER_SM = 2
 MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
+# a split that leaves the busiest SM a whole row's work runs unsplit in one wave (choose_num_splits); False restores
+# the plain target of programs per SM (benchmarks/profile_decode.py compares both in one process)
+UNSPLIT_ONE_WAVE = True
 REDUCE_WARPS = 8  # the reduce kernel's warps: 32 fp32 of its 8192-element tile per thread, no register spills
 
 
@@ -122,11 +134,16 @@ def choose_num_splits(
       -- gives ``S = P // (rows*mc)``, at least 1:
       by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
       Hkv=8, 256 rows on 132 SMs).
+    * A split must lighten the busiest SM: with ``S`` splits the ``rows*mc*S`` programs put
+      ``ceil(rows*mc*S / sms)`` chunks of ``1/S`` row on some SM; when that is a whole row or more (rows close to
+      the SM count: 128 rows on 132 SMs split in two put two halves on most SMs), the split only adds partials
+      and a reduce, and the call runs unsplit (measured on an H200 at B=32, Hkv=4, G=7: 4-7% faster at 4K-11K
+      live slots, with the one-wave tiles of :func:`default_config`). Not applied to ``config.programs``.
     * Each split covers at least ``max(block_n, config.min_split_slots)`` slots of the capacity: ``S <=
       ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
     * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
 
-    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 8.5K: batch 32 -> 1 (unsplit), 16 -> 2,
+    On an H200 (132 SMs), Hkv=8, G*Q <= 64, defaults, capacity >= 8.5K: batch 32 -> 1 (unsplit), 16 -> 1,
     8 -> 4, 4 -> 8, 2 -> 16, 1 -> 33 (at C = 8K: 32 splits of 256 slots).
     """
     if config.num_splits is not None:
@@ -139,6 +156,8 @@ def choose_num_splits(
     n = programs // work
     n = min(n, cdiv(max(capacity, 1), max(block_n, config.min_split_slots, 1)))
     n = min(n, MAX_PARTIAL_BYTES // max(rows * row_partial_bytes, 1))
+    if UNSPLIT_ONE_WAVE and config.programs is None and n > 1 and cdiv(work * n, max(sms, 1)) >= n:
+        return 1  # the busiest SM would still take a whole row's worth: splitting only adds the reduce
     return max(1, n)
 
 
@@ -422,7 +441,10 @@ def decode_attention(
     mc = cdiv(M, block_m)
     lo = starts.to(device=keys.device, dtype=torch.int64).contiguous()
     hi = ends.to(device=keys.device, dtype=torch.int64).contiguous()
-    n_splits = choose_num_splits(B * Hkv, mc, C, num_sms(keys.device), cfg.block_n, cfg, 4 * M * (d + 2))
+    sms = num_sms(keys.device)
+    n_splits = choose_num_splits(B * Hkv, mc, C, sms, cfg.block_n, cfg, 4 * M * (d + 2))
+    if config is None and n_splits == 1 and B * Hkv * mc <= sms:
+        cfg = default_config(d, keys.device, one_wave=True)
     single = n_splits == 1
     if single:
         pm = pl = pacc = out  # unused
