@@ -50,6 +50,9 @@ def stream_table(kernels: list[dict]) -> list[str]:
         label = f"{stream} (forward)" if stream == main else str(stream)
         lines.append(f"| {label} | {len(ks)} | {sum(k['dur'] for k in ks) / 1e3:.3f} | {gemm / 1e3:.3f} | "
                      f"{span / 1e3:.3f} |")
+    names = Counter(k["name"][:90] for k in by_stream[main])
+    lines += ["", "| forward-stream kernel (most launched) | launches |", "|---|---|"]
+    lines += [f"| {name} | {count} |" for name, count in names.most_common(15)]
     side = [k for s, ks in by_stream.items() if s != main for k in ks]
     if side:
         end_main = max(k["ts"] + k["dur"] for k in by_stream[main])

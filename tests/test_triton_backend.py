@@ -447,18 +447,17 @@ def test_choose_num_splits_unsplit_from_b_hkv_at_sm_count():
 
 
 def test_choose_num_splits_only_where_a_split_lightens_the_busiest_sm():
-    """S splits put ceil(rows*S / SMs) chunks of 1/S row on the busiest SM: a split is kept only when that is less
-    than a whole row (132 SMs: 128 rows split in two would put two halves on most SMs, so they run unsplit;
-    88 rows split in three put two thirds on the busiest). A given ``programs`` target is taken as it is."""
+    """S splits put ceil(rows*S / SMs) chunks of 1/S row on the busiest SM: where that is a whole row or more and the
+    rows alone keep 5/6 of the SMs busy, the call runs unsplit (132 SMs: 128 rows split in two would put two halves
+    on most SMs; 96 rows keep their split, which measured faster than leaving 36 SMs idle). A given ``programs``
+    target is taken as it is."""
     for rows in range(1, 600):
         for C in (300, 8192, 131200):
             n = _splits(rows, C=C)
-            assert n == 1 or cdiv(rows * n, H200_SMS) < n, (rows, C, n)
             plain = max(1, min((2 * H200_SMS) // rows, cdiv(C, 256)))  # the target before the rule
-            assert n in (1, plain), (rows, C, n, plain)
-            if cdiv(rows * plain, H200_SMS) < plain:
-                assert n == plain, (rows, C, n, plain)
-    assert [_splits(rows) for rows in (64, 66, 67, 88, 89, 100, 128, 132)] == [4, 4, 3, 3, 1, 1, 1, 1]
+            no_lighter = cdiv(rows * plain, H200_SMS) >= plain and 6 * rows >= 5 * H200_SMS
+            assert n == (1 if no_lighter else plain), (rows, C, n, plain)
+    assert [_splits(rows) for rows in (64, 66, 67, 88, 89, 96, 109, 110, 128, 132)] == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
     targeted = td.DecodeConfig(block_n=64, max_block_m=64, programs=2 * H200_SMS)
     assert _splits(128, cfg=targeted) == 2
 

@@ -113,6 +113,9 @@ MAX_PARTIAL_BYTES = 256 << 20  # fp32 split partials of one call
 # a split that leaves the busiest SM a whole row's work runs unsplit in one wave (choose_num_splits); False restores
 # the plain target of programs per SM (benchmarks/profile_decode.py compares both in one process)
 UNSPLIT_ONE_WAVE = True
+# ... when the rows alone keep at least this fraction of the SMs streaming: measured on an H200 (B*Hkv = 96, 112, 128
+# rows, 5.6K-32K live slots), 112 and 128 rows ran faster unsplit, 96 rows 6-10% slower at 16K-32K than split in two
+ONE_WAVE_FILL = (5, 6)
 REDUCE_WARPS = 8  # the reduce kernel's warps: 32 fp32 of its 8192-element tile per thread, no register spills
 
 
@@ -135,10 +138,12 @@ def choose_num_splits(
       by default ``rows*mc > sms`` runs unsplit (no partials, no reduce: measured fastest on an H200 at B=32,
       Hkv=8, 256 rows on 132 SMs).
     * A split must lighten the busiest SM: with ``S`` splits the ``rows*mc*S`` programs put
-      ``ceil(rows*mc*S / sms)`` chunks of ``1/S`` row on some SM; when that is a whole row or more (rows close to
-      the SM count: 128 rows on 132 SMs split in two put two halves on most SMs), the split only adds partials
-      and a reduce, and the call runs unsplit (measured on an H200 at B=32, Hkv=4, G=7: 4-7% faster at 4K-11K
-      live slots, with the one-wave tiles of :func:`default_config`). Not applied to ``config.programs``.
+      ``ceil(rows*mc*S / sms)`` chunks of ``1/S`` row on some SM; when that is a whole row or more and the rows
+      alone keep at least 5/6 of the SMs streaming (``ONE_WAVE_FILL``; 128 rows on 132 SMs split in two put two
+      halves on most SMs), the split only adds partials and a reduce, and the call runs unsplit (measured on an
+      H200 at B=32, Hkv=4, G=7: 4-7% faster at 4K-11K live slots, with the one-wave tiles of
+      :func:`default_config`; at 96 rows the idle SMs cost more than the reduce, and the split stays). Not applied
+      to ``config.programs``.
     * Each split covers at least ``max(block_n, config.min_split_slots)`` slots of the capacity: ``S <=
       ceil(C / that)`` (the live lengths, at most ``C``, are not known on the host).
     * The partials stay under ``MAX_PARTIAL_BYTES`` (256 MiB): ``S <= that // (rows * row_partial_bytes)``.
@@ -156,7 +161,8 @@ def choose_num_splits(
     n = programs // work
     n = min(n, cdiv(max(capacity, 1), max(block_n, config.min_split_slots, 1)))
     n = min(n, MAX_PARTIAL_BYTES // max(rows * row_partial_bytes, 1))
-    if UNSPLIT_ONE_WAVE and config.programs is None and n > 1 and cdiv(work * n, max(sms, 1)) >= n:
+    if UNSPLIT_ONE_WAVE and config.programs is None and n > 1 and cdiv(work * n, max(sms, 1)) >= n \
+            and work * ONE_WAVE_FILL[1] >= sms * ONE_WAVE_FILL[0]:
         return 1  # the busiest SM would still take a whole row's worth: splitting only adds the reduce
     return max(1, n)
 
