@@ -3,7 +3,7 @@
 What they compute (semantics and torch references: :mod:`kvsieve.contract_ops`; backend methods
 :meth:`KVBackend.cache_fingerprint <kvsieve.backend.KVBackend.cache_fingerprint>`, ``cache_changed``,
 ``nonfinite_scores``, ``check_selection``): the same faults, the same stand-in. The torch references take some
-70 small kernels per compression; these take seven (three of them memsets or their equivalent):
+70 small kernels per compression; these take seven: five launches and two memsets of fault flags:
 
 * ``_fingerprint_kernel``, grid ``(B*Hkv, S)``, ``S = ceil(C / chunk)``: program ``(b*Hkv + j, s)`` sums the keys,
   values (fp32) and positions (int64) of the live slots ``[starts, ends)`` inside chunk ``s`` (slots ``[s*chunk,
