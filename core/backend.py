@@ -24,7 +24,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from kvsieve import layer_ops
+from kvsieve import contract_ops, layer_ops
 
 __all__ = ["BackendCapabilities", "KVBackend"]
 
@@ -229,6 +229,73 @@ class KVBackend(abc.ABC):
             ``float32 [B, Hkv, N]`` with ``N = max(cand_ends - cand_starts)`` (0 when empty); entries past a row's
             own candidate count are exactly 0.
         """
+
+    # ------------------------------------------------------------------ contract checks
+    # What kvsieve.contracts.ContractGuard runs on the device for every compression (checks on). Not abstract: the
+    # defaults are the torch references (kvsieve.contract_ops); a backend overrides them with fused kernels that
+    # detect the same faults. Each returns device tensors only (no host read: they run inside captured graphs); a
+    # flag is a 0-dim bool or int32 tensor, nonzero when the fault is present.
+    def cache_fingerprint(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+    ) -> torch.Tensor:
+        """An opaque, deterministic fingerprint of one layer's cache, taken before a scoring call and compared
+        after it by :meth:`cache_changed` (of the same backend).
+
+        Args:
+            keys, values: ``[B, Hkv, C, d]``; positions: ``int64 [B, Hkv, C]``; starts, ends: ``int64 [B, Hkv]``.
+
+        Only the live slots ``[starts, ends)`` are read as data; see :func:`kvsieve.contract_ops.cache_fingerprint`
+        (``float64 [B, Hkv, 3 * ceil(C / 512) + 2]``: per-chunk sums of the live keys, values and positions, and
+        the range).
+        """
+        return contract_ops.cache_fingerprint(keys, values, positions, starts, ends)
+
+    def cache_changed(
+        self,
+        before: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+    ) -> torch.Tensor:
+        """0-dim flag: the cache's fingerprint now differs from ``before`` (a :meth:`cache_fingerprint` of this
+        backend; a NaN sum equals a NaN sum). Arguments as :meth:`cache_fingerprint`'s; see
+        :func:`kvsieve.contract_ops.cache_changed`."""
+        return contract_ops.cache_changed(before, keys, values, positions, starts, ends)
+
+    def nonfinite_scores(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """0-dim flag: some candidate ``n < counts[b, j]`` has a non-finite score (``scores`` floating ``[B, Hkv,
+        N]``, ``counts`` ``int64 [B, Hkv]``); see :func:`kvsieve.contract_ops.nonfinite_scores`."""
+        return contract_ops.nonfinite_scores(scores, counts)
+
+    def check_selection(
+        self,
+        keep: torch.Tensor,
+        kept: torch.Tensor,
+        counts: torch.Tensor,
+        budget: int | torch.Tensor,
+        protect_head: int,
+        protect_tail: int | torch.Tensor,
+        head_adaptive: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device rules of the selection contract (:func:`kvsieve.contract_ops.check_selection`).
+
+        Args:
+            keep: ``int64 [B, Hkv, K]``; kept, counts: ``int64 [B, Hkv]``; budget, protect_tail: an int or ``int64
+                [B, Hkv]``; protect_head: an int; head_adaptive: the policy shares a row's budget among its heads.
+
+        Returns:
+            ``(broken, keep_out, kept_out)``: a 0-dim flag, and ``int64 [B, Hkv, K]`` / ``int64 [B, Hkv]``: the
+            selection's values, or, everywhere when ``broken`` is set, the stand-in (the first ``min(counts,
+            budget, K)`` candidates, -1 beyond).
+        """
+        return contract_ops.check_selection(keep, kept, counts, budget, protect_head, protect_tail, head_adaptive)
 
     # ------------------------------------------------------------------ compaction
     @abc.abstractmethod

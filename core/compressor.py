@@ -284,12 +284,12 @@ def score_and_select(
             candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else scored_count,
             heads=engine.heads if engine is not None else LOCAL,
         )
-        fingerprint = guard.fingerprint(layer)
+        fingerprint = guard.fingerprint(layer, event.backend)
         scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,
-                                    fingerprint)
+                                    fingerprint, event.backend)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway
     keep, kept = select_checked(selection, guard, scores, counts, budgets, protect_head, tails, budget_arg, tail_arg,
-                                heads=engine.heads if engine is not None else LOCAL)
+                                heads=engine.heads if engine is not None else LOCAL, backend=event.backend)
     keep_slots = torch.where(keep >= 0, keep + cand_starts[..., None], 0)
     dest = cand_starts if region_starts is None else region_starts
     return keep_slots, kept, dest
@@ -297,8 +297,10 @@ def score_and_select(
 
 def select_checked(selection: SelectionPolicy, guard: ContractGuard, scores: torch.Tensor, counts: torch.Tensor,
                    budgets: list[int], protect_head: int, tails: list[int], budget_arg: int | torch.Tensor,
-                   tail_arg: int | torch.Tensor, heads: HeadGroup = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keep, kept)``: :func:`select_rows`, checked by ``guard`` (arguments as :func:`score_and_select`'s).
+                   tail_arg: int | torch.Tensor, heads: HeadGroup = LOCAL,
+                   backend: KVBackend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, kept)``: :func:`select_rows`, checked by ``guard`` (arguments as :func:`score_and_select`'s;
+    ``backend`` runs the device checks, None: the torch references).
 
     A ``head_adaptive`` selection shares a row's budget among every KV head of the layer: under tensor parallelism
     (``heads`` distributed) the scores and counts of every rank's heads are gathered, the selection and its check
@@ -310,7 +312,7 @@ def select_checked(selection: SelectionPolicy, guard: ContractGuard, scores: tor
             budget_arg, tail_arg = heads.gather(budget_arg), heads.gather(tail_arg)
     row_tensors = None if isinstance(budget_arg, int) else (budget_arg, tail_arg)
     chosen = select_rows(selection, scores, counts, budgets, protect_head, tails, row_tensors=row_tensors)
-    keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection)
+    keep, kept = guard.check_selection(chosen, counts, budget_arg, protect_head, tail_arg, selection, backend)
     if selection.head_adaptive and heads.distributed:
         keep, kept = heads.local(keep), heads.local(kept)
     return keep, kept

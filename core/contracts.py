@@ -5,8 +5,8 @@
 selection before later layers compute on it. What is checked (docs/reliability.md):
 
 * scores: a tensor of exactly ``[B, Hkv, N]`` (``N`` the candidate count), floating point, finite on every valid
-  candidate; the scoring call left the layer's cache unchanged (a fingerprint of keys, values, positions and
-  the live range, taken before and after the call);
+  candidate; the scoring call left the layer's cache unchanged (a fingerprint of the live keys, values and
+  positions and of the live range, taken before and after the call);
 * a selection: a :class:`~kvsieve.policy.Selection` whose ``keep`` is ``int64 [B, Hkv, K]`` and ``counts``
   ``int64 [B, Hkv]``; per row and KV head exactly ``min(budget, n)`` kept (for a ``head_adaptive`` policy: per row
   ``sum_h min(budget, n_h)`` in all, each head keeping from its protected candidates to all of them), ``counts <=
@@ -24,6 +24,10 @@ candidates), and a faulty propagation by the last ``K`` tokens, so the cache sta
 out of range. The error is a :class:`PluginContractError` naming the policy (or compressor), its distribution and
 entry point.
 
+The device work runs through the kernel backend (:meth:`KVBackend.cache_fingerprint
+<kvsieve.backend.KVBackend.cache_fingerprint>`, ``cache_changed``, ``nonfinite_scores``, ``check_selection``;
+torch references in :mod:`kvsieve.contract_ops`), so a backend can run it in a few fused kernels.
+
 The checks are on by default. ``KVSIEVE_CHECKS=off`` in the environment (or ``apply(..., checks=False)``) turns
 the device checks off for a plugin that passed the conformance kit; the shape checks cost nothing and always run.
 """
@@ -37,9 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvsieve import contract_ops
 from kvsieve.policy import Selection
 
 if TYPE_CHECKING:
+    from kvsieve.backend import KVBackend
     from kvsieve.cache import SieveLayer
 
 __all__ = ["ContractGuard", "FlagSink", "PluginContractError", "checks_enabled", "debug_checks", "describe_class"]
@@ -86,17 +92,10 @@ def _read_all(values: list[torch.Tensor]) -> list[int]:
     return out
 
 
-def _fingerprint(layer: SieveLayer) -> torch.Tensor:
-    """``float32 [2]`` and ``int64 [3]`` sums of keys, values (in their own dtype: a sum with another ``dtype``
-    copies the whole buffer first), positions, starts and ends, as one ``float64 [5]``."""
-    floats = torch.stack([layer.keys.sum(), layer.values.sum()]).double()
-    ints = torch.stack([layer.positions.sum(), layer.starts.sum(), layer.ends.sum()]).double()
-    return torch.cat([floats, ints])
-
-
-def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Device bool: some entry differs (NaN equals NaN: poisoned free slots are not a change)."""
-    return (a.nan_to_num(nan=0.0) != b.nan_to_num(nan=0.0)).any()
+def _ops(backend: KVBackend | None) -> Any:
+    """Where the device checks run: ``backend``'s methods, or the torch references (:mod:`kvsieve.contract_ops`,
+    the same names) without one."""
+    return contract_ops if backend is None else backend
 
 
 class FlagSink:
@@ -174,7 +173,7 @@ class ContractGuard:
             self.read()
 
     def defer(self, broken: torch.Tensor, message: str) -> None:
-        """Hold ``broken`` (a device bool scalar) until the next host read, then raise a
+        """Hold ``broken`` (a device scalar, bool or int32, nonzero = a fault) until the next host read, then raise a
         :class:`PluginContractError` with ``message`` if it is set (at once for an ``immediate`` guard; into the
         active :class:`FlagSink` inside :meth:`accumulating`). Every device check goes through it, this class's and
         others' (:func:`kvsieve.propagation.propagate`'s declared padding)."""
@@ -213,14 +212,19 @@ class ContractGuard:
                 raise PluginContractError(message)
 
     # ------------------------------------------------------------------ scores
-    def fingerprint(self, layer: SieveLayer) -> torch.Tensor | None:
-        """The layer's fingerprint before a scoring call (None when the checks are off)."""
-        return _fingerprint(layer) if self.enabled else None
+    def fingerprint(self, layer: SieveLayer, backend: KVBackend | None = None) -> torch.Tensor | None:
+        """The layer's fingerprint before a scoring call (None when the checks are off), by ``backend``'s
+        :meth:`~kvsieve.backend.KVBackend.cache_fingerprint` (None: the torch reference); pass the same backend to
+        :meth:`check_scores`."""
+        if not self.enabled:
+            return None
+        return _ops(backend).cache_fingerprint(layer.keys, layer.values, layer.positions, layer.starts, layer.ends)
 
     def check_scores(self, scores: Any, counts: torch.Tensor, num_candidates: int, policy: Any,
-                     layer: SieveLayer, before: torch.Tensor | None) -> torch.Tensor:
+                     layer: SieveLayer, before: torch.Tensor | None,
+                     backend: KVBackend | None = None) -> torch.Tensor:
         """``scores`` from ``policy`` for candidates ``counts`` (``int64 [B, Hkv]``, at most ``num_candidates``),
-        checked; returns them as float32."""
+        checked (the device checks by ``backend``, None: the torch references); returns them as float32."""
         who = self.describe(policy, "scoring")
         expected = (*counts.shape, num_candidates)
         if not isinstance(scores, torch.Tensor):
@@ -231,19 +235,21 @@ class ContractGuard:
                 f"tensor of shape {expected} ([B, Hkv, N], N = {num_candidates} candidates)"
             )
         if self.enabled:
-            valid = torch.arange(num_candidates, device=scores.device) < counts[..., None]
-            self.defer((valid & ~scores.isfinite()).any(), f"{who} returned a non-finite score for a candidate")
-            self.defer(_differs(before, _fingerprint(layer)),
-                        f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
+            ops = _ops(backend)
+            self.defer(ops.nonfinite_scores(scores, counts), f"{who} returned a non-finite score for a candidate")
+            self.defer(ops.cache_changed(before, layer.keys, layer.values, layer.positions, layer.starts, layer.ends),
+                       f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
         return scores.float()
 
     # ------------------------------------------------------------------ selections
     def check_selection(self, chosen: Any, counts: torch.Tensor, budget: int | torch.Tensor, protect_head: int,
-                        protect_tail: int | torch.Tensor, policy: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                        protect_tail: int | torch.Tensor, policy: Any,
+                        backend: KVBackend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keep, kept)`` of ``chosen`` (a :class:`~kvsieve.policy.Selection` from ``policy`` over candidates
         ``counts``, ``int64 [B, Hkv]``; ``budget`` and ``protect_tail`` an int or one per row and KV head),
-        checked; when a device check fails, a valid stand-in (the first candidates) is returned and the fault
-        raised at the next host read."""
+        checked (the device rules by ``backend``'s :meth:`~kvsieve.backend.KVBackend.check_selection`, None: the
+        torch reference); when a device check fails, a valid stand-in (the first candidates) is returned and the
+        fault raised at the next host read."""
         who = self.describe(policy, "selection")
         if not isinstance(chosen, Selection):
             raise PluginContractError(f"{who} returned {type(chosen).__name__}, not a kvsieve.policy.Selection")
@@ -259,38 +265,17 @@ class ContractGuard:
                 )
         if not self.enabled:
             return keep, kept
-        K = keep.shape[-1]
-        expected = counts.clamp(max=budget)
-        idx = torch.arange(K, device=keep.device)
-        real = idx < kept[..., None]
-        n = counts[..., None]
-        previous = torch.nn.functional.pad(keep[..., :-1], (1, 0), value=-1)
-        # entry p: above the one before (sorted, unique, >= 0) and a candidate; where the head evicts, the protected
-        # positions hold what protection dictates: p < protect_head holds p, the last protect_tail hold the last
-        # candidates (where everything is kept, the kept indices are 0..n-1 and the other checks cover it)
-        tail = protect_tail[..., None] if isinstance(protect_tail, torch.Tensor) else protect_tail
-        protected_value = torch.where(idx < protect_head, idx, n - kept[..., None] + idx)
-        is_protected = (idx < protect_head) | (idx >= kept[..., None] - tail)
-        adaptive = getattr(policy, "head_adaptive", False)
-        evicting = (kept < counts if adaptive else counts > budget)[..., None]
-        wrong = (keep <= previous) | (keep >= n) | (is_protected & (keep != protected_value) & evicting)
-        if adaptive:  # per row: the uniform total; per head: its protected candidates at least, its candidates at most
-            tails = protect_tail if isinstance(protect_tail, torch.Tensor) else torch.full_like(counts, protect_tail)
-            miscounted = (kept.sum(dim=1) != expected.sum(dim=1)).any() | (kept > counts).any() \
-                | (kept < torch.minimum(counts, protect_head + tails)).any()
-        else:
-            miscounted = (kept != expected).any()
-        broken = (real & wrong).any() | miscounted | (kept > K).any()
+        adaptive = bool(getattr(policy, "head_adaptive", False))
+        broken, keep, kept = _ops(backend).check_selection(keep, kept, counts, budget, protect_head, protect_tail,
+                                                           adaptive)
         rule = "budget" if isinstance(budget, torch.Tensor) else f"budget={budget}"
         count_rule = (f"sum over KV heads of min({rule}, candidates) per row, each head keeping at least its "
                       f"protected candidates and at most its candidates" if adaptive else
                       f"exactly min({rule}, candidates) per row and KV head")
         self.defer(broken, f"{who} returned an invalid selection (kept indices must be sorted, unique, inside the "
-                            f"candidates, {count_rule}, with the protected first {protect_head} and last "
-                            f"candidates kept)")
-        stand_in_counts = expected.clamp(max=K)
-        stand_in = torch.where(idx < stand_in_counts[..., None], idx, -1)
-        return torch.where(broken, stand_in, keep), torch.where(broken, stand_in_counts, kept)
+                           f"candidates, {count_rule}, with the protected first {protect_head} and last "
+                           f"candidates kept)")
+        return keep, kept
 
     # ------------------------------------------------------------------ token propagation
     def check_propagation(self, keep: torch.Tensor, num_live: int, who: str) -> torch.Tensor:

@@ -9,6 +9,8 @@ without triton installed):
 * :mod:`.compaction` -- in-place gather of kept K/V slots;
 * :mod:`.layer_ops` -- the fused decode layer's RMSNorm (+ residual), SiLU * up and RoPE + cache append (one
   launch each, bit for bit HF's rounding);
+* :mod:`.contract_checks` -- the run-time contract checks of a compression (cache fingerprint and its comparison,
+  non-finite scores, the selection rules and stand-in) in seven launches instead of some 70 torch operators;
 * :mod:`.prefill_attention` -- delegated to PyTorch SDPA (``enable_gqa=True``), no Triton kernel.
 
 Runs on CUDA devices. With ``TRITON_INTERPRET=1`` set before ``triton`` is imported it also accepts CPU
@@ -133,6 +135,31 @@ class TritonBackend(KVBackend):
 
         with _launching_on(queries, keys):
             return window_scores(queries, keys, cand_starts, cand_ends, scale, lse, num_candidates=num_candidates)
+
+    # ------------------------------------------------------------------ contract checks
+    def cache_fingerprint(self, keys, values, positions, starts, ends):
+        from .contract_checks import cache_fingerprint
+
+        with _launching_on(keys, values, positions):
+            return cache_fingerprint(keys, values, positions, starts, ends)
+
+    def cache_changed(self, before, keys, values, positions, starts, ends):
+        from .contract_checks import cache_changed
+
+        with _launching_on(keys, values, positions):
+            return cache_changed(before, keys, values, positions, starts, ends)
+
+    def nonfinite_scores(self, scores, counts):
+        from .contract_checks import nonfinite_scores
+
+        with _launching_on(scores, counts):
+            return nonfinite_scores(scores, counts)
+
+    def check_selection(self, keep, kept, counts, budget, protect_head, protect_tail, head_adaptive):
+        from .contract_checks import check_selection
+
+        with _launching_on(keep, kept, counts):
+            return check_selection(keep, kept, counts, budget, protect_head, protect_tail, head_adaptive)
 
     # ------------------------------------------------------------------ compaction
     def compact(self, keys, values, keep, counts, dest_starts):
