@@ -172,7 +172,7 @@ for stage in $stages; do
                         --repeats 2 --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 10 ;;
     # 8K TTFT, median of 7: the full prefill, snapkv and fastkv with their graphs, with and without contract checks
     prefill-8k) python benchmarks/prefill_host.py "$out/prefill-8k" --contexts 8K --repeats 7 \
-                        --runs none,snapkv-on,snapkv-on-unchecked,fastkv-on,fastkv-on-unchecked \
+                        --runs none,snapkv-on,snapkv-on-unchecked,snapkv-on-cache-in-replays,fastkv-on,fastkv-on-unchecked \
                         --backend "${PREFILL_BACKEND:-auto}" 2>&1 | tail -n 9 ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac

@@ -15,6 +15,7 @@ and the graphs captured and replayed in one run. Writes OUTDIR/prefill_host.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from kvsieve import prefill_graph
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
 from kvsieve.params import parse_size
 from kvsieve.prefill_graph import describe_graphs
 
-RUNS = {  # key: (label, compressor, prefill graphs, contract checks)
+RUNS = {  # key: (label, compressor, prefill graphs, contract checks[, module settings patched for the run])
     "none": ("none", "none", False, True),
     "snapkv-off": ("snapkv graphs off", "snapkv", False, True),
     "snapkv-on": ("snapkv graphs on", "snapkv", True, True),
@@ -36,14 +38,32 @@ RUNS = {  # key: (label, compressor, prefill graphs, contract checks)
     # what the contract checks cost (their device work and the read of their flags at the forward's end)
     "snapkv-on-unchecked": ("snapkv graphs on, checks off", "snapkv", True, False),
     "fastkv-on-unchecked": ("fastkv graphs on, checks off", "fastkv", True, False),
+    # the cache fingerprinted around every replayed scoring call too, not only in the first, eager run of a shape
+    "snapkv-on-cache-in-replays": ("snapkv graphs on, cache check in replays", "snapkv", True, True,
+                                   {"CHECK_CACHE_IN_REPLAYS": True}),
 }
 DEFAULT_RUNS = "none,snapkv-off,snapkv-on,fastkv-off,fastkv-on"
 
 
-def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, checks: bool, backend: str) -> dict:
+@contextlib.contextmanager
+def patched(settings: dict):
+    """``kvsieve.prefill_graph``'s module settings changed for one run."""
+    saved = {name: getattr(prefill_graph, name) for name in settings}
+    for name, value in settings.items():
+        setattr(prefill_graph, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(prefill_graph, name, value)
+
+
+def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, checks: bool, backend: str,
+            settings: dict | None = None) -> dict:
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode(), apply(model, compressor, backend, prefill_graphs=graphs, checks=checks) as engine:
+    with patched(settings or {}), torch.inference_mode(), \
+            apply(model, compressor, backend, prefill_graphs=graphs, checks=checks) as engine:
         model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -71,13 +91,13 @@ def main() -> None:
     for context in [parse_size(c) for c in args.contexts.split(",")]:
         ids = torch.randint(100, 120000, (1, context), device="cuda")
         samples: dict[str, list[dict]] = {label: [] for label, *_ in runs}
-        for _label, compressor, graphs, checks in runs:  # warm-up: kernels compiled, allocator warm
-            one_run(model, ids, compressor, graphs, checks, args.backend)
+        for _label, compressor, graphs, checks, *settings in runs:  # warm-up: kernels compiled, allocator warm
+            one_run(model, ids, compressor, graphs, checks, args.backend, *settings)
         for _ in range(args.repeats):
-            for label, compressor, graphs, checks in runs:
-                samples[label].append(one_run(model, ids, compressor, graphs, checks, args.backend))
+            for label, compressor, graphs, checks, *settings in runs:
+                samples[label].append(one_run(model, ids, compressor, graphs, checks, args.backend, *settings))
         base = statistics.median(s["wall"] for s in samples["none"])
-        for label, compressor, graphs, checks in runs:
+        for label, compressor, graphs, checks, *_ in runs:
             timed = samples[label]
             wall = statistics.median(s["wall"] for s in timed)
             row = dict(context=context, run=label, compressor=compressor, prefill_graphs=graphs, checks=checks,

@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from prefill_host import RUNS
+from prefill_host import RUNS, patched
 from torch.profiler import ProfilerActivity, profile
 
 from kvsieve.integration import apply
@@ -92,11 +92,12 @@ def main() -> int:
             torch.cuda.synchronize()
 
     for key in args.runs.split(","):
-        label, compressor, graphs, checks = RUNS[key]
-        prefill(compressor, graphs, checks)  # warm-up: kernels compiled, allocator warm
-        start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            prefill(compressor, graphs, checks)
+        label, compressor, graphs, checks, *settings = RUNS[key]
+        with patched(*settings or [{}]):
+            prefill(compressor, graphs, checks)  # warm-up: kernels compiled, allocator warm
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                prefill(compressor, graphs, checks)
         wall = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "trace.json"

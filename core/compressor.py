@@ -236,6 +236,7 @@ def score_and_select(
     queries_are_last: bool,
     context_type: type[ScoringContext] = ScoringContext,
     scored_count: int | None = None,
+    check_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The device part of :func:`compress_layer`, after its host checks: score, select, check; no host read.
 
@@ -255,6 +256,8 @@ def score_and_select(
         context_type: the class of the scoring context (a subclass when the caller watches what a policy reads).
         scored_count: the scored candidates' count ``max(cand_ends - cand_starts)`` when the tails differ per row
             and the caller knows it on the host (else the backend reads it).
+        check_cache: fingerprint the cache before and after the scoring call (with the checks on); the prefill
+            graphs leave it out of the work they capture (:mod:`kvsieve.prefill_graph`).
         The rest as :func:`compress_layer`.
 
     Returns:
@@ -284,7 +287,7 @@ def score_and_select(
             candidate_count=max(N - tails[0], 0) if len(set(tails)) == 1 else scored_count,
             heads=engine.heads if engine is not None else LOCAL,
         )
-        fingerprint = guard.fingerprint(layer, event.backend)
+        fingerprint = guard.fingerprint(layer, event.backend) if check_cache else None
         scores = guard.check_scores(scoring.score(ctx), ctx.cand_counts, ctx.num_candidates, scoring, layer,
                                     fingerprint, event.backend)
         scores = torch.nn.functional.pad(scores, (0, N - scores.shape[-1]))  # the protected tail: kept anyway

@@ -224,7 +224,9 @@ class ContractGuard:
                      layer: SieveLayer, before: torch.Tensor | None,
                      backend: KVBackend | None = None) -> torch.Tensor:
         """``scores`` from ``policy`` for candidates ``counts`` (``int64 [B, Hkv]``, at most ``num_candidates``),
-        checked (the device checks by ``backend``, None: the torch references); returns them as float32."""
+        checked (the device checks by ``backend``, None: the torch references); returns them as float32.
+        ``before``: the layer's :meth:`fingerprint` taken before the scoring call (None: the cache is not
+        compared, as in the work a prefill graph captures, whose first run compared it)."""
         who = self.describe(policy, "scoring")
         expected = (*counts.shape, num_candidates)
         if not isinstance(scores, torch.Tensor):
@@ -237,8 +239,10 @@ class ContractGuard:
         if self.enabled:
             ops = _ops(backend)
             self.defer(ops.nonfinite_scores(scores, counts), f"{who} returned a non-finite score for a candidate")
-            self.defer(ops.cache_changed(before, layer.keys, layer.values, layer.positions, layer.starts, layer.ends),
-                       f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
+            if before is not None:
+                self.defer(ops.cache_changed(before, layer.keys, layer.values, layer.positions, layer.starts,
+                                             layer.ends),
+                           f"{who} changed the cache it was scoring (keys, values, positions or the live range)")
         return scores.float()
 
     # ------------------------------------------------------------------ selections

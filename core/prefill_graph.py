@@ -62,6 +62,11 @@ __all__ = ["ENV", "PrefillGraphWarning", "PrefillGraphs", "compress_prompt", "pr
 ENV = "KVSIEVE_PREFILL_GRAPHS"
 _OFF = ("0", "off", "false", "no")
 _MAX_GRAPHS = 2  # shape keys kept per engine (FastKV: before and after its TSP layer)
+#: whether the captured work also fingerprints the cache around the scoring call (the first, eager run of a key always
+#: does). Off: a replay runs the kernels that run recorded, so a scoring policy that writes into the cache is caught
+#: there, and the two passes over the whole cache per layer stay off the replays (at 8K they cost more than every
+#: other check together: docs/benchmarks.md). Benchmarks turn it on to compare.
+CHECK_CACHE_IN_REPLAYS = False
 
 
 class PrefillGraphWarning(UserWarning):
@@ -299,21 +304,25 @@ class _Runner:
             self.budget_arg, self.tail_arg = budgets[0], tails[0]
         else:  # made here, before any capture, on the side stream whose later work reads them (an async copy)
             self.budget_arg, self.tail_arg = _row_tensor(budgets, layer.starts), _row_tensor(tails, layer.starts)
-        self.sink = FlagSink(device)
+        # the contract flags of the replays, and of the eager runs (which also compare the cache around the scoring
+        # call: one check more than the captured work makes, so a sink of their own)
+        self.sink, self.eager_sink = FlagSink(device), FlagSink(device)
         self.forward = -1
         self.runs = 0  # layers this runner compressed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _body(self, event: LayerEvent, context_type: type = ScoringContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compression of the static copies (eager or captured): ``(starts, ends)`` after it."""
+    def _body(self, event: LayerEvent, context_type: type = ScoringContext,
+              check_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compression of the static copies (eager or captured): ``(starts, ends)`` after it; ``check_cache``:
+        fingerprint the cache around the scoring call (:data:`CHECK_CACHE_IN_REPLAYS`)."""
         static, plan = self.static, self.plan
         counts = (static.ends - static.starts).clamp(min=0)
         keep_slots, kept, dest = score_and_select(
             event, event.engine.guard, static, self.queries, scoring=self.scoring, selection=self.selection,
             cand_starts=static.starts, counts=counts, N=plan.N, budgets=list(plan.budgets), tails=list(plan.tails),
             protect_head=0, budget_arg=self.budget_arg, tail_arg=self.tail_arg, region_starts=self.region,
-            queries_are_last=True, context_type=context_type, scored_count=plan.scored,
+            queries_are_last=True, context_type=context_type, scored_count=plan.scored, check_cache=check_cache,
         )
         SieveLayer.compact(static, event.backend, keep_slots, kept, dest, reserve=0)
         return static.stored
@@ -331,6 +340,7 @@ class _Runner:
                 tensor.record_stream(stream)
             if self.forward != engine.forwards:  # a new forward: its faults start clear
                 self.sink.reset()
+                self.eager_sink.reset()
                 self.forward = engine.forwards
             if self.plan.window:
                 self.queries.copy_(event.window_queries())
@@ -344,7 +354,7 @@ class _Runner:
             else:  # the first layer of this key, or one whose capture was refused: the same work, eagerly
                 starts, ends = self._run_eagerly(event, graphs)
             self.runs += 1
-            guard.watch(self.sink, graphs.join)
+            guard.watch(self.sink if self.graph is not None else self.eager_sink, graphs.join)
             self._store(layer, starts, ends, event.reserve)
             if stream is not None:  # made here, used on the forward's stream after the join
                 graphs.produced += [layer.keys, layer.values, layer.positions, layer.starts, layer.ends]
@@ -354,7 +364,7 @@ class _Runner:
         policies read ``ScoringContext.layer_idx``, which a replay could not change (then the key stays eager)."""
         guard = event.engine.guard
         reads = [False]
-        with guard.accumulating(self.sink):
+        with guard.accumulating(self.eager_sink):
             starts, ends = self._body(event, _probing_context(reads) if self.runs == 0 else ScoringContext)
         if reads[0]:
             self._refuse(graphs, f"{self._who(guard)} reads ScoringContext.layer_idx, which a replayed graph cannot "
@@ -376,7 +386,7 @@ class _Runner:
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     with guard.accumulating(self.sink):
-                        outputs = self._body(event)
+                        outputs = self._body(event, check_cache=CHECK_CACHE_IN_REPLAYS)
                 finally:
                     graph.capture_end()
         except Exception as exc:  # noqa: BLE001 - any failure to capture: this key stays eager, results unchanged

@@ -152,7 +152,8 @@ def static_path_on_cpu(monkeypatch):
 
         def replay(self):
             with self.event.engine.guard.accumulating(self.runner.sink):
-                self.runner.outputs = self.runner._body(self.event)
+                self.runner.outputs = self.runner._body(self.event,
+                                                        check_cache=prefill_graph.CHECK_CACHE_IN_REPLAYS)
 
     def no_capture(self, event, graphs):
         self.graph = EagerReplay(self, event)
@@ -212,6 +213,47 @@ def test_a_contract_fault_in_the_static_path_is_raised_at_the_end_of_the_forward
         with pytest.raises(PluginContractError, match="duplicating_selection"):
             model6(input_ids=ids, use_cache=True)
         assert prefill_graph.describe_graphs(engine)["captures"] > 0
+
+
+@attrs.frozen
+class CacheWritingScoring(WindowAttentionScoring):
+    """Window attention that also halves the keys it scores (a contract fault)."""
+
+    name = "cache_writing_scoring"
+
+    def score(self, ctx):
+        ctx.keys.mul_(0.5)
+        return super().score(ctx)
+
+
+def test_a_scoring_call_that_writes_the_cache_is_caught_in_the_static_path(model6, static_path_on_cpu):
+    """The first, eager run of a shape fingerprints the cache around the scoring call; the error names the policy
+    at the end of the forward, and the library works afterwards."""
+    ids = random_prompt(37, seed=74)
+    params = {"ratio": 0.3, "window": 4, "scoring": CacheWritingScoring()}
+    with torch.inference_mode(), apply(model6, "snapkv", "torch", params=params, prefill_graphs=True) as engine:
+        with pytest.raises(PluginContractError, match="cache_writing_scoring.*changed the cache it was scoring"):
+            model6(input_ids=ids, use_cache=True)
+        assert prefill_graph.describe_graphs(engine)["captures"] > 0
+    on, _ = prefill(model6, ids, None, "snapkv", SNAPKV, prefill_graphs=True)
+    off, _ = prefill(model6, ids, None, "snapkv", SNAPKV, prefill_graphs=False)
+    assert_same_cache(on, off)
+
+
+@pytest.mark.parametrize("in_replays", [False, True], ids=["default", "in-replays"])
+def test_the_cache_is_fingerprinted_in_the_first_run_only(model6, static_path_on_cpu, monkeypatch, in_replays):
+    """The captured work leaves the two passes over the cache out (CHECK_CACHE_IN_REPLAYS off): one fingerprint
+    pair per shape key per engine, not per layer; with the option on, every layer's."""
+    from kvsieve.backends.torch_ref import TorchBackend
+
+    calls = []
+    original = TorchBackend.cache_fingerprint
+    monkeypatch.setattr(TorchBackend, "cache_fingerprint",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    monkeypatch.setattr(prefill_graph, "CHECK_CACHE_IN_REPLAYS", in_replays)
+    on, counters = prefill(model6, random_prompt(37, seed=75), None, "snapkv", SNAPKV, prefill_graphs=True)
+    assert counters == {"captures": 1, "replays": LAYERS - 1}, counters  # layer 0 eager, 1 captured, 1.. replayed
+    assert len(calls) == (LAYERS if in_replays else 1), calls
 
 
 SNAPKV = {"ratio": 0.3, "window": 4}
