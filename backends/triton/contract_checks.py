@@ -133,7 +133,9 @@ def _fingerprint_kernel(
         tl.store(out + 3 * S + 1, end.to(tl.float64), mask=first_chunk)
 
 
-@triton.jit
+# the sizes and budgets that change from one compression to the next (RPC: every interval) are not specialised on
+# (divisibility by 16, equality to 1): one compiled kernel serves them all instead of a recompile mid-decode
+@triton.jit(do_not_specialize=["N"])
 def _nonfinite_kernel(sc_ptr, cnt_ptr, flag_ptr, ss_b, ss_h, ss_n, sc_b, sc_h, Hkv, N, BLOCK_N: tl.constexpr):
     """Block ``c`` of row ``(b, j)``'s scores: a non-finite one below ``counts[b, j]`` raises the flag."""
     bj = tl.program_id(0).to(tl.int64)
@@ -157,7 +159,7 @@ def _per_head(ptr, s_b, s_h, b, heads, mask, value, PER_HEAD: tl.constexpr):
         return tl.zeros([], dtype=tl.int64) + value
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["budget_value", "tail_value", "K"])
 def _selection_rules_kernel(
     keep_ptr, kept_ptr, cnt_ptr, budget_ptr, tail_ptr, flags_ptr,
     sk_b, sk_h, sk_k,
@@ -209,7 +211,7 @@ def _selection_rules_kernel(
     tl.store(flags_ptr + bj, bad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["budget_value", "K", "F"])
 def _stand_in_kernel(
     keep_ptr, kept_ptr, cnt_ptr, budget_ptr, flags_ptr, keep_out_ptr, kept_out_ptr, broken_ptr,
     sk_b, sk_h, sk_k,
