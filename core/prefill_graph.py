@@ -25,7 +25,10 @@ cross streams are recorded on the stream that uses them, so the allocator does n
 The kernels are those of the eager path (:func:`~kvsieve.compressor.score_and_select` on copies of the same shapes,
 then :meth:`SieveLayer.compact <kvsieve.cache.SieveLayer.compact>`), so the scores, the kept slots and the cache are
 exactly the eager path's. The contract checks' device flags accumulate in a :class:`~kvsieve.contracts.FlagSink`
-and are read at the next host read (the end of the forward at the latest).
+and are read at the next host read (the end of the forward at the latest). The cache fingerprint around the
+scoring call (two passes over the layer's K/V) runs in the first, eager run of a shape and is left out of the
+captured work (:data:`CHECK_CACHE_IN_REPLAYS`): a replay runs the kernels that capture recorded from the policy code
+the first run checked, and beside the forward's GEMMs those passes cost more than every other check together.
 
 The eager path runs instead (unchanged) when the device is not CUDA, the option is off (``apply(...,
 prefill_graphs=False)`` or ``KVSIEVE_PREFILL_GRAPHS=0``), autograd is on, an observer watches compactions, the
