@@ -467,6 +467,24 @@ class _CompactClearsTheRest(TorchBackend):
         keys[..., -1, :] = 0.0  # touches a slot outside the written range
 
 
+class _FingerprintIgnoresValues(TorchBackend):
+    def cache_fingerprint(self, keys, values, positions, starts, ends):
+        return super().cache_fingerprint(keys, torch.zeros_like(values), positions, starts, ends)
+
+    def cache_changed(self, before, keys, values, positions, starts, ends):
+        return super().cache_changed(before, keys, torch.zeros_like(values), positions, starts, ends)
+
+
+class _NonfiniteIgnoresCounts(TorchBackend):
+    def nonfinite_scores(self, scores, counts):
+        return (~scores.isfinite()).any()
+
+
+class _SelectionNeverBroken(TorchBackend):
+    def check_selection(self, keep, kept, counts, budget, protect_head, protect_tail, head_adaptive):
+        return torch.zeros((), dtype=torch.bool), keep, kept
+
+
 class _PrefillIgnoresMask(TorchBackend):
     def prefill_attention(self, queries, keys, values, attention_mask, scale):
         return super().prefill_attention(queries, keys, values, None, scale)
@@ -495,6 +513,10 @@ class _SlightlyOff(TorchBackend):
         (_ScoresMaskWithBias(), "window_scores", "window_scores.*poisoned", torch.float32),
         (_CompactClearsTheRest(), "compact", "compact: keys differ", torch.float32),
         (_PrefillIgnoresMask(), "prefill_attention", "prefill_attention", torch.float32),
+        (_FingerprintIgnoresValues(), "contract_checks", "change of the live values .* went unnoticed", torch.float32),
+        (_NonfiniteIgnoresCounts(), "contract_checks", "nonfinite_scores: True for scores with inf past",
+         torch.float32),
+        (_SelectionNeverBroken(), "contract_checks", "check_selection: broken=False", torch.float32),
         (
             _DecodeReturnsFloat32(),
             "decode_attention",

@@ -21,6 +21,7 @@ there. What each check verifies is listed in its docstring and in ``docs/testing
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 
 import hypothesis
@@ -62,7 +63,7 @@ SCORE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 #: what unused slots are filled with to prove nobody reads them
 POISONS = ("nan", "huge", "noise")
 #: the backend primitives :func:`check_backend` knows
-PRIMITIVES = ("prefill_attention", "decode_attention", "window_lse", "window_scores", "compact")
+PRIMITIVES = ("prefill_attention", "decode_attention", "window_lse", "window_scores", "compact", "contract_checks")
 
 
 def conformance_settings(max_examples: int) -> hypothesis.settings:
@@ -439,6 +440,75 @@ def _check_output(name, got, want, dtype, tol) -> None:
     _close(got, want, tol, f"{name} differs from the reference")
 
 
+def _check_contract_checks(backend, reference, case: CacheCase) -> None:
+    """The contract checks' device work (``cache_fingerprint``/``cache_changed``, ``nonfinite_scores``,
+    ``check_selection``; semantics in :mod:`kvsieve.contract_ops`): the fingerprint notices a change to each part
+    of the live cache and nothing outside it; the score and selection checks flag what the reference flags, and
+    the selection comes back with the reference's stand-in."""
+    k, v, p, s, e = case.keys, case.values, case.positions, case.starts, case.ends
+    live = case.live_mask
+    before = backend.cache_fingerprint(k, v, p, s, e)
+    _expect(not bool(backend.cache_changed(before, k, v, p, s, e)),
+            "cache_changed: an unchanged cache counted as changed")
+    for i, kind in enumerate(POISONS):
+        _expect(not bool(backend.cache_changed(before, poison(k, live, kind, 10 + i), poison(v, live, kind, 20 + i),
+                                               p, s, e)),
+                f"cache_changed: unused slots poisoned with {kind!r} counted as a change of the cache")
+    slot = int(s[0, 0])  # row 0, KV head 0 has live slots (ends - starts >= W >= 1)
+    changed = {name: t.clone() for name, t in (("keys", k), ("values", v), ("positions", p), ("starts", s),
+                                                 ("ends", e))}
+    changed["keys"][0, 0, slot] += 1
+    changed["values"][0, 0, slot] += 1
+    changed["positions"][0, 0, slot] += 1
+    changed["starts"][0, 0] += 1
+    changed["ends"][0, 0] -= 1
+    for name, tensor in changed.items():
+        parts = [tensor if part == name else original for part, original in
+                 (("keys", k), ("values", v), ("positions", p), ("starts", s), ("ends", e))]
+        _expect(bool(backend.cache_changed(before, *parts)),
+                f"cache_changed: a change of the live {name} (row 0, KV head 0) went unnoticed")
+
+    counts = (case.cand_ends - case.cand_starts).clamp(min=0)
+    N = int(counts.max())
+    gen = torch.Generator().manual_seed(N)
+    scores = torch.randn(*counts.shape, N, generator=gen).to(k.device)
+    past = torch.arange(N, device=k.device) >= counts[..., None]
+    variants = {"finite": scores, "a NaN at a candidate": scores.clone().index_fill_(-1, _at(0, k.device), math.nan),
+                "inf past the candidates": scores.masked_fill(past, math.inf)}
+    for name, tensor in variants.items():
+        want, got = bool(reference.nonfinite_scores(tensor, counts)), bool(backend.nonfinite_scores(tensor, counts))
+        _expect(got == want, f"nonfinite_scores: {got} for scores with {name}, the reference says {want}")
+
+    budget = max(1, N // 2)
+    K = min(budget, N)
+    kept = counts.clamp(max=budget)
+    idx = torch.arange(K, device=k.device)
+    keep = torch.where(idx < kept[..., None], idx, -1)
+    selections = {"a valid selection": (keep, kept)}
+    if int(kept[0, 0]) >= 2:
+        duplicated = keep.clone()
+        duplicated[0, 0, 1] = duplicated[0, 0, 0]
+        selections["a duplicated index"] = (duplicated, kept)
+    outside = keep.clone()
+    outside[0, 0, int(kept[0, 0]) - 1] = counts[0, 0]
+    selections["an index past the candidates"] = (outside, kept)
+    fewer = kept.clone()
+    fewer[0, 0] -= 1  # row 0, KV head 0 keeps min(budget, n) >= 1
+    selections["one kept too few"] = (keep, fewer)
+    for name, (chosen, chosen_counts) in selections.items():
+        want = reference.check_selection(chosen, chosen_counts, counts, budget, 0, 0, False)
+        got = backend.check_selection(chosen.clone(), chosen_counts.clone(), counts, budget, 0, 0, False)
+        _expect(bool(got[0]) == bool(want[0]), f"check_selection: broken={bool(got[0])} for {name}, the reference "
+                                               f"says {bool(want[0])}")
+        _expect(torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]),
+                f"check_selection: for {name}, keep/kept differ from the reference's (the selection, or its stand-in "
+                f"when broken)")
+
+
+def _at(index: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([index], device=device)
+
+
 def _check_prefill(backend, reference, case: PrefillCase, tol) -> None:
     args = (case.attention_mask, case.scale)
     want = reference.prefill_attention(case.queries, case.keys, case.values, *args)
@@ -525,7 +595,9 @@ def check_backend(
     * a :class:`~kvsieve.testing.strategies.CacheCase` checks ``decode_attention``, ``window_lse`` and
       ``window_scores`` (with and, for prefill windows, without a given ``lse``), first on clean inputs, then
       with every slot outside ``[starts, ends)`` (for ``window_scores``: outside the candidates) poisoned with
-      each of :data:`POISONS` -- the outputs must not change;
+      each of :data:`POISONS` -- the outputs must not change; and ``contract_checks``: the cache fingerprint
+      notices a change of live keys, values, positions or range and ignores poison outside it, and
+      ``nonfinite_scores`` and ``check_selection`` flag what the reference flags, with its stand-in;
     * a :class:`~kvsieve.testing.strategies.CompactionCase` checks ``compact``: the buffers after it must
       equal the reference's exactly (NaN equal to NaN), poisoned slots included (a compaction copies; it must
       not touch anything else);
@@ -554,6 +626,8 @@ def check_backend(
     elif isinstance(case, CacheCase):
         tol, score_tol = _tolerances(case.keys.dtype, tolerances, score_tolerances)
         _check_cache_primitives(backend, reference, case, set(primitives), tol, score_tol)
+        if "contract_checks" in primitives:
+            _check_contract_checks(backend, reference, case)
     else:
         raise TypeError(f"case must be a CacheCase, CompactionCase or PrefillCase, got {type(case).__name__}")
 
@@ -581,7 +655,7 @@ def assert_backend_conforms(
     check = dict(
         reference=reference, primitives=primitives, tolerances=tolerances, score_tolerances=score_tolerances
     )
-    cache_primitives = primitives & {"decode_attention", "window_lse", "window_scores"}
+    cache_primitives = primitives & {"decode_attention", "window_lse", "window_scores", "contract_checks"}
     for dtype in dtypes:
         kinds = []
         if cache_primitives:
