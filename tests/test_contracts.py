@@ -3,6 +3,8 @@ enters the cache, named with its plugin, and never leaves a corrupted cache behi
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import pytest
 import torch
@@ -136,15 +138,22 @@ def test_the_error_names_the_distribution_of_a_registered_plugin(llama):
         plugins.unregister("bad-plugin")
 
 
-def test_a_fault_is_replaced_by_a_valid_selection_before_the_error(llama):
+TRITON_ON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="the triton kernels run on CPU through Triton's interpreter: set "
+                                          "TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON_ON_CPU)])
+def test_a_fault_is_replaced_by_a_valid_selection_before_the_error(llama, checks_on, backend):
     """The stand-in keeps the cache consistent: with the checks deferring (as in a real run), the layer that got
-    the faulty selection holds sorted, unique, in-range positions when the error surfaces."""
+    the faulty selection holds sorted, unique, in-range positions when the error surfaces (the torch references,
+    and the triton backend's check kernels)."""
     model, tok = llama
     ids, mask, _ = left_padded(tok, [30, 22], seed=1)
     from kvsieve.integration import apply
 
-    with apply(model, "snapkv", "torch", params={"ratio": 0.5, "window": 4,
-                                                  "selection": BrokenSelection("out_of_range")}) as engine:
+    with apply(model, "snapkv", backend, params={"ratio": 0.5, "window": 4,
+                                                 "selection": BrokenSelection("out_of_range")}) as engine:
         with pytest.raises(PluginContractError):
             model(input_ids=ids, attention_mask=mask, use_cache=True)
         layer = engine.last_cache.layers[0]
