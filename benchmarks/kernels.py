@@ -39,6 +39,11 @@ Sections:
   minute on an H200, mostly compilation (not measured yet; the section prints its own time). ``--quick``: B=1,
   L=32K, three candidates.
 
+* ``decode_b32`` (not in the default set): the same sweep at R1-Distill-Qwen-7B's heads (Hkv=4, G=7) for B in
+  {24, 28, 32} (96-128 rows on the SMs) at 5.6K, 16K and 32K live slots, and at Hkv=8, G=4, B=16, with forced split
+  counts 1-4 (``S=...``) over 64- and 128-slot blocks, 4 or 8 warps, 3 or 4 stages: where the split rule's one-wave
+  case (``choose_num_splits``) was measured. About 30 s on an H200.
+
 * ``linear`` (not in the default set): the decode step's projections at batch 32 (R1-Distill-Qwen-7B: q/k/v with
   its bias, o_proj, gate/up, down_proj with the residual) and batch 1 (Llama-3.1-8B), bf16: cuBLAS (``F.linear``;
   ``residual.addmm_`` for down_proj, as the fused layer runs them) against ``kvsieve.backends.triton.linear`` over
