@@ -46,8 +46,9 @@ DEFAULT_RUNS = "none,snapkv-off,snapkv-on,fastkv-off,fastkv-on"
 
 
 @contextlib.contextmanager
-def patched(settings: dict):
-    """``kvsieve.prefill_graph``'s module settings changed for one run."""
+def patched(settings: dict | None = None):
+    """``kvsieve.prefill_graph``'s module settings changed for one run (None: none changed)."""
+    settings = settings or {}
     saved = {name: getattr(prefill_graph, name) for name in settings}
     for name, value in settings.items():
         setattr(prefill_graph, name, value)
@@ -62,7 +63,7 @@ def one_run(model, ids: torch.Tensor, compressor: str, graphs: bool, checks: boo
             settings: dict | None = None) -> dict:
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    with patched(settings or {}), torch.inference_mode(), \
+    with patched(settings), torch.inference_mode(), \
             apply(model, compressor, backend, prefill_graphs=graphs, checks=checks) as engine:
         model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         torch.cuda.synchronize()
