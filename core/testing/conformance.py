@@ -455,16 +455,15 @@ def _check_contract_checks(backend, reference, case: CacheCase) -> None:
                                                p, s, e)),
                 f"cache_changed: unused slots poisoned with {kind!r} counted as a change of the cache")
     slot = int(s[0, 0])  # row 0, KV head 0 has live slots (ends - starts >= W >= 1)
-    changed = {name: t.clone() for name, t in (("keys", k), ("values", v), ("positions", p), ("starts", s),
-                                                 ("ends", e))}
+    cache = {"keys": k, "values": v, "positions": p, "starts": s, "ends": e}
+    changed = {name: t.clone() for name, t in cache.items()}
     changed["keys"][0, 0, slot] += 1
     changed["values"][0, 0, slot] += 1
     changed["positions"][0, 0, slot] += 1
     changed["starts"][0, 0] += 1
     changed["ends"][0, 0] -= 1
     for name, tensor in changed.items():
-        parts = [tensor if part == name else original for part, original in
-                 (("keys", k), ("values", v), ("positions", p), ("starts", s), ("ends", e))]
+        parts = [tensor if part == name else original for part, original in cache.items()]
         _expect(bool(backend.cache_changed(before, *parts)),
                 f"cache_changed: a change of the live {name} (row 0, KV head 0) went unnoticed")
 
@@ -473,7 +472,8 @@ def _check_contract_checks(backend, reference, case: CacheCase) -> None:
     gen = torch.Generator().manual_seed(N)
     scores = torch.randn(*counts.shape, N, generator=gen).to(k.device)
     past = torch.arange(N, device=k.device) >= counts[..., None]
-    variants = {"finite": scores, "a NaN at a candidate": scores.clone().index_fill_(-1, _at(0, k.device), math.nan),
+    first = torch.tensor([0], device=k.device)
+    variants = {"finite": scores, "a NaN at a candidate": scores.index_fill(-1, first, math.nan),
                 "inf past the candidates": scores.masked_fill(past, math.inf)}
     for name, tensor in variants.items():
         want, got = bool(reference.nonfinite_scores(tensor, counts)), bool(backend.nonfinite_scores(tensor, counts))
@@ -503,10 +503,6 @@ def _check_contract_checks(backend, reference, case: CacheCase) -> None:
         _expect(torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]),
                 f"check_selection: for {name}, keep/kept differ from the reference's (the selection, or its stand-in "
                 f"when broken)")
-
-
-def _at(index: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([index], device=device)
 
 
 def _check_prefill(backend, reference, case: PrefillCase, tol) -> None:
