@@ -8,6 +8,7 @@ promises, the integration of step times, the files and tables the CLI writes, an
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from kvsieve.bench import cli as bench_cli
 from kvsieve.bench.cli import register
 from kvsieve.bench.hf_static import hf_static_step_seconds, random_static_cache, set_static_length
 from kvsieve.bench.schedule import full_cache_decode_seconds
+from kvsieve.bench.step_clock import StepClock
 from kvsieve.bench.timing import cache_kwarg
 from kvsieve.cli import main
 from kvsieve.integration import apply
@@ -122,6 +124,12 @@ def test_cli_decode_writes_rows_tables_and_validation(tmp_path, capsys):
     fast_rpc = rows[2]
     assert fast_rpc["compressions"] == 1 and fast_rpc["live_max"] == 16 + 16 + 4  # P + R entries before firing
     assert fast_rpc["validated_tokens_per_s"] > 0 and fast_rpc["modelled_over_measured"] > 0
+    parts = fast_rpc["validated_breakdown"]  # the real run's time, split up (eager on the CPU: no warm-up steps)
+    assert parts["warmup_s"] == 0 and len(parts["compression_ms"]) == 1
+    assert sum(b[2] for b in parts["step_ms_by_live"]) == 30 - 1 - 1  # 29 steps less the firing one
+    split = sum(parts[k] for k in ("prefill_s", "warmup_s", "steps_s", "compressions_s", "tail_s"))
+    assert split == pytest.approx(parts["total_s"], abs=1e-3)
+    assert parts["total_s"] <= fast_rpc["validated_s"] + 0.05
     table = (out / "decode.md").read_text()
     assert "| tiny-random-qwen2 | 2 | 30 | fast:rpc |" in table
     assert main(["bench", "report", str(out)]) == 0
@@ -326,3 +334,22 @@ def test_hf_static_compiles_on_the_gpu(variant):
     assert min(t.step_seconds) > 0 and "_compiled_call" not in model.__dict__
     if variant == "sdpa":
         assert (t.graphs, t.graph_breaks, t.cuda_graphs) == (1, 0, True)
+
+
+def test_step_clock_breakdown_splits_a_run():
+    """Synthetic marks: prefill 1 s, 2 eager steps + the capture, plain steps of 10 ms growing 1 ms per band of 4
+    live entries, one firing step 50 ms longer, 0.5 s of tail."""
+    clock = StepClock(torch.device("cpu"))
+    clock.warmup_steps = 2
+    live = list(range(1, 21))
+    compressions = [(12, 12)]  # fires after step 11
+    steps = [0.3, 0.3, 0.4] + [0.010 + 0.001 * (live[t] // 4) + (0.05 if t == 11 else 0.0) for t in range(3, 20)]
+    clock.marks = list(itertools.accumulate([0.0, 1.0, *steps, 0.5]))
+    parts = clock.breakdown(live, compressions, band=4, around=2)
+    assert parts["prefill_s"] == 1.0 and parts["warmup_s"] == pytest.approx(1.0) and parts["tail_s"] == 0.5
+    assert parts["compression_ms"] == [pytest.approx(50.5)]  # 63 ms over the median of steps 9, 10, 12, 13
+    assert [b[2] for b in parts["step_ms_by_live"]] == [4, 4, 3, 4, 1]  # steps 3.. by live // 4, step 11 left out
+    assert parts["step_ms_by_live"][1:3] == [[8, 11, 4, 12.0], [12, 15, 3, 13.0]]
+    assert parts["total_s"] == pytest.approx(1.0 + sum(steps) + 0.5)
+    with pytest.raises(ValueError, match="step intervals for a schedule of 3 steps"):
+        clock.breakdown(live[:3], [])

@@ -21,6 +21,7 @@ from kvsieve.bench.schedule import (
     modelled_decode_seconds,
     sample_points,
 )
+from kvsieve.bench.step_clock import step_clock
 from kvsieve.bench.timing import (
     copy_bandwidth,
     fits,
@@ -166,22 +167,27 @@ def _fast_decode_row(model, name, params, backend, batch, n, prompt_len, samples
         engine.last_cache = None
         if validate:
             reset_peak(device)
-            row.update(_validate(model, engine, batch, n, prompt_len, use_cuda_graph, total))
+            row.update(_validate(model, engine, batch, n, prompt_len, use_cuda_graph, total, live, compressions))
+            row["modelled_steps_s"] = round(decode - row["compression_s"], 3)
     return row
 
 
-def _validate(model, engine, batch, n, prompt_len, use_cuda_graph, modelled: float) -> dict[str, Any]:
-    """One real run of the configuration (the fast path's generate loop) against the modelled time."""
+def _validate(model, engine, batch, n, prompt_len, use_cuda_graph, modelled: float, live: list[int],
+              compressions: list[tuple[int, int]]) -> dict[str, Any]:
+    """One real run of the configuration (the fast path's generate loop) against the modelled time, and where its
+    time went (:mod:`kvsieve.bench.step_clock`; ``live`` and ``compressions`` are its ``decode_schedule``)."""
     from kvsieve.fastpath import fast_generate
 
     device = next(model.parameters()).device
     ids = torch.randint(100, model.config.vocab_size, (batch, prompt_len), device=device)
-    seconds, out = timed(lambda: fast_generate(model, ids, None, engine, use_cuda_graph=use_cuda_graph,
-                                                max_new_tokens=n, min_new_tokens=n, do_sample=False), device)
+    with step_clock(device) as clock:
+        seconds, out = timed(lambda: fast_generate(model, ids, None, engine, use_cuda_graph=use_cuda_graph,
+                                                    max_new_tokens=n, min_new_tokens=n, do_sample=False), device)
     if out.shape[1] != prompt_len + n:
         raise RuntimeError(f"the validation run generated {out.shape[1] - prompt_len} tokens instead of {n}")
     return dict(validated_s=round(seconds, 3), validated_tokens_per_s=round(batch * n / seconds, 1),
-                modelled_over_measured=round(modelled / seconds, 3))
+                modelled_over_measured=round(modelled / seconds, 3),
+                validated_breakdown=clock.breakdown(live, compressions))
 
 
 def _hf_decode_rows(model, model_name, batch, new_tokens, prompt_len, weights, per_token, log) -> list[dict]:
