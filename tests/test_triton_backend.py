@@ -462,6 +462,24 @@ def test_choose_num_splits_only_where_a_split_lightens_the_busiest_sm():
     assert _splits(128, cfg=targeted) == 2
 
 
+def test_one_wave_tiles_fit_the_shared_memory(monkeypatch):
+    """The one-wave launch's 128-slot blocks only where three stages of K and V tiles fit an H200's 227 KiB of shared
+    memory: 2-byte K/V at d <= 128. fp32 K/V (d = 80 padded to 128 asked for 272 KiB: OutOfResources on the GPU) and
+    d > 128 keep 64-slot blocks, as do launches that are not one wave."""
+    monkeypatch.setattr(td, "interpret_mode", lambda: False)
+    cuda = torch.device("cuda")
+    assert td.default_config(128, cuda, one_wave=True).block_n == 128
+    assert td.default_config(80, cuda, one_wave=True, element_size=2).block_n == 128
+    assert td.default_config(80, cuda, one_wave=True, element_size=4).block_n == 64
+    assert td.default_config(256, cuda, one_wave=True).block_n == 64
+    assert td.default_config(128, cuda).block_n == 64
+    for d in (64, 80, 128):
+        for size in (2, 4):
+            cfg = td.default_config(d, cuda, one_wave=True, element_size=size)
+            tiles = cfg.num_stages * 2 * cfg.block_n * next_pow2(d) * size  # K and V, every stage
+            assert tiles <= 200 << 10, (d, size, cfg)
+
+
 def test_choose_num_splits_overrides_and_caps():
     cfg = td.DecodeConfig(block_n=16, max_block_m=64, num_splits=5)
     assert _splits(8, cfg=cfg) == 5 and _splits(8 * 64, cfg=cfg) == 5  # forced, whatever the shapes

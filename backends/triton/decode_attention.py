@@ -86,18 +86,19 @@ class DecodeConfig:
         )
 
 
-def default_config(head_dim: int, device: torch.device, one_wave: bool = False) -> DecodeConfig:
+def default_config(head_dim: int, device: torch.device, one_wave: bool = False, element_size: int = 2) -> DecodeConfig:
     """Tiles tuned on an H200 (bf16, d=128, B=32, Hkv=8: ``benchmarks/kernels.py --sweep``). In the interpreter
     a split may be a single block, so small test shapes still run split-K with the default config.
 
     ``one_wave``: the launch is unsplit with at most one program per SM (e.g. R1-Distill-Qwen-7B at batch 32:
     128 rows on 132 SMs). Each SM then streams its row alone, and 128-slot blocks keep more bytes in flight:
     measured 4-7% faster than 64-slot blocks split in two, 6-9% faster than 64-slot blocks unsplit, at 4K-11K live
-    slots (H200, bf16, d=128, ``benchmarks/kernels.py --sections decode_b32``). ``head_dim`` above 128 keeps
-    64-slot blocks (the shared memory of three 128-slot stages would not fit)."""
+    slots (H200, bf16, d=128, ``benchmarks/kernels.py --sections decode_b32``). ``head_dim`` above 128 and K/V of
+    more than 2 bytes an element (``element_size``; fp32) keep 64-slot blocks: three stages of 128-slot K and V
+    tiles would not fit the shared memory (fp32 at d=128 asked for 272 KiB of the H200's 227)."""
     if device.type != "cuda" or interpret_mode():
         return DecodeConfig(block_n=16, max_block_m=64, num_warps=4, num_stages=1, min_split_slots=16)
-    if one_wave and head_dim <= 128:
+    if one_wave and head_dim <= 128 and element_size <= 2:
         return DecodeConfig(block_n=128, max_block_m=64, num_warps=4, num_stages=3)
     return DecodeConfig(block_n=64 if head_dim > 64 else 128, max_block_m=64, num_warps=4, num_stages=3)
 
@@ -450,7 +451,8 @@ def decode_attention(
     sms = num_sms(keys.device)
     n_splits = choose_num_splits(B * Hkv, mc, C, sms, cfg.block_n, cfg, 4 * M * (d + 2))
     if config is None and n_splits == 1 and B * Hkv * mc <= sms:
-        cfg = default_config(d, keys.device, one_wave=True)
+        cfg = default_config(d, keys.device, one_wave=True,
+                             element_size=max(keys.element_size(), values.element_size()))
     single = n_splits == 1
     if single:
         pm = pl = pacc = out  # unused
