@@ -93,10 +93,12 @@ class StaticDecoder:
                          logits_to_keep=1)
         prefilled = self.engine.last_cache
         Lp = input_ids.shape[1]
-        capacities = [
-            capacity or static_capacity(self.engine.compressor, Lp, max_new_tokens, prompt_slots=layer.max_end)
-            for layer in prefilled.layers
-        ]
+        used = [layer.max_end for layer in prefilled.layers]
+        sized = {  # once per distinct prefilled length: a compressor's sizing may walk every token
+            slots: capacity or static_capacity(self.engine.compressor, Lp, max_new_tokens, prompt_slots=slots)
+            for slots in set(used)
+        }
+        capacities = [sized[slots] for slots in used]
         self.cache = make_static(prefilled, capacities)
         self.engine.use_static(self.cache)
         self.input_ids = input_ids.new_zeros(input_ids.shape[0], 1)  # the static inputs of a step
