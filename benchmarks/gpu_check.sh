@@ -27,7 +27,8 @@
 # median of 7, with and without the contract checks), bench-prefill-selection (TTFT of snapkv with top-k, chunk and span selection at 8K/32K), device-map-speed (the fast
 # path split over 2 GPUs by device_map vs one GPU, R1-7B shapes), allreduce (one TP all-reduce of a decode step, NCCL
 # and symmetric memory, in a CUDA graph), eval-grid (the accuracy grid of docs/accuracy.md
-# with kvpress beside it; see the stage for its settings).
+# with kvpress beside it; see the stage for its settings), fast-setup (a fast-path run's time outside its decode
+# steps: prefill, static cache, fused layers, capture; none and RPC at R1-7B shapes, batch 32, cProfile of the last).
 # PREFILL_BACKEND picks the prefill stages' backend.
 # Uses kvsieve from this tree without installing anything (the GPU image has torch, transformers, triton; an
 # editable install there did not make `kvsieve` importable): the three source folders are linked under one
@@ -68,9 +69,19 @@ for stage in $stages; do
     gputests) python -m pytest -q -m gpu -p no:cacheprovider tests/test_flash_backend.py tests/test_fastpath.py \
                 tests/test_integration.py tests/test_bench.py 2>&1 | tail -n 30 | tee "$out/gpu_tests_flash_fastpath.txt" ;;
     pytest-files) python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TEST_FILES:?set GPU_TEST_FILES} 2>&1 \
-                | tail -n 40 | tee "$out/gpu_tests_files.txt" ;;
+                | tee "$out/gpu_tests_files.txt" | tail -n 40 ;;
     fastpath) python -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -n 40 \
                 | tee "$out/gpu_tests_fastpath.txt" ;;
+    fast-setup) python benchmarks/fast_setup.py "$out" 2>&1 | tail -n 12 ;;
+    # a validated bench run (R1-7B, batch 32, VALIDATE_TOKENS, VALIDATE_COMPRESSOR) under cProfile: the host's calls
+    profile-validate) python -m cProfile -o "$out/validate.prof" -m kvsieve.cli bench decode --model r1-qwen-7b \
+                        --backend triton --batches 32 --new-tokens "${VALIDATE_TOKENS:-8K}" --samples 2 --no-hf \
+                        --no-hf-static --validate "32:${VALIDATE_TOKENS:-8K}" \
+                        --compressor "${VALIDATE_COMPRESSOR:-rpc:interval=4096,window=32,ratio=0.25}" \
+                        --out "$out/validate" 2>&1 | tail -n 3
+                      python -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative'); \
+s.print_callees('fastpath.py.*prefill|fast_generate|_validate'); s.print_stats(60)" "$out/validate.prof" \
+                        > "$out/validate_prof.txt" 2>&1 ;;
     kernels) python benchmarks/kernels.py "$out" ${KERNEL_SECTIONS:+--sections "$KERNEL_SECTIONS"} 2>&1 | tail -n 80 ;;
     flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
     e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;
