@@ -38,7 +38,8 @@ def records(path, timing=TIMING.__contains__):
 def bench_timing(key: str) -> bool:
     """A benchmark row's fields that are clocks, or ratios of clocks."""
     return (key.endswith(("_s", "_ms", "_per_s", "seconds")) or "speedup" in key or "ratio" in key
-            or key.startswith("step_ms") or key in {"compression_ms", "modelled_over_measured", "vs_fast_full"})
+            or key.startswith("step_ms") or key in {"compression_ms", "modelled_over_measured", "vs_fast_full",
+                                                    "validated_breakdown"})
 
 
 def one_and_two(tmp_path, argv, port):
