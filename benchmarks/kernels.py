@@ -49,7 +49,9 @@ Sections:
   ``residual.addmm_`` for down_proj, as the fused layer runs them) against ``kvsieve.backends.triton.linear`` over
   a grid of tiles, with and without a split of K. Each op is timed as 28 calls on 28 different weight tensors in
   one CUDA graph (the layers of a step: no call finds its weights in L2), per call in microseconds, beside the
-  floor (weight bytes / the copy bandwidth) and the error against cuBLAS.
+  floor (weight bytes / the copy bandwidth) and the error against cuBLAS. Then the gate/up projection with SiLU *
+  up in its epilogue (``gate_up_silu``, R1-7B at batch 32 and Llama-3.1-8B at batch 1, 8 tile configurations)
+  against cuBLAS's gate/up GEMM followed by the Triton ``silu_mul``, the same way.
 
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
@@ -696,6 +698,50 @@ def linear_section(rep: Report, copy_bw: float, quick: bool) -> None:
     rep.table("linear", summary)
     rep.line("Every config (files only):", echo=False)
     rep.table("linear_all", every, echo=False)
+    rep.line("gate/up with SiLU * up in the epilogue (`gate_up_silu`, the fused layer's opt-in `silu_in_gate_up`) "
+             "against the fused layer's default: cuBLAS's gate/up GEMM, then the Triton `silu_mul` of its halves; "
+             "floor = the gate/up weight bytes.")
+    rep.line()
+    gated = [LinearConfig(bn, bk, w, st) for bn, bk, w, st in ((32, 256, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4),
+                                                                (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 2),
+                                                                (32, 128, 4, 5), (64, 64, 4, 5))]
+    rows = [_gated_row(gen, shape, gated[:2] if quick else gated, copy_bw) for shape in GATED_SHAPES]
+    rep.table("linear_gated", rows)
+
+
+# (model, M, F, K): the gated MLP's gate/up of a decode step, F columns per half
+GATED_SHAPES = [("r1-qwen-7b", 32, 18944, 3584), ("llama-3.1-8b", 1, 14336, 4096)]
+
+
+def _gated_row(gen, shape, configs, copy_bw) -> dict:
+    """One gate/up shape: cuBLAS + ``silu_mul`` as the fused layer runs it, then ``gate_up_silu`` per config."""
+    import torch
+    import torch.nn.functional as F
+
+    from kvsieve.backends.triton.layer_ops import silu_mul
+    from kvsieve.backends.triton.linear import gate_up_silu
+
+    model, M, width, K = shape
+    weights = [torch.randn(2 * width, K, device="cuda", dtype=torch.bfloat16, generator=gen) / K**0.5
+               for _ in range(LINEAR_LAYERS)]
+    x = torch.randn(M, 1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def default(w):
+        return silu_mul(*F.linear(x, w).split(width, dim=-1))
+
+    want = default(weights[0]).float()
+    base = _calls_us([lambda w=w: default(w) for w in weights], graph=True)
+    floor = 2 * width * K * 2 / (copy_bw * 1e9) * 1e6
+    timed = []
+    for config in configs:
+        err = float((gate_up_silu(x, weights[0], None, config).float() - want).abs().max() / want.abs().max())
+        timed.append((_calls_us([lambda w=w, c=config: gate_up_silu(x, w, None, c) for w in weights], graph=True),
+                      repr(config), err))
+    us, config, err = min(timed, key=lambda t: t[0] if isinstance(t[0], float) else float("inf"))
+    return {"model": model, "M": M, "F": width, "K": K, "floor us": floor, "cuBLAS + silu_mul us": base,
+            "default / floor": base / floor, "best gate_up_silu us": us, "gate_up_silu / floor": us / floor,
+            "default / gate_up_silu": base / us, "best config": config, "err": err,
+            "every config us": ", ".join(f"{t[0]:.2f}" if isinstance(t[0], float) else str(t[0]) for t in timed)}
 
 
 def _linear_rows(gen, shape, configs, copy_bw) -> tuple[dict, list[dict]]:

@@ -18,7 +18,10 @@ at), and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at 128K --, 32K and 1
   cache append);
 * ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``;
 * ``split``: ``fused`` with the decode attention's split rule before the one-wave rule
-  (``kvsieve.backends.triton.decode_attention.UNSPLIT_ONE_WAVE = False``: R1-7B at batch 32 splits each row in two).
+  (``kvsieve.backends.triton.decode_attention.UNSPLIT_ONE_WAVE = False``: R1-7B at batch 32 splits each row in two);
+* ``silu-gate-up``: ``fused`` with ``FusedDecoderLayers.silu_in_gate_up`` (the triton backend's gate/up GEMM with
+  SiLU * up in its epilogue, instead of cuBLAS and ``silu_mul``); ``silu-gate-up-lt``: that, captured with
+  cuBLASLt for the other GEMMs.
 
 For each live length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor
 (weights + live K/V at the measured copy bandwidth). At the profiled length, for ``previous`` and ``fused``, the
@@ -64,6 +67,9 @@ VARIANTS = {
     "fused": ("fused", True, _ALL_ON, None, True),
     "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt", True),
     "split": ("fused, split as before", True, _ALL_ON, None, False),
+    "silu-gate-up": ("fused, SiLU in gate/up", True, {**_ALL_ON, "silu_in_gate_up": True}, None, True),
+    "silu-gate-up-lt": ("fused, SiLU in gate/up, cuBLASLt", True, {**_ALL_ON, "silu_in_gate_up": True}, "cublaslt",
+                        True),
 }
 PROFILED = ("previous", "fused")
 

@@ -141,6 +141,21 @@ class KVBackend(abc.ABC):
         """``silu(gate) * up`` of the gated MLP (``[..., F]`` each, one dtype)."""
         return layer_ops.silu_mul(gate, up)
 
+    def gate_up_silu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The gated MLP's ``silu(x @ W_gate.T) * (x @ W_up.T)`` (the fused layer's opt-in
+        ``FusedDecoderLayers.silu_in_gate_up``).
+
+        Args:
+            x: ``[..., D]``; weight: ``[2F, D]``, gate_proj's rows then up_proj's (the merged gate/up); bias:
+                ``None`` or ``[2F]``.
+
+        Returns:
+            ``[..., F]`` in ``x``'s dtype. Default: one GEMM, then :meth:`silu_mul` of its two halves; a backend
+            may compute both in one kernel (the triton backend's epilogue).
+        """
+        gate, up = torch.nn.functional.linear(x, weight, bias).split(weight.shape[0] // 2, dim=-1)
+        return self.silu_mul(gate, up)
+
     def rope_append(
         self,
         query: torch.Tensor,

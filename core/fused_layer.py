@@ -86,6 +86,11 @@ class FusedDecoderLayers:
     #: have the cache append (``rope_append``) also write the step's query into the layer's selector-query ring
     #: (RPC, SnapKV-style decode scoring) instead of a copy and a counter update of their own
     query_in_append: bool = True
+    #: compute ``silu(gate) * up`` from the merged gate/up weights in one backend call
+    #: (:meth:`KVBackend.gate_up_silu <kvsieve.backend.KVBackend.gate_up_silu>`; the triton backend's GEMM does it
+    #: in its epilogue) instead of a BLAS GEMM and ``silu_mul``. Off until measured faster on a GPU: its GEMM
+    #: rounds its sums differently from cuBLAS's, like any other kernel would
+    silu_in_gate_up: bool = False
 
     def __init__(self, model: torch.nn.Module, engine: Engine):
         self.engine = engine
@@ -107,6 +112,7 @@ class FusedDecoderLayers:
             call = own if own is not None else types.MethodType(type(layer).forward, layer)
             fused = _FusedForward(layer, self.engine, call, own)
             fused.query_in_append = self.query_in_append
+            fused.silu_in_gate_up = self.silu_in_gate_up
             projections = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
             if self.merge_qkv and MergedProjections.allowed(projections):
                 fused.qkv = MergedProjections(projections)
@@ -191,6 +197,7 @@ class _FusedForward:
         self.gate_up: MergedProjections | None = None  # gate_proj, up_proj as one GEMM
         self.residual_in_down = False  # down_proj's GEMM adds its output onto the residual stream in place
         self.query_in_append = True  # the append records the query in the selector-query ring
+        self.silu_in_gate_up = False  # silu(gate) * up from the merged gate/up weights in one backend call
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -228,11 +235,14 @@ class _FusedForward:
                                queries_recorded=recorded)
         out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
         x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x)  # [B, 1, F] each: the halves of one [B, 1, 2F] output
+        if self.gate_up is not None and self.silu_in_gate_up:
+            hidden = backend.gate_up_silu(x, self.gate_up.weight, self.gate_up.bias)  # [B, 1, F]
         else:
-            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        hidden = backend.silu_mul(gate, up)  # [B, 1, F]
+            if self.gate_up is not None:
+                gate, up = self.gate_up(x)  # [B, 1, F] each: the halves of one [B, 1, 2F] output
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = backend.silu_mul(gate, up)  # [B, 1, F]
         weight = mlp.down_proj.weight  # [D, F]
         if (self.residual_in_down and residual.dtype == weight.dtype and residual.is_contiguous()
                 and residual.data_ptr() != hidden_states.data_ptr()):

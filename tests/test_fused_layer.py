@@ -108,6 +108,30 @@ def test_the_residual_add_inside_down_proj_gives_the_separate_add(tiny_models):
     assert torch.equal(inside.argmax(-1), apart.argmax(-1))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_silu_in_gate_up_gives_the_separate_silu(tiny_models, family, backend):
+    """``silu_in_gate_up`` (the backend's ``gate_up_silu``: on triton, SiLU * up in the gate/up GEMM's epilogue)
+    against the GEMM and ``silu_mul`` apart: the same logits within fp32 rounding (tiny models run in fp32; Qwen2's
+    gate/up have no bias, Llama's neither: the bias case is the kernel test's) and the same greedy tokens."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from kvsieve.backends.triton._common import interpret_mode
+
+        if not interpret_mode():
+            pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
+    model, tok = tiny_models[family]
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=13)
+    apart = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
+    FusedDecoderLayers.silu_in_gate_up = True
+    try:
+        inside = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
+    finally:
+        FusedDecoderLayers.silu_in_gate_up = False
+    torch.testing.assert_close(inside, apart, rtol=1e-4, atol=1e-4)
+    assert torch.equal(inside.argmax(-1), apart.argmax(-1))
+
+
 def test_fused_generate_gives_the_eager_tokens(tiny_models):
     model, tok = tiny_models["qwen3"]
     ids, mask, _ = left_padded(tok, LENGTHS, seed=3)

@@ -17,7 +17,8 @@ from conftest import triton_kernels_or_skip
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = triton_kernels_or_skip("triton linear tests")
 
-from kvsieve.backends.triton.linear import LinearConfig, skinny_linear  # noqa: E402
+from kvsieve import layer_ops  # noqa: E402
+from kvsieve.backends.triton.linear import LinearConfig, gate_up_silu, skinny_linear  # noqa: E402
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 cpu = pytest.mark.skipif(not INTERPRET, reason="CPU cases run through Triton's interpreter: set TRITON_INTERPRET=1")
@@ -128,3 +129,72 @@ def test_bad_configs_are_named():
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_decode_shapes_on_the_gpu(M, N, K, dtype, split_k):
     _check(*_inputs(M + N, (M, 1), N, K, dtype, "cuda", True, True, strided=False), LinearConfig(split_k=split_k))
+
+
+# ------------------------------------------------------------------------------------------ gate_up_silu
+def _check_gated(x, w, b, config=None):
+    """Against silu(gate) * up of the float64 GEMM rounded to the dtype (what two GEMMs and silu_mul compute, up
+    to the GEMM's own rounding), and against the fused layer's unfused path (one GEMM, then silu_mul)."""
+    F = w.shape[0] // 2
+    got = gate_up_silu(x, w, b, config)
+    gate, up = _reference(x, w, b, None).to(x.dtype).split(F, dim=-1)
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    assert got.dtype == x.dtype and got.shape == want.shape
+    scale = want.abs().max().clamp(min=1.0)
+    err = float((got.double() - want).abs().max() / scale)
+    assert err <= 2 * TOL[x.dtype], err
+    gate, up = torch.nn.functional.linear(x, w, b).split(F, dim=-1)
+    unfused = layer_ops.silu_mul(gate, up)
+    assert float((got.double() - unfused.double()).abs().max() / scale) <= 2 * TOL[x.dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("lead", "F", "K"), [((1,), 17, 19), ((3, 1), 40, 100), ((33,), 5, 70), ((2, 5), 16, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+@cpu
+def test_gate_up_silu_matches_the_reference(dtype, lead, F, K, bias):
+    _check_gated(*_inputs(sum(lead) + F + K, lead, 2 * F, K, dtype, "cpu", bias, False, strided=False)[:3],
+                 LinearConfig(16, 16, 1, 1))
+
+
+@pytest.mark.parametrize("config", [LinearConfig(16, 16, 1, 1), LinearConfig(32, 64, 4, 2), None], ids=repr)
+@cpu
+def test_gate_up_silu_tiles_strided_inputs_and_many_rows(config):
+    _check_gated(*_inputs(6, (7,), 90, 83, torch.bfloat16, "cpu", True, False, strided=True)[:3], config)
+    _check_gated(*_inputs(7, (70,), 24, 24, torch.float32, "cpu", False, False, strided=False)[:3], config)
+
+
+@cpu
+def test_gate_up_silu_bitwise_where_the_gemm_is_exact():
+    """With integer-valued inputs every GEMM sum is exact, so the epilogue alone decides: it must equal silu_mul of
+    the rounded halves bit for bit (bf16; the interpreter's exp is numpy's, which may differ from torch's in the
+    last fp32 bit, far below bf16's rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (5, 32), generator=gen).to(torch.bfloat16)
+    w = torch.randint(-2, 3, (2 * 24, 32), generator=gen).to(torch.bfloat16)
+    b = torch.randint(-4, 5, (48,), generator=gen).to(torch.bfloat16)
+    gate, up = (x.double() @ w.double().T + b.double()).to(torch.bfloat16).split(24, dim=-1)
+    assert torch.equal(gate_up_silu(x, w, b, LinearConfig(16, 16, 1, 1)), layer_ops.silu_mul(gate, up))
+
+
+@cpu
+def test_gate_up_silu_empty_sizes_and_bad_arguments():
+    assert gate_up_silu(torch.randn(0, 8), torch.randn(10, 8)).shape == (0, 5)
+    y = gate_up_silu(torch.randn(3, 0), torch.randn(4, 0), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.allclose(y, torch.nn.functional.silu(torch.tensor([1.0, 2.0])) * torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="odd row count 5"):
+        gate_up_silu(torch.randn(2, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="bias must have shape \\[10\\]"):
+        gate_up_silu(torch.randn(2, 8), torch.randn(10, 8), torch.zeros(5))
+    with pytest.raises(ValueError, match="does not split K, got config.split_k=2"):
+        gate_up_silu(torch.randn(2, 8), torch.randn(10, 8), config=LinearConfig(split_k=2))
+    with pytest.raises(ValueError, match="weight \\[2F, K\\]"):
+        gate_up_silu(torch.randn(2, 8), torch.randn(10))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("M", "F", "K"), [(1, 14336, 4096), (32, 18944, 3584), (7, 1000, 999)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gate_up_silu_decode_shapes_on_the_gpu(M, F, K, dtype):
+    _check_gated(*_inputs(M + F, (M, 1), 2 * F, K, dtype, "cuda", True, False, strided=False)[:3])

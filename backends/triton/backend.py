@@ -7,6 +7,8 @@ without triton installed):
 * :mod:`.window_scores` -- ``window_lse`` and ``window_scores`` without materialising ``[B, H, W, L]``;
 * :mod:`.decode_attention` -- GQA-native split-K flash decoding over ``[starts, ends)``;
 * :mod:`.compaction` -- in-place gather of kept K/V slots;
+* :mod:`.linear` -- the gated MLP's gate/up GEMM with SiLU * up in its epilogue (the fused layer's opt-in
+  ``silu_in_gate_up``), and a skinny linear layer for decode rows (benchmarked, not wired).
 * :mod:`.layer_ops` -- the fused decode layer's RMSNorm (+ residual), SiLU * up and RoPE + cache append (one
   launch each, bit for bit HF's rounding);
 * :mod:`.contract_checks` -- the run-time contract checks of a compression (cache fingerprint and its comparison,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 
 import torch
 
@@ -115,6 +118,14 @@ class TritonBackend(KVBackend):
 
         with _launching_on(gate, up):
             return silu_mul(gate, up)
+
+    def gate_up_silu(self, x, weight, bias=None):
+        from .linear import MAX_ROWS, gate_up_silu
+
+        if math.prod(x.shape[:-1]) > MAX_ROWS:  # more rows than a decode step's: a GEMM library's kernels
+            return super().gate_up_silu(x, weight, bias)
+        with _launching_on(x, weight):
+            return gate_up_silu(x, weight, bias)
 
     def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring=None,
                     ring_count=None):

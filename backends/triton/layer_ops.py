@@ -224,14 +224,21 @@ def _silu_mul_kernel(
     mask = cols < F
     g = tl.load(g_ptr + row * sg_n + cols * sg_f, mask=mask, other=0.0)
     u = tl.load(u_ptr + row * su_n + cols * su_f, mask=mask, other=0.0)
+    tl.store(out_ptr + row * so_n + cols, silu_times(g, u, LIBDEVICE, EMU_BF16), mask=mask)
+
+
+@triton.jit
+def silu_times(g, u, LIBDEVICE: tl.constexpr, EMU_BF16: tl.constexpr):
+    """``round(round(silu(g)) * u)`` of tiles ``g``, ``u`` in one dtype (the result in it too), ``silu`` in fp32
+    with IEEE division; shared with the gate/up GEMM's epilogue (:func:`kvsieve.backends.triton.linear.gate_up_silu`).
+    """
     gf = g.to(tl.float32)
     if LIBDEVICE:
         e = libdevice.exp(-gf)
     else:
         e = tl.exp(-gf)
     s = _round(tl.math.div_rn(gf, 1.0 + e), g.dtype, EMU_BF16)
-    out = _round(s.to(tl.float32) * u.to(tl.float32), g.dtype, EMU_BF16)
-    tl.store(out_ptr + row * so_n + cols, out, mask=mask)
+    return _round(s.to(tl.float32) * u.to(tl.float32), g.dtype, EMU_BF16)
 
 
 @triton.jit

@@ -4,7 +4,10 @@ At batch 1-64 a decode step's projections read a weight matrix once for a handfu
 to stream ``W``; cuBLAS's kernels for these shapes stay 1.2-1.6x above that at batch 32 on an H200 for the short
 GEMMs (o_proj, q/k/v) and split ``K`` with a separate reduce for the long one (down_proj) (docs/benchmarks.md).
 This kernel is the candidate replacement, measured against cuBLAS by ``benchmarks/kernels.py --sections linear``;
-the fused decoder layer does not use it yet.
+the fused decoder layer does not use it by default. :func:`gate_up_silu` is the same kernel for the gated MLP's
+gate/up projection with ``silu(gate) * up`` in its epilogue (the fused layer's opt-in
+``FusedDecoderLayers.silu_in_gate_up``): it reads the weights the merged gate/up GEMM reads and saves the
+``silu_mul`` launch and the round trip of ``[B, 2F]`` through memory.
 
 * ``_skinny_linear_kernel``: grid ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))``. Program ``(n, m)`` owns output columns
   ``[n * BLOCK_N, (n + 1) * BLOCK_N)`` of rows ``[m * BLOCK_M, ...)``: it walks ``K`` in ``BLOCK_K`` steps, loading
@@ -15,6 +18,9 @@ the fused decoder layer does not use it yet.
   only the ``s``-th contiguous share of ``K`` (a whole number of ``BLOCK_K`` steps) into an fp32 workspace
   ``[S, M, N]``, and ``_split_reduce_kernel`` (grid ``(M, cdiv(N, BLOCK))``) adds the shares in order, then the
   bias and residual, and rounds once: more programs for a narrow, long projection (down_proj), deterministic.
+  ``GATED`` (:func:`gate_up_silu`): ``W`` stacks gate rows ``[0, F)`` and up rows ``[F, 2F)``; program ``n`` also
+  loads the up tile ``F`` rows below its gate tile, keeps a second accumulator, rounds both sums (and biases) to
+  the output dtype and stores ``silu(gate) * up`` as ``silu_mul`` computes it (``layer_ops.silu_times``).
 
 Layouts: ``x [..., K]`` (any strides; flattened to ``[M, K]`` with ``reshape``), ``weight [N, K]``, ``bias [N]``,
 ``residual [..., N]`` of ``x``'s leading shape. Offsets are int64. Graph-capturable (no host reads).
@@ -29,8 +35,9 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, dot_precision, interpret_mode, next_pow2
+from .layer_ops import _round, silu_times
 
-__all__ = ["LinearConfig", "skinny_linear"]
+__all__ = ["LinearConfig", "gate_up_silu", "skinny_linear"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64  # the rows (M) this kernel is meant for; more runs, but a GEMM library serves them better
@@ -79,15 +86,20 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PARTIAL: tl.constexpr,
+    GATED: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Program ``(n, m, s)``: ``y[m-rows, n-cols] = x[m-rows] @ W[n-cols].T (+ b) (+ r)``, fp32 accumulation, over
     ``K`` share ``[s * K_CHUNK, (s + 1) * K_CHUNK)``. ``PARTIAL``: store the fp32 sum at ``y[s]`` (a ``[S, M, N]``
-    workspace) for :func:`_split_reduce_kernel`, without bias or residual."""
+    workspace) for :func:`_split_reduce_kernel`, without bias or residual. ``GATED`` (no split, no residual):
+    ``W`` is ``[2N, K]``, gate rows then up rows; the program also sums ``x @ W[N + n-cols].T`` and stores
+    ``silu(gate) * up`` with each half (and its bias) rounded to ``y``'s dtype first, as two GEMMs and
+    ``silu_mul`` would."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -99,19 +111,33 @@ def _skinny_linear_kernel(
     x_rows = x_ptr + rows[:, None] * sx_m
     w_rows = w_ptr + cols[:, None] * sw_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     k_start = pid_s * K_CHUNK
     k_end = tl.minimum(k_start + K_CHUNK, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + ks
         k_ok = k < k_end
+        w_ok = col_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + k[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + k[None, :] * sw_k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :] * sw_k, mask=w_ok, other=0.0)
         if UPCAST:  # the interpreter's 16-bit tl.dot returns garbage (triton 3.9): multiply in fp32 there
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_rows + N * sw_n + k[None, :] * sw_k, mask=w_ok, other=0.0)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:
         tl.store(y_ptr + pid_s * M * N + rows[:, None] * N + cols[None, :], acc, mask=out_ok)
+    elif GATED:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _round(acc, y_ptr.dtype.element_ty, UPCAST)
+        up = _round(acc_up, y_ptr.dtype.element_ty, UPCAST)
+        tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], silu_times(gate, up, LIBDEVICE, UPCAST), mask=out_ok)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -169,13 +195,90 @@ def skinny_linear(
     Returns:
         ``[..., N]`` in ``x``'s dtype (a new tensor).
     """
+    N, K, lead = _check_inputs(x, weight, bias, residual, weight_rows="N")
+    config = config or LinearConfig()
+    M = math.prod(lead)
+    y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        if residual is not None:
+            y += residual
+        return y
+    x2, y2 = x.reshape(M, K), y.view(M, N)
+    r2 = residual.reshape(M, N) if residual is not None else y2
+    # each share of K a whole number of BLOCK_K steps; a split beyond K's steps would leave shares empty
+    split = min(config.split_k, cdiv(K, config.block_k))
+    k_chunk = cdiv(cdiv(K, split), config.block_k) * config.block_k
+    split = cdiv(K, k_chunk)
+    partial = split > 1
+    out = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if partial else y2
+    _launch(x2, weight, bias, r2, out, N, config, k_chunk, split, residual is not None, gated=False)
+    if partial:
+        b = bias if bias is not None else weight  # never read without HAS_BIAS
+        block = min(next_pow2(N), 1024)
+        _split_reduce_kernel[(M, cdiv(N, block))](
+            out, b, r2, y2, M, N, split, r2.stride(0), r2.stride(1), y2.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=block,
+            num_warps=max(1, min(8, block // 256)),
+        )
+    return y
+
+
+#: tiles of :func:`gate_up_silu` for 2-byte dtypes (two weight tiles per stage, so one stage fewer than the plain
+#: kernel's default: 3 x 48 KiB of shared memory at 32 rows), and for fp32 (half the K per step)
+GATED_CONFIG = LinearConfig(block_n=32, block_k=256, num_warps=4, num_stages=3)
+GATED_CONFIG_FP32 = LinearConfig(block_n=32, block_k=128, num_warps=4, num_stages=3)
+
+
+def gate_up_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: LinearConfig | None = None
+) -> torch.Tensor:
+    """``silu(x @ W_gate.T) * (x @ W_up.T)`` of a gated MLP in one launch: ``weight`` is gate_proj's and
+    up_proj's weights stacked (``W_gate = weight[:F]``, ``W_up = weight[F:]``, as the fused layer's merged gate/up
+    holds them). Each half is rounded to ``x``'s dtype before the SiLU product, as two GEMMs followed by
+    :func:`kvsieve.backends.triton.layer_ops.silu_mul` would (the GEMM sums may round differently from a BLAS's).
+
+    Args:
+        x: ``[..., K]`` float32/bfloat16/float16, any strides.
+        weight: ``[2F, K]`` in ``x``'s dtype. bias: ``None`` or ``[2F]`` (gate's then up's).
+        config: tiles (default :data:`GATED_CONFIG`, :data:`GATED_CONFIG_FP32` for fp32; ``split_k`` must be 1).
+
+    Returns:
+        ``[..., F]`` in ``x``'s dtype (a new tensor).
+    """
+    N2, K, lead = _check_inputs(x, weight, bias, None, weight_rows="2F")
+    if N2 % 2:
+        raise ValueError(f"weight must stack gate and up rows ([2F, K]), got an odd row count {N2}")
+    config = config or (GATED_CONFIG if x.element_size() <= 2 else GATED_CONFIG_FP32)
+    if config.split_k != 1:
+        raise ValueError(f"gate_up_silu does not split K, got config.split_k={config.split_k}")
+    F, M = N2 // 2, math.prod(lead)
+    y = torch.empty(*lead, F, dtype=x.dtype, device=x.device)
+    if M == 0 or F == 0:
+        return y
+    if K == 0:  # both GEMMs are their biases (or zero)
+        gate_up = torch.zeros(*lead, N2, dtype=x.dtype, device=x.device) if bias is None else bias.expand(*lead, N2)
+        gate, up = gate_up.split(F, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    y2 = y.view(M, F)
+    _launch(x.reshape(M, K), weight, bias, y2, y2, F, config, K, 1, False, gated=True)
+    return y
+
+
+def _check_inputs(x, weight, bias, residual, weight_rows: str) -> tuple[int, int, tuple]:
+    """``(N, K, x's leading shape)`` of valid inputs (the checks of :func:`skinny_linear`); else ``ValueError``."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"x must be [..., K] and weight [N, K], got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"x must be [..., K] and weight [{weight_rows}, K], got shapes {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x's last dim must equal weight's K={K}, got x of shape {tuple(x.shape)}")
@@ -194,43 +297,21 @@ def skinny_linear(
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all must be on one device")
-    config = config or LinearConfig()
-    M = math.prod(lead)
-    x2 = x.reshape(M, K)
-    y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    if K == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias
-        if residual is not None:
-            y += residual
-        return y
-    r2 = residual.reshape(M, N) if residual is not None else y
-    y2 = y.view(M, N)
+    return N, K, lead
+
+
+def _launch(x2, weight, bias, r2, out, N, config: LinearConfig, k_chunk: int, split: int, has_residual: bool,
+            gated: bool) -> None:
+    """One launch of :func:`_skinny_linear_kernel` over ``x2 [M, K]`` and ``N`` output columns."""
+    M, K = x2.shape
     block_m = min(max(16, next_pow2(M)), MAX_ROWS)
     b = bias if bias is not None else weight  # never read without HAS_BIAS
-    # each share of K a whole number of BLOCK_K steps; a split beyond K's steps would leave shares empty
-    split = min(config.split_k, cdiv(K, config.block_k))
-    k_chunk = cdiv(cdiv(K, split), config.block_k) * config.block_k
-    split = cdiv(K, k_chunk)
-    partial = split > 1
-    out = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if partial else y2
     grid = (cdiv(N, config.block_n), cdiv(M, block_m), split)
     _skinny_linear_kernel[grid](
         x2, weight, b, r2, out, M, N, K,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1), y2.stride(0),
-        k_chunk, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, PARTIAL=partial,
-        PRECISION="ieee" if interpret_mode() else dot_precision(x.dtype), UPCAST=interpret_mode(),
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1), out.stride(-2),
+        k_chunk, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual, PARTIAL=split > 1, GATED=gated,
+        PRECISION="ieee" if interpret_mode() else dot_precision(x2.dtype), UPCAST=interpret_mode(),
+        LIBDEVICE=not interpret_mode(), BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=not gated,
     )
-    if partial:
-        block = min(next_pow2(N), 1024)
-        _split_reduce_kernel[(M, cdiv(N, block))](
-            out, b, r2, y2, M, N, split, r2.stride(0), r2.stride(1), y2.stride(0),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=max(1, min(8, block // 256)),
-        )
-    return y
