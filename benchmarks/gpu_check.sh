@@ -6,7 +6,7 @@
 # Stages (default: tests kernels flash e2e fastkv): tests (pytest -m gpu), pytest-files (pytest -m gpu on
 # GPU_TEST_FILES), fastpath (pytest -m gpu on the fast path only), gputests (the flash, fast-path,
 # integration and bench GPU tests), kernels (Triton kernel benchmark; KERNEL_SECTIONS picks sections, e.g.
-# layer_ops,decode_small),
+# layer_ops,decode_small or linear_gated; KERNEL_QUICK=1 passes --quick),
 # flash (prefill TTFT per backend), e2e (backend agreement end to end, fused vs unfused layers), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
@@ -82,7 +82,8 @@ for stage in $stages; do
                       python -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative'); \
 s.print_callees('fastpath.py.*prefill|fast_generate|_validate'); s.print_stats(60)" "$out/validate.prof" \
                         > "$out/validate_prof.txt" 2>&1 ;;
-    kernels) python benchmarks/kernels.py "$out" ${KERNEL_SECTIONS:+--sections "$KERNEL_SECTIONS"} 2>&1 | tail -n 80 ;;
+    kernels) python benchmarks/kernels.py "$out" ${KERNEL_SECTIONS:+--sections "$KERNEL_SECTIONS"} ${KERNEL_QUICK:+--quick} \
+                2>&1 | tail -n 80 ;;
     flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
     e2e)     python benchmarks/e2e_agreement.py "$out" 2>&1 | tail -n 30 ;;
     fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;

@@ -49,9 +49,10 @@ Sections:
   ``residual.addmm_`` for down_proj, as the fused layer runs them) against ``kvsieve.backends.triton.linear`` over
   a grid of tiles, with and without a split of K. Each op is timed as 28 calls on 28 different weight tensors in
   one CUDA graph (the layers of a step: no call finds its weights in L2), per call in microseconds, beside the
-  floor (weight bytes / the copy bandwidth) and the error against cuBLAS. Then the gate/up projection with SiLU *
-  up in its epilogue (``gate_up_silu``, R1-7B at batch 32 and Llama-3.1-8B at batch 1, 8 tile configurations)
-  against cuBLAS's gate/up GEMM followed by the Triton ``silu_mul``, the same way.
+  floor (weight bytes / the copy bandwidth) and the error against cuBLAS.
+* ``linear_gated`` (not in the default set): the gate/up projection with SiLU * up in its epilogue
+  (``gate_up_silu``, R1-7B at batch 32 and Llama-3.1-8B at batch 1, 8 tile configurations, 2 with ``--quick``)
+  against cuBLAS's gate/up GEMM followed by the Triton ``silu_mul``, timed as ``linear`` times its ops.
 
 ``--sweep`` adds a small tile sweep of the scoring and decode kernels at one shape (to retune the defaults).
 Whole run: about 2-3 minutes on an H200.
@@ -67,7 +68,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small", "decode_b32", "linear")
+SECTIONS = ("scores", "decode", "compact", "layer_ops", "decode_small", "decode_b32", "linear", "linear_gated")
 DEFAULT_SECTIONS = ("scores", "decode", "compact", "layer_ops")
 
 
@@ -698,10 +699,21 @@ def linear_section(rep: Report, copy_bw: float, quick: bool) -> None:
     rep.table("linear", summary)
     rep.line("Every config (files only):", echo=False)
     rep.table("linear_all", every, echo=False)
-    rep.line("gate/up with SiLU * up in the epilogue (`gate_up_silu`, the fused layer's opt-in `silu_in_gate_up`) "
-             "against the fused layer's default: cuBLAS's gate/up GEMM, then the Triton `silu_mul` of its halves; "
-             "floor = the gate/up weight bytes.")
+
+
+def linear_gated_section(rep: Report, copy_bw: float, quick: bool) -> None:
+    import torch
+
+    from kvsieve.backends.triton.linear import LinearConfig
+
+    rep.line("## linear_gated: gate/up with SiLU * up in the epilogue (`gate_up_silu`, the fused layer's opt-in "
+             "`silu_in_gate_up`) against the fused layer's default: cuBLAS's gate/up GEMM, then the Triton "
+             "`silu_mul` of its halves (bf16)")
     rep.line()
+    rep.line(f"Per call, us, {LINEAR_LAYERS} calls on {LINEAR_LAYERS} weight copies in one CUDA graph; floor = the "
+             "gate/up weight bytes / copy bandwidth; err = max |gate_up_silu - default| / max |default|.")
+    rep.line()
+    gen = torch.Generator(device="cuda").manual_seed(12)
     gated = [LinearConfig(bn, bk, w, st) for bn, bk, w, st in ((32, 256, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4),
                                                                 (64, 128, 4, 3), (32, 256, 8, 3), (16, 512, 4, 2),
                                                                 (32, 128, 4, 5), (64, 64, 4, 5))]
@@ -892,6 +904,8 @@ def main(argv=None) -> int:
                              section="decode_b16_hkv8", splits_grid=(1, 2, 3, 4))
     if "linear" in args.sections:
         linear_section(rep, copy_bw, args.quick)
+    if "linear_gated" in args.sections:
+        linear_gated_section(rep, copy_bw, args.quick)
     if args.sweep:
         sweep_section(rep)
     rep.line(f"Total benchmark time: {time.time() - t0:.0f} s")
