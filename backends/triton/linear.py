@@ -110,6 +110,7 @@ def _skinny_linear_kernel(
     col_ok = cols < N
     x_rows = x_ptr + rows[:, None] * sx_m
     w_rows = w_ptr + cols[:, None] * sw_n
+    w_up_rows = w_ptr + (cols + N)[:, None] * sw_n  # GATED only (int64 offsets)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
     k_start = pid_s * K_CHUNK
@@ -124,7 +125,7 @@ def _skinny_linear_kernel(
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(w_rows + N * sw_n + k[None, :] * sw_k, mask=w_ok, other=0.0)
+            w_up = tl.load(w_up_rows + k[None, :] * sw_k, mask=w_ok, other=0.0)
             if UPCAST:
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
