@@ -1,6 +1,6 @@
 """End-to-end backend agreement on the GPU: the same greedy generation through every available backend.
 
-    python benchmarks/e2e_agreement.py OUTDIR
+    python benchmarks/e2e_agreement.py OUTDIR [--fused SETTING=true|false ...]
 
 A random-weight Qwen2 model (4 layers, 28 heads, 4 KV heads, d=128, bf16 on CUDA), a batch of 4 random prompts
 (one left-padded) of ~600 tokens, 96 greedy tokens, for compressors none, snapkv (ratio 0.2, window 8),
@@ -11,11 +11,14 @@ run, and the fused fast path against the unfused one (``fuse_layers=False``). bf
 flip a token, after which sequences legitimately differ: agreement is reported, not asserted. A random-weight
 model's next-token distribution is nearly flat, so such ties are frequent; the second table therefore feeds every
 run the torch backend's tokens (teacher forcing) and compares the logits of each step: the top-1 agreement without
-compounding, and at each disagreement how far apart the reference's own two candidates were.
+compounding, and at each disagreement how far apart the reference's own two candidates were. ``--fused`` sets a
+``FusedDecoderLayers`` switch for every fused run (e.g. ``silu_in_gate_up=true``: the fused runs' gate/up with SiLU
+in its GEMM's epilogue, compared with the unfused ones before the switch is turned on by default).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -25,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Qwen2Config
 
 from kvsieve.fastpath import StaticDecoder
+from kvsieve.fused_layer import FusedDecoderLayers
 from kvsieve.integration import apply, generate
 from kvsieve.plugins import registry
 
@@ -96,11 +100,26 @@ RUNS = [
 ]
 
 
+def fused_setting(text: str) -> tuple[str, bool]:
+    name, _, value = text.partition("=")
+    if not isinstance(getattr(FusedDecoderLayers, name, None), bool) or value not in ("true", "false"):
+        switches = sorted(k for k, v in vars(FusedDecoderLayers).items() if isinstance(v, bool))
+        raise argparse.ArgumentTypeError(f"expected SETTING=true|false with SETTING one of {switches}, got {text!r}")
+    return name, value == "true"
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fused", type=fused_setting, action="append", default=[],
+                        help="a FusedDecoderLayers switch for the fused runs, e.g. silu_in_gate_up=true")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("e2e_agreement.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    out = Path(sys.argv[1])
+    for name, value in args.fused:
+        setattr(FusedDecoderLayers, name, value)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     config = Qwen2Config(hidden_size=3584, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192,
@@ -172,7 +191,8 @@ def main() -> int:
                              first_divergence_per_row=first, kv_lengths_equal=lengths == ref_lengths))
             print(rows[-1], flush=True)
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), backends=backends)
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), backends=backends,
+               fused_settings=dict(args.fused))
     (out / "e2e_agreement.json").write_text(json.dumps(dict(env=env, rows=rows, teacher_forced=forced_rows), indent=2))
     lines = ["### End-to-end token agreement (greedy, bf16, 96 tokens, batch 4)", "", str(env), "",
              "| compressor | run | reference | token agreement | first divergence per row | kv lengths equal |",
