@@ -27,7 +27,7 @@ from kvsieve.cache import SieveCache
 from kvsieve.engine import Engine
 from kvsieve.fused_layer import FusedDecoderLayers, unfusable_reason
 from kvsieve.propagation import decoder_layers
-from kvsieve.static import make_static, static_capacity
+from kvsieve.static import advance_step_counters, make_static, share_step_counters, static_capacity
 
 __all__ = ["SegmentGraphs", "StaticDecoder", "fast_generate"]
 
@@ -100,6 +100,7 @@ class StaticDecoder:
         }
         capacities = [sized[slots] for slots in used]
         self.cache = make_static(prefilled, capacities)
+        self.step_counters = share_step_counters(self.cache)  # advanced once per step, outside the graph
         self.engine.use_static(self.cache)
         self.input_ids = input_ids.new_zeros(input_ids.shape[0], 1)  # the static inputs of a step
         self.positions = positions[:, -1:].clone()
@@ -118,6 +119,7 @@ class StaticDecoder:
         self.input_ids.copy_(tokens[:, None])
         self.positions += 1
         logits = self._run().to(copy=True, dtype=torch.float32)
+        advance_step_counters(self.step_counters)
         for layer in self.cache.layers:
             layer.advance()
         self.engine.run_decode_schedule(self.cache)

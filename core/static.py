@@ -14,6 +14,10 @@ a CUDA graph and replayed:
 * decode attention runs over the whole buffer with tensor ``starts``/``ends`` (the backend makes its cost follow
   the live length; the torch reference masks).
 
+The device counters (``seen``, the selector-query count) are one tensor for all layers of a device
+(:func:`share_step_counters`) that the decode loop advances once per step, outside the captured graph
+(:func:`advance_step_counters`), rather than one increment kernel per layer inside it.
+
 Compaction writes into the same buffers (``starts``/``ends`` are copied into their tensors; the capacity never
 shrinks or grows), so a captured graph stays valid and reads the compacted data at its next replay. Host-side
 counters (``seen``, ``num_queries``, the bound on ``ends``) cannot advance during a replay, so the decode loop
@@ -33,7 +37,14 @@ from kvsieve.layer_ops import append_at_ends
 if TYPE_CHECKING:
     from kvsieve.compressor import Compressor
 
-__all__ = ["StaticCapacityError", "StaticSieveLayer", "make_static", "static_capacity"]
+__all__ = [
+    "StaticCapacityError",
+    "StaticSieveLayer",
+    "advance_step_counters",
+    "make_static",
+    "share_step_counters",
+    "static_capacity",
+]
 
 
 class StaticCapacityError(RuntimeError):
@@ -46,8 +57,12 @@ class StaticSieveLayer(SieveLayer):
 
     Extra state: ``device_counters`` (``int64 [2]``): ``seen`` and ``num_queries`` on the device, advanced inside
     the step; ``device_seen`` and ``device_queries`` are its two ``[1]`` views; ``end_bound``: a host upper bound of
-    ``max(ends)``, checked before a step.
+    ``max(ends)``, checked before a step. With ``shared_counters`` (:func:`share_step_counters`) the counters are
+    one tensor for every layer of the same device and state, and the layer's own methods do not advance them: the
+    decode loop does, once per step (:func:`advance_step_counters`).
     """
+
+    shared_counters: bool = False
 
     @classmethod
     def from_layer(cls, layer: SieveLayer, capacity: int) -> StaticSieveLayer:
@@ -91,7 +106,8 @@ class StaticSieveLayer(SieveLayer):
         if Q != 1:
             raise ValueError(f"a static cache layer appends one token per forward (decode), got {Q}")
         append_at_ends(key_states, value_states, self.keys, self.values, self.positions, self.ends, self.device_seen)
-        self.device_seen += 1
+        if not self.shared_counters:
+            self.device_seen += 1
         return self.keys, self.values
 
     def append_rotated(self, backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -100,7 +116,8 @@ class StaticSieveLayer(SieveLayer):
         [B, H, 1, d]`` in place and append the rotated ``key``/``value [B, Hkv, 1, d]`` through the backend's
         :meth:`~kvsieve.backend.KVBackend.rope_append` (``cos``/``sin [B, 1, d]``). With ``record_query``, a
         layer that keeps selector queries has the same launch write the rotated query into its ring (what
-        :meth:`push_queries` does), and both device counters advance in one increment.
+        :meth:`push_queries` does), and both device counters advance in one increment (none with
+        ``shared_counters``: the step's single one).
 
         Returns:
             Whether the step's query was recorded (the caller must not push it again).
@@ -108,11 +125,13 @@ class StaticSieveLayer(SieveLayer):
         if self.query_window and record_query:
             backend.rope_append(query, key, value, cos, sin, self.keys, self.values, self.positions, self.ends,
                                 self.device_seen, query_ring=self.queries, ring_count=self.device_queries)
-            self.device_counters += 1
+            if not self.shared_counters:
+                self.device_counters += 1
             return True
         backend.rope_append(query, key, value, cos, sin, self.keys, self.values, self.positions, self.ends,
                             self.device_seen)
-        self.device_seen += 1
+        if not self.shared_counters:
+            self.device_seen += 1
         return False
 
     def push_queries(self, queries: torch.Tensor) -> None:
@@ -120,7 +139,8 @@ class StaticSieveLayer(SieveLayer):
         if self.query_window == 0:
             return
         self.queries.index_copy_(2, self.device_queries % self.query_window, queries)
-        self.device_queries += 1
+        if not self.shared_counters:
+            self.device_queries += 1
 
     # ------------------------------------------------------------------ between steps (host)
     def advance(self) -> None:
@@ -173,6 +193,37 @@ def make_static(cache: SieveCache, capacities: Sequence[int]) -> SieveCache:
     static = SieveCache(cache.query_window, layers=layers)
     static.peak_nbytes = peak
     return static
+
+
+def share_step_counters(cache: SieveCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Give the static layers of ``cache`` shared device counters: one ``int64 [2]`` tensor per group of layers on
+    one device with the same query window and counts (usually one group: every layer sees every token), so that a
+    decode step advances them with one increment per group (:func:`advance_step_counters`) instead of one per
+    layer inside the step (28 small kernels for a 28-layer model).
+
+    Returns:
+        ``(counters, step)`` per group: ``counters`` as each layer's ``device_counters``, ``step`` = ``[1, 1]``
+        (the layers record a selector query every step) or ``[1, 0]`` (they keep none).
+    """
+    groups: dict[tuple, list[StaticSieveLayer]] = {}
+    for layer in cache.layers:
+        groups.setdefault((layer.device, layer.query_window, layer.seen, layer.num_queries), []).append(layer)
+    shared = []
+    for (device, window, seen, queries), layers in groups.items():
+        counters = torch.tensor([seen, queries], dtype=torch.long, device=device)
+        for layer in layers:
+            layer.device_counters = counters
+            layer.device_seen, layer.device_queries = counters[0:1], counters[1:2]
+            layer.shared_counters = True
+        shared.append((counters, torch.tensor([1, 1 if window else 0], dtype=torch.long, device=device)))
+    return shared
+
+
+def advance_step_counters(shared: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The device side of one decode step for :func:`share_step_counters`'s layers (after the step's forward,
+    outside any captured graph): each group's ``seen`` and ``num_queries`` advance by its step."""
+    for counters, step in shared:
+        counters += step
 
 
 # ---------------------------------------------------------------------------------------------- sizing

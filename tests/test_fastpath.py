@@ -188,11 +188,36 @@ def test_buffers_are_written_in_place_while_rpc_compacts(llama):
         assert buffers == [[t.data_ptr() for t in (x.keys, x.values, x.positions, x.starts, x.ends, x.queries)]
                            for x in cache.layers]
         rpc = engine.compressor
+        # one device counter pair for every layer, advanced once per step (not once per layer)
+        assert len(decoder.step_counters) == 1 and all(layer.shared_counters for layer in cache.layers)
+        assert all(layer.device_counters is decoder.step_counters[0][0] for layer in cache.layers)
         for layer in cache.layers:  # the host counters followed the device ones
             assert layer.seen == 30 + NEW - 1 and int(layer.device_seen) == layer.seen
             assert layer.num_queries == int(layer.device_queries) and layer.end_bound == layer.max_end
             live = (layer.ends - layer.starts)[:, 0].tolist()
             assert live == [n + rpc.cache_length(0, NEW - 1) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("fuse_layers", [False, True])
+def test_device_counters_follow_the_host_without_selector_queries(llama, fuse_layers):
+    """A cache that keeps no selector queries: the shared counters advance ``seen`` only ([1, 0] per step), the
+    positions written follow it, and the fused and unfused appends agree."""
+    model, tok = llama
+    ids, mask, _ = left_padded(tok, LENGTHS, seed=48)
+    with torch.inference_mode(), apply(model, "none", "torch") as engine:
+        decoder = StaticDecoder(model, engine, fuse_layers=fuse_layers)
+        try:
+            logits = decoder.prefill(ids, mask, 9)
+            for _ in range(8):
+                logits = decoder.step(logits.argmax(-1))
+            [(counters, step)] = decoder.step_counters
+            assert step.tolist() == [1, 0] and counters.tolist() == [30 + 8, 0]
+            for layer in decoder.cache.layers:
+                assert layer.seen == 30 + 8 and int(layer.device_seen) == layer.seen
+                written = layer.positions[:, :, 30:38]  # the 8 decode tokens' logical indices, in every row
+                assert torch.equal(written, torch.arange(30, 38).expand_as(written))
+        finally:
+            decoder.close()
 
 
 def test_a_too_small_static_capacity_is_refused_before_it_overflows(llama):
