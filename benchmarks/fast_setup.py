@@ -23,6 +23,7 @@ import torch
 
 from kvsieve.bench.schedule import decode_schedule
 from kvsieve.bench.step_clock import step_clock
+from kvsieve.bench.timing import sync
 from kvsieve.fastpath import fast_generate
 from kvsieve.integration import apply
 from kvsieve.models import random_paper_model
@@ -60,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                         profiler.enable()
                     fast_generate(model, ids, None, engine, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, do_sample=False)
-                    _sync(device)
+                    sync(device)
                     if profiler:
                         profiler.disable()
-                _sync(device)
+                sync(device)
                 parts = clock.breakdown(live, compressions)
                 parts.pop("step_ms_by_live")
                 records.append(dict(compressor=name, run=run, **parts))
@@ -73,11 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / f"fast_setup_{name}.txt").write_text(text.getvalue())
     (args.out / "fast_setup.json").write_text(json.dumps(records, indent=1))
     return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
