@@ -18,9 +18,11 @@ gate/up projection with ``silu(gate) * up`` in its epilogue (the fused layer's o
   only the ``s``-th contiguous share of ``K`` (a whole number of ``BLOCK_K`` steps) into an fp32 workspace
   ``[S, M, N]``, and ``_split_reduce_kernel`` (grid ``(M, cdiv(N, BLOCK))``) adds the shares in order, then the
   bias and residual, and rounds once: more programs for a narrow, long projection (down_proj), deterministic.
-  ``GATED`` (:func:`gate_up_silu`): ``W`` stacks gate rows ``[0, F)`` and up rows ``[F, 2F)``; program ``n`` also
-  loads the up tile ``F`` rows below its gate tile, keeps a second accumulator, rounds both sums (and biases) to
-  the output dtype and stores ``silu(gate) * up`` as ``silu_mul`` computes it (``layer_ops.silu_times``).
+  ``GATED`` (:func:`gate_up_silu`): ``W`` stacks gate rows ``[0, F)`` and up rows ``[F, 2F)``; program ``n``'s weight
+  tile is its ``BLOCK_N`` gate rows followed by the up rows ``F`` below them (one load and one dot of
+  ``2 * BLOCK_N`` rows, as the plain kernel's tile of that width), and the epilogue splits the sum into its halves,
+  rounds both (with their biases) to the output dtype and stores ``silu(gate) * up`` as ``silu_mul`` computes it
+  (``layer_ops.silu_times``).
 
 Layouts: ``x [..., K]`` (any strides; flattened to ``[M, K]`` with ``reshape``), ``weight [N, K]``, ``bias [N]``,
 ``residual [..., N]`` of ``x``'s leading shape. Offsets are int64. Graph-capturable (no host reads).
@@ -37,7 +39,7 @@ import triton.language as tl
 from ._common import cdiv, dot_precision, interpret_mode, next_pow2
 from .layer_ops import _round, silu_times
 
-__all__ = ["LinearConfig", "gate_up_silu", "skinny_linear"]
+__all__ = ["LinearConfig", "decode_config", "gate_up_silu", "skinny_linear"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64  # the rows (M) this kernel is meant for; more runs, but a GEMM library serves them better
@@ -63,6 +65,30 @@ class LinearConfig:
     def __repr__(self) -> str:
         return (f"LinearConfig(block_n={self.block_n}, block_k={self.block_k}, num_warps={self.num_warps}, "
                 f"num_stages={self.num_stages}, split_k={self.split_k})")
+
+
+#: shared memory a launch's pipelined tiles may take: Triton keeps ``num_stages - 1`` tiles of ``x`` and ``W`` in
+#: flight, and an H200 gives a block 227 KiB (the rest is left for the epilogue's layout conversions)
+SHARED_BUDGET = 192 << 10
+
+
+def block_rows(M: int) -> int:
+    """The rows of ``x`` one program takes (``BLOCK_M``) for ``M`` rows: 16 to :data:`MAX_ROWS`."""
+    return min(max(16, next_pow2(M)), MAX_ROWS)
+
+
+def decode_config(x: torch.Tensor, weight: torch.Tensor) -> LinearConfig:
+    """The tiles for a decode step's projection of ``x [..., K]`` by ``weight [N, K]``: 32 columns per program,
+    4 stages, and the widest ``K`` step (512 down to 16, at most ``K`` rounded up to a power of two) whose
+    pipelined tiles fit :data:`SHARED_BUDGET`. On an H200 at R1-7B shapes (batch 32) and Llama-3.1-8B shapes
+    (batch 1), 32 columns and 512 of ``K`` in 4 stages were the fastest of 22 configurations for o_proj and
+    down_proj (docs/benchmarks.md): more bytes in flight per program, the fewer programs the better."""
+    rows, K = math.prod(x.shape[:-1]), weight.shape[1]
+    block_n, stages = 32, 4
+    block_k = min(512, max(16, next_pow2(K)))
+    while block_k > 16 and (stages - 1) * (block_rows(rows) + block_n) * block_k * x.element_size() > SHARED_BUDGET:
+        block_k //= 2
+    return LinearConfig(block_n, block_k, 4, stages)
 
 
 @triton.jit
@@ -93,51 +119,51 @@ def _skinny_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     """Program ``(n, m, s)``: ``y[m-rows, n-cols] = x[m-rows] @ W[n-cols].T (+ b) (+ r)``, fp32 accumulation, over
     ``K`` share ``[s * K_CHUNK, (s + 1) * K_CHUNK)``. ``PARTIAL``: store the fp32 sum at ``y[s]`` (a ``[S, M, N]``
     workspace) for :func:`_split_reduce_kernel`, without bias or residual. ``GATED`` (no split, no residual):
-    ``W`` is ``[2N, K]``, gate rows then up rows; the program also sums ``x @ W[N + n-cols].T`` and stores
-    ``silu(gate) * up`` with each half (and its bias) rounded to ``y``'s dtype first, as two GEMMs and
-    ``silu_mul`` would."""
+    ``W`` is ``[2N, K]``, gate rows then up rows; the program's weight tile holds its gate rows and the up rows
+    ``N`` below them (``BLOCK_W = 2 * BLOCK_N``), one dot sums both halves, and it stores ``silu(gate) * up``
+    with each half (and its bias) rounded to ``y``'s dtype first, as two GEMMs and ``silu_mul`` would."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the weight tile's rows: BLOCK_W = BLOCK_N columns, or (GATED) 2 * BLOCK_N -- the gate rows of this program's
+    # columns, then their up rows N below -- loaded as one tile and multiplied in one dot
+    j = tl.arange(0, BLOCK_W)
+    w_cols = pid_n * BLOCK_N + j % BLOCK_N
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
     x_rows = x_ptr + rows[:, None] * sx_m
-    w_rows = w_ptr + cols[:, None] * sw_n
-    w_up_rows = w_ptr + (cols + N)[:, None] * sw_n  # GATED only (int64 offsets)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
+    w_rows = w_ptr + (w_cols + (j // BLOCK_N) * N)[:, None] * sw_n
+    w_col_ok = (w_cols < N)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
     k_start = pid_s * K_CHUNK
     k_end = tl.minimum(k_start + K_CHUNK, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + ks
         k_ok = k < k_end
-        w_ok = col_ok[:, None] & k_ok[None, :]
         x = tl.load(x_rows + k[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + k[None, :] * sw_k, mask=w_ok, other=0.0)
+        w = tl.load(w_rows + k[None, :] * sw_k, mask=w_col_ok & k_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's 16-bit tl.dot returns garbage (triton 3.9): multiply in fp32 there
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        if GATED:
-            w_up = tl.load(w_up_rows + k[None, :] * sw_k, mask=w_ok, other=0.0)
-            if UPCAST:
-                w_up = w_up.to(tl.float32)
-            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:
         tl.store(y_ptr + pid_s * M * N + rows[:, None] * N + cols[None, :], acc, mask=out_ok)
     elif GATED:
+        # [BLOCK_M, 2 * BLOCK_N] -> the gate half and the up half, [BLOCK_M, BLOCK_N] each
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        gate = _round(acc, y_ptr.dtype.element_ty, UPCAST)
-        up = _round(acc_up, y_ptr.dtype.element_ty, UPCAST)
+            gate += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _round(gate, y_ptr.dtype.element_ty, UPCAST)
+        up = _round(up, y_ptr.dtype.element_ty, UPCAST)
         tl.store(y_ptr + rows[:, None] * sy_m + cols[None, :], silu_times(gate, up, LIBDEVICE, UPCAST), mask=out_ok)
     else:
         if HAS_BIAS:
@@ -229,10 +255,11 @@ def skinny_linear(
     return y
 
 
-#: tiles of :func:`gate_up_silu` for 2-byte dtypes (two weight tiles per stage, so one stage fewer than the plain
-#: kernel's default: 3 x 48 KiB of shared memory at 32 rows), and for fp32 (half the K per step)
-GATED_CONFIG = LinearConfig(block_n=32, block_k=256, num_warps=4, num_stages=3)
-GATED_CONFIG_FP32 = LinearConfig(block_n=32, block_k=128, num_warps=4, num_stages=3)
+#: tiles of :func:`gate_up_silu` for 2-byte dtypes and for fp32 (half the K per step). ``block_n`` counts output
+#: columns; each program's weight tile is twice that many rows (gate and up), so 16 columns stream the 32-row tile
+#: that suits the plain kernel at decode shapes (docs/benchmarks.md)
+GATED_CONFIG = LinearConfig(block_n=16, block_k=256, num_warps=4, num_stages=3)
+GATED_CONFIG_FP32 = LinearConfig(block_n=16, block_k=128, num_warps=4, num_stages=3)
 
 
 def gate_up_silu(
@@ -305,7 +332,7 @@ def _launch(x2, weight, bias, r2, out, N, config: LinearConfig, k_chunk: int, sp
             gated: bool) -> None:
     """One launch of :func:`_skinny_linear_kernel` over ``x2 [M, K]`` and ``N`` output columns."""
     M, K = x2.shape
-    block_m = min(max(16, next_pow2(M)), MAX_ROWS)
+    block_m = block_rows(M)
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     grid = (cdiv(N, config.block_n), cdiv(M, block_m), split)
     _skinny_linear_kernel[grid](
@@ -314,5 +341,6 @@ def _launch(x2, weight, bias, r2, out, N, config: LinearConfig, k_chunk: int, sp
         k_chunk, HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual, PARTIAL=split > 1, GATED=gated,
         PRECISION="ieee" if interpret_mode() else dot_precision(x2.dtype), UPCAST=interpret_mode(),
         LIBDEVICE=not interpret_mode(), BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=not gated,
+        BLOCK_W=2 * config.block_n if gated else config.block_n, num_warps=config.num_warps,
+        num_stages=config.num_stages, enable_fp_fusion=not gated,
     )
