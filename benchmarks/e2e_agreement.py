@@ -1,6 +1,6 @@
 """End-to-end backend agreement on the GPU: the same greedy generation through every available backend.
 
-    python benchmarks/e2e_agreement.py OUTDIR [--fused SETTING=true|false ...]
+    python benchmarks/e2e_agreement.py OUTDIR [--fused SETTING=true|false|a,b ...]
 
 A random-weight Qwen2 model (4 layers, 28 heads, 4 KV heads, d=128, bf16 on CUDA), a batch of 4 random prompts
 (one left-padded) of ~600 tokens, 96 greedy tokens, for compressors none, snapkv (ratio 0.2, window 8),
@@ -100,19 +100,26 @@ RUNS = [
 ]
 
 
-def fused_setting(text: str) -> tuple[str, bool]:
+def fused_setting(text: str) -> tuple[str, object]:
+    """``NAME=true|false`` for a boolean ``FusedDecoderLayers`` switch, ``NAME=a,b`` (or ``NAME=``) for a tuple one
+    (``backend_projections=o_proj,down_proj``)."""
     name, _, value = text.partition("=")
-    if not isinstance(getattr(FusedDecoderLayers, name, None), bool) or value not in ("true", "false"):
-        switches = sorted(k for k, v in vars(FusedDecoderLayers).items() if isinstance(v, bool))
-        raise argparse.ArgumentTypeError(f"expected SETTING=true|false with SETTING one of {switches}, got {text!r}")
-    return name, value == "true"
+    current = getattr(FusedDecoderLayers, name, None)
+    if isinstance(current, bool) and value in ("true", "false"):
+        return name, value == "true"
+    if isinstance(current, tuple):
+        return name, tuple(v for v in value.split(",") if v)
+    switches = sorted(k for k, v in vars(FusedDecoderLayers).items() if isinstance(v, bool | tuple))
+    raise argparse.ArgumentTypeError(f"expected SETTING=true|false (or a comma-separated list for a tuple setting) "
+                                     f"with SETTING one of {switches}, got {text!r}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--fused", type=fused_setting, action="append", default=[],
-                        help="a FusedDecoderLayers switch for the fused runs, e.g. silu_in_gate_up=true")
+                        help="a FusedDecoderLayers switch for the fused runs, e.g. silu_in_gate_up=true or "
+                             "backend_projections=o_proj,down_proj")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("e2e_agreement.py needs a CUDA GPU", file=sys.stderr)

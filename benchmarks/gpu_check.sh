@@ -7,8 +7,8 @@
 # GPU_TEST_FILES), fastpath (pytest -m gpu on the fast path only), gputests (the flash, fast-path,
 # integration and bench GPU tests), kernels (Triton kernel benchmark; KERNEL_SECTIONS picks sections, e.g.
 # layer_ops,decode_small or linear_gated; KERNEL_QUICK=1 passes --quick),
-# flash (prefill TTFT per backend), e2e (backend agreement end to end, fused vs unfused layers; E2E_FUSED=NAME=true sets
-# a FusedDecoderLayers switch for the fused runs, e.g. silu_in_gate_up=true), fastkv (TTFT smoke at 32K),
+# flash (prefill TTFT per backend), e2e (backend agreement end to end, fused vs unfused layers; E2E_FUSED="NAME=VALUE ..." sets
+# FusedDecoderLayers switches for the fused runs, e.g. "silu_in_gate_up=true backend_projections=o_proj,down_proj"), fastkv (TTFT smoke at 32K),
 # rpc (decode smoke: 4096 tokens at batch 16 on the fast path, 256 on HF's eager loop), and the `kvsieve bench`
 # runs of docs/benchmarks.md: bench-decode-r1 (R1-7B shapes, ~4 min), bench-decode-qwq (QwQ-32B shapes),
 # bench-validate (one real 8K run at batch 32 against the model), validate-rpc-32k / validate-full-32k (real
@@ -86,7 +86,8 @@ s.print_callees('fastpath.py.*prefill|fast_generate|_validate'); s.print_stats(6
     kernels) python benchmarks/kernels.py "$out" ${KERNEL_SECTIONS:+--sections "$KERNEL_SECTIONS"} ${KERNEL_QUICK:+--quick} \
                 2>&1 | tail -n 80 ;;
     flash)   python benchmarks/flash_prefill.py "$out" 2>&1 | tail -n 30 ;;
-    e2e)     python benchmarks/e2e_agreement.py "$out" ${E2E_FUSED:+--fused "$E2E_FUSED"} 2>&1 | tail -n 30 ;;
+    e2e)     python benchmarks/e2e_agreement.py "$out" $(for s in ${E2E_FUSED:-}; do echo "--fused $s"; done) 2>&1 \
+               | tail -n 30 ;;
     fastkv)  python benchmarks/smoke_decode_prefill.py fastkv "$out" 2>&1 | tail -n 20 ;;
     rpc)     python benchmarks/smoke_decode_prefill.py rpc "$out" 2>&1 | tail -n 20 ;;
     checks)  python benchmarks/check_cost.py "$out" 2>&1 | tail -n 30 ;;

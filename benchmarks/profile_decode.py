@@ -14,17 +14,19 @@ at), and Llama-3.1-8B shapes at batch 1 (8K, 13K -- FastKV at 128K --, 32K and 1
   as a kernel of its own, the selector query pushed by a copy of its own;
 * ``previous``: q/k/v and gate/up merged (the fused layer before the residual add and the query moved into other
   kernels);
-* ``fused``: the fused layer as shipped (also: the residual add inside down_proj's GEMM, the query written by the
-  cache append);
-* ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")``;
+* ``cublas``: also the residual add inside down_proj's GEMM and the query written by the cache append, every
+  projection on cuBLAS and ``silu_mul`` a kernel of its own (the fused layer before 2026-11-30, night);
+* ``silu-gate-up``: ``cublas`` with ``FusedDecoderLayers.silu_in_gate_up`` (the triton backend's gate/up GEMM with
+  SiLU * up in its epilogue); ``skinny-o``, ``skinny-down``: that, with o_proj or down_proj (+ residual) on the
+  triton backend's skinny linear (``FusedDecoderLayers.backend_projections``);
+* ``fused``: the fused layer as shipped (SiLU in gate/up, o_proj and down_proj on the skinny linear);
+* ``cublaslt``: ``fused`` captured with ``torch.backends.cuda.preferred_blas_library("cublaslt")`` (q/k/v and the
+  LM head stay on a BLAS);
 * ``split``: ``fused`` with the decode attention's split rule before the one-wave rule
-  (``kvsieve.backends.triton.decode_attention.UNSPLIT_ONE_WAVE = False``: R1-7B at batch 32 splits each row in two);
-* ``silu-gate-up``: ``fused`` with ``FusedDecoderLayers.silu_in_gate_up`` (the triton backend's gate/up GEMM with
-  SiLU * up in its epilogue, instead of cuBLAS and ``silu_mul``); ``silu-gate-up-lt``: that, captured with
-  cuBLASLt for the other GEMMs.
+  (``kvsieve.backends.triton.decode_attention.UNSPLIT_ONE_WAVE = False``: R1-7B at batch 32 splits each row in two).
 
 For each live length: the step time of the CUDA-graph replay (CUDA events, 50 replays) and the bandwidth floor
-(weights + live K/V at the measured copy bandwidth). At the profiled length, for ``previous`` and ``fused``, the
+(weights + live K/V at the measured copy bandwidth). At the profiled length, for ``cublas`` and ``fused``, the
 profile of 5 eager runs of the same step (the graph itself cannot be profiled kernel by kernel): GPU time per
 kernel family, kernels per step, and the sum of kernel times against the replay time. Writes
 OUTDIR/profile_decode.md and OUTDIR/decode_floor.json.
@@ -58,20 +60,26 @@ CASES = {
 }
 PROMPT = 128
 # name: (label, fuse_layers, FusedDecoderLayers settings, BLAS library, the decode attention's one-wave split rule)
-_ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True}
+_ALL_ON = {"merge_qkv": True, "merge_gate_up": True, "residual_in_down_proj": True, "query_in_append": True,
+           "silu_in_gate_up": True, "backend_projections": ("o_proj", "down_proj")}
+_CUBLAS = {**_ALL_ON, "silu_in_gate_up": False, "backend_projections": ()}
 VARIANTS = {
     "unfused": ("unfused", False, _ALL_ON, None, True),
-    "apart": ("fused, projections apart", True, dict.fromkeys(_ALL_ON, False), None, True),
+    "apart": ("fused, projections apart", True, {**dict.fromkeys(_ALL_ON, False), "backend_projections": ()},
+              None, True),
     "previous": ("fused, add and query apart", True,
-                 {**_ALL_ON, "residual_in_down_proj": False, "query_in_append": False}, None, True),
+                 {**_CUBLAS, "residual_in_down_proj": False, "query_in_append": False}, None, True),
+    "cublas": ("fused, projections on cuBLAS", True, _CUBLAS, None, True),
+    "silu-gate-up": ("fused, only SiLU in gate/up", True, {**_CUBLAS, "silu_in_gate_up": True}, None, True),
+    "skinny-o": ("fused, SiLU in gate/up, skinny o_proj", True, {**_ALL_ON, "backend_projections": ("o_proj",)},
+                 None, True),
+    "skinny-down": ("fused, SiLU in gate/up, skinny down_proj", True,
+                    {**_ALL_ON, "backend_projections": ("down_proj",)}, None, True),
     "fused": ("fused", True, _ALL_ON, None, True),
     "cublaslt": ("fused, cuBLASLt", True, _ALL_ON, "cublaslt", True),
     "split": ("fused, split as before", True, _ALL_ON, None, False),
-    "silu-gate-up": ("fused, SiLU in gate/up", True, {**_ALL_ON, "silu_in_gate_up": True}, None, True),
-    "silu-gate-up-lt": ("fused, SiLU in gate/up, cuBLASLt", True, {**_ALL_ON, "silu_in_gate_up": True}, "cublaslt",
-                        True),
 }
-PROFILED = ("previous", "fused")
+PROFILED = ("cublas", "fused")
 
 
 @contextlib.contextmanager

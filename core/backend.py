@@ -156,6 +156,34 @@ class KVBackend(abc.ABC):
         gate, up = torch.nn.functional.linear(x, weight, bias).split(weight.shape[0] // 2, dim=-1)
         return self.silu_mul(gate, up)
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A decode step's projection ``x @ weight.T (+ bias) (+ residual)`` (the fused layer's o_proj and
+        down_proj where ``FusedDecoderLayers.backend_projections`` names them).
+
+        Args:
+            x: ``[..., K]``; weight: ``[N, K]``; bias: ``None`` or ``[N]``; residual: ``None`` or ``[..., N]``, the
+                residual stream, owned by the caller: the result may be written into its storage. One dtype.
+
+        Returns:
+            ``[..., N]``. Default: cuBLAS through torch, ``F.linear``, or with a residual ``residual.addmm_``
+            (accumulated onto the residual and rounded once); a backend may run its own kernel for a decode
+            step's few rows (the triton backend's skinny linear).
+        """
+        if residual is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        if not residual.is_contiguous():
+            return residual + torch.nn.functional.linear(x, weight, bias)
+        out = residual.view(-1, weight.shape[0]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        if bias is not None:
+            out += bias
+        return out.view_as(residual)
+
     def rope_append(
         self,
         query: torch.Tensor,

@@ -35,6 +35,8 @@ __all__ = ["FUSED_LAYER_CLASSES", "FusedDecoderLayers", "MergedProjections", "un
 #: decoder-layer classes whose decode step the fused forward restates (transformers 5.x)
 FUSED_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
                                  "MistralDecoderLayer"})
+#: the projections FusedDecoderLayers.backend_projections may name
+BACKEND_PROJECTIONS = ("o_proj", "down_proj")
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -88,9 +90,14 @@ class FusedDecoderLayers:
     query_in_append: bool = True
     #: compute ``silu(gate) * up`` from the merged gate/up weights in one backend call
     #: (:meth:`KVBackend.gate_up_silu <kvsieve.backend.KVBackend.gate_up_silu>`; the triton backend's GEMM does it
-    #: in its epilogue) instead of a BLAS GEMM and ``silu_mul``. Off until measured faster on a GPU: its GEMM
-    #: rounds its sums differently from cuBLAS's, like any other kernel would
-    silu_in_gate_up: bool = False
+    #: in its epilogue) instead of a BLAS GEMM and ``silu_mul``. Other backends compute what they computed before;
+    #: the triton kernel's sums round differently from cuBLAS's, like any other GEMM's (docs/fast-path.md)
+    silu_in_gate_up: bool = True
+    #: the projections (of ``"o_proj"``, ``"down_proj"``) run by the backend's
+    #: :meth:`KVBackend.linear <kvsieve.backend.KVBackend.linear>` (the triton backend: its skinny linear for a
+    #: decode step's few rows) instead of the module's own call (cuBLAS); plain ``nn.Linear`` modules only.
+    #: ``()`` keeps every projection on the module's own call
+    backend_projections: tuple[str, ...] = ("o_proj", "down_proj")
 
     def __init__(self, model: torch.nn.Module, engine: Engine):
         self.engine = engine
@@ -101,6 +108,9 @@ class FusedDecoderLayers:
     def install(self) -> None:
         if self.saved is not None:
             return
+        unknown = sorted(set(self.backend_projections) - set(BACKEND_PROJECTIONS))
+        if unknown:
+            raise ValueError(f"backend_projections names {unknown}: choose from {', '.join(BACKEND_PROJECTIONS)}")
         self.saved = []
         for layer in self.layers:
             # accelerate's hook keeps the wrapped forward in _old_forward and calls it after moving the inputs
@@ -122,6 +132,9 @@ class FusedDecoderLayers:
                 fused.gate_up = MergedProjections(projections)
                 self.merged.append(fused.gate_up)
             down = layer.mlp.down_proj
+            fused.o_proj_on_backend = ("o_proj" in self.backend_projections
+                                       and MergedProjections.allowed([layer.self_attn.o_proj]))
+            fused.down_on_backend = "down_proj" in self.backend_projections and MergedProjections.allowed([down])
             fused.residual_in_down = self.residual_in_down_proj and MergedProjections.allowed([down]) \
                 and down.bias is None
             setattr(layer, attr, fused)
@@ -198,6 +211,8 @@ class _FusedForward:
         self.residual_in_down = False  # down_proj's GEMM adds its output onto the residual stream in place
         self.query_in_append = True  # the append records the query in the selector-query ring
         self.silu_in_gate_up = False  # silu(gate) * up from the merged gate/up weights in one backend call
+        self.o_proj_on_backend = False  # o_proj through backend.linear
+        self.down_on_backend = False  # down_proj through backend.linear
         attn = layer.self_attn
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
@@ -233,7 +248,9 @@ class _FusedForward:
         recorded = layer_cache.append_rotated(backend, query, key, value, cos, sin, self.query_in_append)
         out = engine.attention(attn, query, layer_cache.keys, layer_cache.values, None, attn.scaling,
                                queries_recorded=recorded)
-        out = attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+        out = out.transpose(1, 2).reshape(B, 1, -1)
+        o_proj = attn.o_proj
+        out = backend.linear(out, o_proj.weight, o_proj.bias) if self.o_proj_on_backend else o_proj(out)
         x, residual = backend.rms_norm(out, norm2.weight, norm2.variance_epsilon, residual)
         if self.gate_up is not None and self.silu_in_gate_up:
             hidden = backend.gate_up_silu(x, self.gate_up.weight, self.gate_up.bias)  # [B, 1, F]
@@ -247,5 +264,9 @@ class _FusedForward:
         if (self.residual_in_down and residual.dtype == weight.dtype and residual.is_contiguous()
                 and residual.data_ptr() != hidden_states.data_ptr()):
             # residual is the post-attention norm's fresh sum: accumulate onto it (one GEMM, no add kernel)
+            if self.down_on_backend:
+                return backend.linear(hidden, weight, None, residual)
             return residual.view(B, -1).addmm_(hidden.reshape(B, -1), weight.t()).view_as(residual)
+        if self.down_on_backend:
+            return residual + backend.linear(hidden, weight, mlp.down_proj.bias)
         return residual + mlp.down_proj(hidden)

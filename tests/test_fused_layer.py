@@ -23,6 +23,8 @@ from kvsieve.propagation import decoder_layers
 
 RPC = dict(interval=8, window=4, ratio=0.25)
 LENGTHS = [21, 13, 17]
+#: the fused layer's switches as shipped (tests that change one put it back)
+SHIPPED = {name: getattr(FusedDecoderLayers, name) for name in ("silu_in_gate_up", "backend_projections")}
 # the projections each merge joins into one GEMM: (the _FusedForward attribute, the layer's module, their names)
 GROUPS = [("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")), ("gate_up", "mlp", ("gate_proj", "up_proj"))]
 
@@ -110,10 +112,14 @@ def test_the_residual_add_inside_down_proj_gives_the_separate_add(tiny_models):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_silu_in_gate_up_gives_the_separate_silu(tiny_models, family, backend):
-    """``silu_in_gate_up`` (the backend's ``gate_up_silu``: on triton, SiLU * up in the gate/up GEMM's epilogue)
-    against the GEMM and ``silu_mul`` apart: the same logits within fp32 rounding (tiny models run in fp32; Qwen2's
-    gate/up have no bias, Llama's neither: the bias case is the kernel test's) and the same greedy tokens."""
+@pytest.mark.parametrize(("switch", "value", "default"), [
+    ("silu_in_gate_up", True, False),  # on triton: SiLU * up in the gate/up GEMM's epilogue
+    ("backend_projections", ("o_proj", "down_proj"), ()),  # on triton: the skinny linear (down_proj + residual)
+], ids=["silu_in_gate_up", "backend_projections"])
+def test_fused_layer_switches_keep_the_logits(tiny_models, family, backend, switch, value, default):
+    """A switch that moves a projection's work into other kernels against the fused layer without it: the same
+    logits within fp32 rounding (tiny models run in fp32; Qwen2's q/k/v have biases, Llama's none) and the same
+    greedy tokens."""
     if backend == "triton":
         pytest.importorskip("triton")
         from kvsieve.backends.triton._common import interpret_mode
@@ -122,14 +128,27 @@ def test_silu_in_gate_up_gives_the_separate_silu(tiny_models, family, backend):
             pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
     model, tok = tiny_models[family]
     ids, mask, _ = left_padded(tok, LENGTHS, seed=13)
-    apart = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
-    FusedDecoderLayers.silu_in_gate_up = True
+    setattr(FusedDecoderLayers, switch, default)
     try:
-        inside = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
+        without = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
+        setattr(FusedDecoderLayers, switch, value)
+        with_it = decode_logits(model, ids, mask, "rpc", RPC, True, 12, backend=backend)
     finally:
-        FusedDecoderLayers.silu_in_gate_up = False
-    torch.testing.assert_close(inside, apart, rtol=1e-4, atol=1e-4)
-    assert torch.equal(inside.argmax(-1), apart.argmax(-1))
+        setattr(FusedDecoderLayers, switch, SHIPPED[switch])
+    torch.testing.assert_close(with_it, without, rtol=1e-4, atol=1e-4)
+    assert torch.equal(with_it.argmax(-1), without.argmax(-1))
+
+
+def test_backend_projections_are_named_or_refused(llama):
+    model, _ = llama
+    FusedDecoderLayers.backend_projections = ("o_proj", "q_proj")
+    try:
+        with torch.inference_mode(), apply(model, "none", "torch") as engine:
+            with pytest.raises(ValueError, match=r"backend_projections names \['q_proj'\]: choose from o_proj, "
+                                                 "down_proj"):
+                FusedDecoderLayers(model, engine).install()
+    finally:
+        FusedDecoderLayers.backend_projections = SHIPPED["backend_projections"]
 
 
 def test_fused_generate_gives_the_eager_tokens(tiny_models):

@@ -18,7 +18,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = triton_kernels_or_skip("triton linear tests")
 
 from kvsieve import layer_ops  # noqa: E402
-from kvsieve.backends.triton.linear import LinearConfig, gate_up_silu, skinny_linear  # noqa: E402
+from kvsieve.backend import KVBackend  # noqa: E402
+from kvsieve.backends.torch_ref import TorchBackend  # noqa: E402
+from kvsieve.backends.triton.backend import TritonBackend  # noqa: E402
+from kvsieve.backends.triton.linear import (  # noqa: E402
+    MAX_ROWS,
+    SHARED_BUDGET,
+    LinearConfig,
+    block_rows,
+    decode_config,
+    gate_up_silu,
+    skinny_linear,
+)
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 cpu = pytest.mark.skipif(not INTERPRET, reason="CPU cases run through Triton's interpreter: set TRITON_INTERPRET=1")
@@ -131,6 +142,53 @@ def test_decode_shapes_on_the_gpu(M, N, K, dtype, split_k):
     _check(*_inputs(M + N, (M, 1), N, K, dtype, "cuda", True, True, strided=False), LinearConfig(split_k=split_k))
 
 
+# ------------------------------------------------------------------------------------------ KVBackend.linear
+def _check_backend_linear(rows, dtype, device):
+    """``TritonBackend.linear`` (the kernel up to ``MAX_ROWS`` rows, the default beyond) against the default
+    ``KVBackend.linear`` (``F.linear``; ``residual.addmm_`` with a residual), with and without bias and residual:
+    within the dtype's rounding of each other; the residual's storage may take the result."""
+    x, w, b, r = _inputs(rows, (rows, 1), 72, 300, dtype, device, True, True, strided=False)
+    for bias, residual in ((None, None), (b, None), (None, r), (b, r)):
+        got = TritonBackend().linear(x, w, bias, None if residual is None else residual.clone())
+        want = TorchBackend().linear(x, w, bias, None if residual is None else residual.clone())
+        assert got.shape == want.shape == (rows, 1, 72) and got.dtype == dtype
+        scale = want.abs().max().clamp(min=1.0)
+        assert float((got.double() - want.double()).abs().max() / scale) <= 2 * TOL[dtype]
+        assert float((want.double() - _reference(x, w, bias, residual)).abs().max() / scale) <= TOL[dtype]
+
+
+@cpu
+@pytest.mark.parametrize("rows", [3, MAX_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_linear_gives_the_default_result(rows, dtype):
+    _check_backend_linear(rows, dtype, "cpu")
+
+
+def test_default_linear_accumulates_onto_a_contiguous_residual():
+    x, w, b, r = _inputs(1, (4, 1), 6, 5, torch.float32, "cpu", True, True, strided=False)
+    want = _reference(x, w, b, r)
+    out = KVBackend.linear(TorchBackend(), x, w, b, r)
+    assert out.data_ptr() == r.data_ptr()  # written into the residual's storage, no add kernel
+    torch.testing.assert_close(out.double(), want)
+    strided = torch.randn(4, 1, 12)[..., ::2]
+    want = _reference(x, w, None, strided)
+    torch.testing.assert_close(KVBackend.linear(TorchBackend(), x, w, None, strided).double(), want)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 64])
+@pytest.mark.parametrize("K", [10, 3584, 18944])
+def test_decode_tiles_fit_the_shared_memory(size, rows, K):
+    """Pipelined tiles (``num_stages - 1`` of x and W) within the budget; the widest K step that fits, at most K."""
+    dtype = torch.bfloat16 if size == 2 else torch.float32
+    config = decode_config(torch.empty(rows, 1, K, dtype=dtype), torch.empty(64, K, dtype=dtype))
+    tiles = (config.num_stages - 1) * (block_rows(rows) + config.block_n) * config.block_k * size
+    assert tiles <= SHARED_BUDGET and config.block_k <= max(16, 2 * K)
+    assert config.block_k == 16 or 2 * tiles > SHARED_BUDGET or config.block_k >= min(512, K)
+    if size == 2 and rows <= 32 and K >= 512:
+        assert config.block_k == 512  # the H200 sweep's best for o_proj and down_proj
+
+
 # ------------------------------------------------------------------------------------------ gate_up_silu
 def _check_gated(x, w, b, config=None):
     """Against silu(gate) * up of the float64 GEMM rounded to the dtype (what two GEMMs and silu_mul compute, up
@@ -194,7 +252,20 @@ def test_gate_up_silu_empty_sizes_and_bad_arguments():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize(("M", "F", "K"), [(1, 14336, 4096), (32, 18944, 3584), (7, 1000, 999)])
+@pytest.mark.parametrize(("M", "F", "K"), [(1, 14336, 4096), (32, 18944, 3584), (64, 18944, 3584), (7, 1000, 999)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gate_up_silu_decode_shapes_on_the_gpu(M, F, K, dtype):
     _check_gated(*_inputs(M + F, (M, 1), 2 * F, K, dtype, "cuda", True, False, strided=False)[:3])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows", [1, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_backend_linear_on_the_gpu(rows, dtype):
+    """The tiles :func:`decode_config` picks launch (shared memory) and agree with cuBLAS, up to ``MAX_ROWS``."""
+    _check_backend_linear(rows, dtype, "cuda")
+    x, w, _, r = _inputs(rows, (rows, 1), 3584, 18944, dtype, "cuda", False, True, strided=False)
+    got = TritonBackend().linear(x, w, None, r.clone())
+    want = _reference(x, w, None, r)
+    assert float((got.double() - want).abs().max() / want.abs().max().clamp(min=1.0)) <= TOL[dtype]

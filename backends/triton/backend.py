@@ -8,7 +8,8 @@ without triton installed):
 * :mod:`.decode_attention` -- GQA-native split-K flash decoding over ``[starts, ends)``;
 * :mod:`.compaction` -- in-place gather of kept K/V slots;
 * :mod:`.linear` -- the gated MLP's gate/up GEMM with SiLU * up in its epilogue (the fused layer's opt-in
-  ``silu_in_gate_up``), and a skinny linear layer for decode rows (benchmarked, not wired).
+  ``silu_in_gate_up``), and a skinny linear layer for decode rows (``linear``: the fused layer's
+  ``backend_projections``).
 * :mod:`.layer_ops` -- the fused decode layer's RMSNorm (+ residual), SiLU * up and RoPE + cache append (one
   launch each, bit for bit HF's rounding);
 * :mod:`.contract_checks` -- the run-time contract checks of a compression (cache fingerprint and its comparison,
@@ -126,6 +127,14 @@ class TritonBackend(KVBackend):
             return super().gate_up_silu(x, weight, bias)
         with _launching_on(x, weight):
             return gate_up_silu(x, weight, bias)
+
+    def linear(self, x, weight, bias=None, residual=None):
+        from .linear import MAX_ROWS, decode_config, skinny_linear
+
+        if math.prod(x.shape[:-1]) > MAX_ROWS:  # more rows than a decode step's: a GEMM library's kernels
+            return super().linear(x, weight, bias, residual)
+        with _launching_on(x, weight):
+            return skinny_linear(x, weight, bias, residual, decode_config(x, weight))
 
     def rope_append(self, query, key, value, cos, sin, keys, values, positions, ends, seen, query_ring=None,
                     ring_count=None):
