@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import subprocess
 import sys
 
@@ -122,6 +123,49 @@ def test_prefills_are_causal_with_left_padding(case):
     if case.attention_mask is not None:
         assert case.attention_mask.shape == (B, 1, Q, K) and case.attention_mask.dtype == torch.bool
         assert not case.attention_mask[..., K - Q :].triu(1).any()  # no query sees a later key
+
+
+@PROPERTY
+@given(case=kst.layer_op_inputs(dtype=torch.bfloat16))
+def test_layer_op_inputs_are_well_formed(case):
+    lead, D = case.x.shape[:-1], case.x.shape[-1]
+    F = case.gate.shape[-1]
+    assert case.residual.shape == case.x.shape and case.norm_weight.shape == (D,)
+    assert case.gate.shape == case.up.shape == case.hidden.shape == (*lead, F)
+    assert case.gate_up_weight.shape == (2 * F, D) and case.gate_up_bias.shape == (2 * F,)
+    assert case.weight.shape == (D, F) and case.bias.shape == (D,)
+    assert 1 <= math.prod(lead) <= 40 and 8 <= D <= 96 and 3 <= F <= 70 and case.eps > 0
+    tensors = [getattr(case, name) for name in ("x", "residual", "norm_weight", "gate", "up", "gate_up_weight",
+                                                "gate_up_bias", "hidden", "weight", "bias")]
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.isfinite().all() for t in tensors)
+    shared = case.gate.untyped_storage().data_ptr() == case.up.untyped_storage().data_ptr()
+    assert shared == case.gate_up_views
+
+
+def test_layer_op_inputs_reach_awkward_sizes():
+    seen = set()
+
+    @settings(max_examples=150, deadline=None, database=None, phases=[Phase.generate], derandomize=True)
+    @given(case=kst.layer_op_inputs())
+    def collect(case):
+        M, D, F = math.prod(case.x.shape[:-1]), case.x.shape[-1], case.gate.shape[-1]
+        seen.update(
+            {
+                "one row" if M == 1 else "rows",
+                "rows past 32" if M > 32 else "rows up to 32",
+                "D no multiple of 16" if D % 16 else "D a multiple of 16",
+                "odd F" if F % 2 else "even F",
+                "gate/up views" if case.gate_up_views else "gate/up tensors",
+                "[B, 1, D]" if case.x.dim() == 3 and case.x.shape[1] == 1 else "other layout",
+                "eps that matters" if case.eps > 0.1 else "small eps",
+            }
+        )
+
+    collect()
+    assert seen >= {
+        "one row", "rows", "rows past 32", "rows up to 32", "D no multiple of 16", "odd F", "even F",
+        "gate/up views", "gate/up tensors", "[B, 1, D]", "other layout", "eps that matters", "small eps",
+    }
 
 
 @PROPERTY
@@ -495,6 +539,93 @@ class _DecodeReturnsFloat32(TorchBackend):
         return super().decode_attention(queries.float(), keys.float(), values.float(), starts, ends, scale)
 
 
+class _LinearDropsBias(TorchBackend):
+    def linear(self, x, weight, bias=None, residual=None):
+        return super().linear(x, weight, None, residual)
+
+
+class _LinearDropsResidual(TorchBackend):
+    def linear(self, x, weight, bias=None, residual=None):
+        return super().linear(x, weight, bias, None)
+
+
+class _LinearDropsRowsPast32(TorchBackend):
+    """A kernel whose grid covers only its first tile of 32 rows."""
+
+    def linear(self, x, weight, bias=None, residual=None):
+        out = super().linear(x, weight, bias, residual)
+        out.view(-1, out.shape[-1])[32:] = 0
+        return out
+
+
+class _LinearReturnsFloat32(TorchBackend):
+    def linear(self, x, weight, bias=None, residual=None):
+        return super().linear(x, weight, bias, residual).float()
+
+
+class _GateUpSwapped(TorchBackend):
+    """``silu(up) * gate``: close to right for small activations (``silu(z) ~ z / 2`` near 0), so only the larger
+    ones the strategy draws (and the biases) catch it."""
+
+    def gate_up_silu(self, x, weight, bias=None):
+        gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+        return self.silu_mul(up, gate)
+
+
+class _NormReturnsTheResidual(TorchBackend):
+    """Returns the residual it was given as the new residual stream, not ``residual + x``."""
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        normed, total = super().rms_norm(x, weight, eps, residual)
+        return normed, total if residual is None else residual
+
+
+class _NormIgnoresEps(TorchBackend):
+    def rms_norm(self, x, weight, eps, residual=None):
+        return super().rms_norm(x, weight, 1e-6, residual)
+
+
+class _NormAddsInPlace(TorchBackend):
+    """Right values, but the sum is accumulated into the caller's residual."""
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if residual is None:
+            return super().rms_norm(x, weight, eps)
+        return super().rms_norm(residual.add_(x), weight, eps)
+
+
+class _SiluMulInPlace(TorchBackend):
+    """Right values, computed in the gate's storage."""
+
+    def silu_mul(self, gate, up):
+        return torch.nn.functional.silu(gate, inplace=True).mul_(up)
+
+
+class _LayerOpsAnotherWay(TorchBackend):
+    """Every layer operator computed otherwise than the reference, in float64 and rounded once (a GEMM as a BLAS
+    with another summation order would, or a fused kernel); ``linear`` writes into the residual it is given (the
+    caller owns it). Within tolerance: must pass."""
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        total = x if residual is None else residual + x
+        hidden = total.double() * torch.rsqrt(total.double().pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.double() * hidden).to(x.dtype), total
+
+    def silu_mul(self, gate, up):
+        return (torch.nn.functional.silu(gate.double()) * up.double()).to(gate.dtype)
+
+    def gate_up_silu(self, x, weight, bias=None):
+        out = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+        gate, up = out.to(x.dtype).chunk(2, dim=-1)
+        return self.silu_mul(gate, up)
+
+    def linear(self, x, weight, bias=None, residual=None):
+        out = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+        if residual is None:
+            return out.to(x.dtype)
+        return residual.copy_(out + residual.double())
+
+
 class _SlightlyOff(TorchBackend):
     """Within fp32 tolerance everywhere: must pass."""
 
@@ -523,6 +654,16 @@ class _SlightlyOff(TorchBackend):
             "dtype torch.float32, expected torch.bfloat16",
             torch.bfloat16,
         ),
+        (_LinearDropsBias(), "layer_ops", "linear with bias differs from the reference", torch.float32),
+        (_LinearDropsResidual(), "layer_ops", "linear with residual differs from the reference", torch.bfloat16),
+        (_LinearDropsRowsPast32(), "layer_ops", "linear differs from the reference", torch.float32),
+        (_LinearReturnsFloat32(), "layer_ops", "linear: dtype torch.float32, expected torch.bfloat16", torch.bfloat16),
+        (_GateUpSwapped(), "layer_ops", "gate_up_silu( with bias)? differs from the reference", torch.bfloat16),
+        (_NormReturnsTheResidual(), "layer_ops", "rms_norm with residual: the residual sum .* differs", torch.float32),
+        (_NormIgnoresEps(), "layer_ops", "rms_norm: normed differs from the reference", torch.float32),
+        (_NormAddsInPlace(), "layer_ops", "rms_norm with residual modified its residual argument", torch.float32),
+        (_SiluMulInPlace(), "layer_ops", "silu_mul( of the two halves of one tensor)? modified its gate argument",
+         torch.float32),
     ],
     ids=_name,
 )
@@ -535,6 +676,22 @@ def test_backend_within_tolerance_passes():
     assert_backend_conforms(
         _SlightlyOff(), primitives=["prefill_attention", "window_scores"], max_examples=20
     )
+
+
+@pytest.mark.parametrize("backend", [TorchBackend(), _LayerOpsAnotherWay()], ids=_name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_layer_ops_of_the_reference_and_within_tolerance_pass(backend, dtype):
+    assert_backend_conforms(backend, primitives=["layer_ops"], dtypes=(dtype,), max_examples=30)
+
+
+@settings(max_examples=10, deadline=None)
+@given(case=kst.layer_op_inputs())
+def test_check_backend_gives_linear_a_copy_of_the_residual(case):
+    """A backend's linear may write into the residual (the reference's does): the kit passes copies, so the case's
+    residual and every later check stay intact."""
+    before = {name: getattr(case, name).clone() for name in ("x", "residual", "hidden")}
+    kvsieve.testing.check_backend(_LayerOpsAnotherWay(), case, primitives=["layer_ops"])
+    assert all(torch.equal(getattr(case, name), t) for name, t in before.items())
 
 
 def test_backend_rejects_unknown_primitives():

@@ -44,7 +44,8 @@ _EXPORTS = {
     "conformance": "kvsieve.testing.conformance",
     **dict.fromkeys(_CONFORMANCE_NAMES, "kvsieve.testing.conformance"),
     **dict.fromkeys(
-        ("CacheCase", "CompactionCase", "PrefillCase", "SelectionCase", "Sizes"), "kvsieve.testing.strategies"
+        ("CacheCase", "CompactionCase", "LayerOpsCase", "PrefillCase", "SelectionCase", "Sizes"),
+        "kvsieve.testing.strategies",
     ),
 }
 

@@ -21,6 +21,7 @@ there. What each check verifies is listed in its docstring and in ``docs/testing
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Collection, Mapping
 
@@ -36,18 +37,21 @@ from kvsieve.testing.strategies import (
     DEFAULT_SIZES,
     CacheCase,
     CompactionCase,
+    LayerOpsCase,
     PrefillCase,
     SelectionCase,
     Sizes,
     caches,
     compactions,
+    layer_op_inputs,
     prefills,
     selections,
 )
 
 __all__ = list(_CONFORMANCE_NAMES)
 
-#: ``(rtol, atol)`` per input dtype for outputs in the input dtype (attention outputs)
+#: ``(rtol, atol)`` per input dtype for outputs in the input dtype (attention outputs; the layer operators', with
+#: ``atol`` relative to the largest output for their GEMMs: ``_gemm_tolerance``)
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (5e-3, 5e-3),
@@ -63,7 +67,15 @@ SCORE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 #: what unused slots are filled with to prove nobody reads them
 POISONS = ("nan", "huge", "noise")
 #: the backend primitives :func:`check_backend` knows
-PRIMITIVES = ("prefill_attention", "decode_attention", "window_lse", "window_scores", "compact", "contract_checks")
+PRIMITIVES = (
+    "prefill_attention",
+    "decode_attention",
+    "window_lse",
+    "window_scores",
+    "compact",
+    "contract_checks",
+    "layer_ops",
+)
 
 
 def conformance_settings(max_examples: int) -> hypothesis.settings:
@@ -577,9 +589,82 @@ def _check_compact(backend, reference, case: CompactionCase) -> None:
                 )
 
 
+def _gemm_tolerance(want: torch.Tensor, tol: tuple[float, float]) -> tuple[float, float]:
+    """``(rtol, atol)`` for a GEMM's output ``want``: ``tol``'s atol taken relative to ``max |want|``.
+
+    Each output is a ``K``-long sum. Implementations that add its terms in another order (tiles, split ``K``, a
+    BLAS's blocking, a wider accumulator) differ by a few fp32 roundings of the *terms'* size, ``sum_k |x_k w_k|``,
+    which does not shrink with ``|y|`` where the terms cancel; the fp32 sum is then rounded to the dtype, where two
+    sums a hair apart may round to neighbouring values (one ulp: up to 2**-7 of ``|y|`` in bf16, 2**-10 in fp16),
+    and in ``gate_up_silu`` a gate one ulp apart moves ``silu(gate) * up`` by ``ulp(gate) * |silu'(gate)| * |up|``
+    even where the product is small. So the rounding is bounded by ``rtol * |y|`` and the rest by ``atol * max
+    |y|``: the output's scale tracks the terms' (for :func:`~kvsieve.testing.strategies.layer_op_inputs`' random
+    inputs, ``max sum_k |x_k w_k|`` is 1 to 4 times ``max |y|`` in 99% of the draws), and the bound is
+    scale-invariant, as rounding errors are. With :data:`TOLERANCES` that allows some 20 fp32 ulps of the terms in
+    fp32 (reordering a sum of at most ~100 terms costs one or two) and 2.5 to 5 bf16 ulps of the largest output in
+    bf16; a dropped bias or residual, swapped gate and up, or a missing row moves outputs by a sizeable fraction
+    of ``max |y|``. (Measured: a backend computing in float64 and rounding once, and the triton backend under the
+    interpreter, stay below 0.4 of this bound in every dtype.)
+    """
+    rtol, atol = tol
+    scale = float(want.detach().abs().amax()) if want.numel() else 0.0
+    return rtol, atol * scale
+
+
+def _call(backend, name: str, method: str, args: tuple, keep: Mapping[str, torch.Tensor]):
+    """``backend.<method>(*args)``, checking that it leaves the ``keep`` arguments (by name) unchanged."""
+    before = {arg: t.clone() for arg, t in keep.items()}
+    out = getattr(backend, method)(*args)
+    changed = [arg for arg, t in keep.items() if not _same(t, before[arg])]
+    _expect(not changed, f"{name} modified its {' and '.join(changed)} argument (a layer operator must leave its "
+                         f"inputs alone; only linear may write into the residual's storage)")
+    return out
+
+
+def _check_layer_ops(backend, reference, case: LayerOpsCase, tol) -> None:
+    """The fused decoder layer's operators (``rms_norm`` with and without a residual, ``silu_mul``,
+    ``gate_up_silu`` with and without a bias, ``linear`` with and without a bias and a residual) on the case's
+    inputs: the reference's shapes and dtypes, its values within ``tol`` (for the two GEMMs, ``atol`` relative to
+    the largest output: :func:`_gemm_tolerance`), and the inputs left unchanged, except ``linear``'s residual,
+    which the caller owns and a backend may overwrite (each call gets its own copy)."""
+    c = case
+    for residual in (None, c.residual):
+        name = "rms_norm" + (" with residual" if residual is not None else "")
+        args = (c.x, c.norm_weight, c.eps, residual)
+        keep = {"x": c.x, "weight": c.norm_weight, **({"residual": residual} if residual is not None else {})}
+        want = reference.rms_norm(*args)
+        got = _call(backend, name, "rms_norm", args, keep)
+        _expect(isinstance(got, tuple | list) and len(got) == 2,
+                f"{name} must return (normed, residual sum), got {type(got).__name__}")
+        _check_output(f"{name}: normed", got[0], want[0], want[0].dtype, tol)
+        _check_output(f"{name}: the residual sum (residual + x, or x)", got[1], want[1], want[1].dtype, tol)
+
+    name = "silu_mul" + (" of the two halves of one tensor" if c.gate_up_views else "")
+    want = reference.silu_mul(c.gate, c.up)
+    got = _call(backend, name, "silu_mul", (c.gate, c.up), {"gate": c.gate, "up": c.up})
+    _check_output(name, got, want, want.dtype, tol)
+
+    for bias in (None, c.gate_up_bias):
+        name = "gate_up_silu" + (" with bias" if bias is not None else "")
+        args = (c.x, c.gate_up_weight, bias)
+        keep = {"x": c.x, "weight": c.gate_up_weight, **({"bias": bias} if bias is not None else {})}
+        want = reference.gate_up_silu(*args)
+        got = _call(backend, name, "gate_up_silu", args, keep)
+        _check_output(name, got, want, want.dtype, _gemm_tolerance(want, tol))
+
+    for bias, residual in itertools.product((None, c.bias), (None, c.residual)):
+        with_ = [part for part, t in (("bias", bias), ("residual", residual)) if t is not None]
+        name = "linear" + (f" with {' and '.join(with_)}" if with_ else "")
+        keep = {"x": c.hidden, "weight": c.weight, **({"bias": bias} if bias is not None else {})}
+        copy = (lambda: None) if residual is None else residual.clone  # linear may write into the residual
+        want = reference.linear(c.hidden, c.weight, bias, copy())
+        got = _call(backend, name, "linear", (c.hidden, c.weight, bias, copy()), keep)
+        _check_output(name, got, want, want.dtype, _gemm_tolerance(want, tol))
+
+
 def check_backend(
     backend: KVBackend,
-    case: CacheCase | CompactionCase | PrefillCase,
+    case: CacheCase | CompactionCase | PrefillCase | LayerOpsCase,
     *,
     reference: KVBackend | None = None,
     primitives: Collection[str] = PRIMITIVES,
@@ -598,10 +683,16 @@ def check_backend(
       equal the reference's exactly (NaN equal to NaN), poisoned slots included (a compaction copies; it must
       not touch anything else);
     * a :class:`~kvsieve.testing.strategies.PrefillCase` checks ``prefill_attention``, and that other data in
-      the left padding changes nothing.
+      the left padding changes nothing;
+    * a :class:`~kvsieve.testing.strategies.LayerOpsCase` checks ``layer_ops``, the fused decoder layer's
+      operators: ``rms_norm`` (with and without a residual: the normed output and the residual sum),
+      ``silu_mul``, ``gate_up_silu`` (with and without a bias) and ``linear`` (with and without a bias and a
+      residual), and that none of them modifies its inputs, except ``linear``'s residual (given a copy).
 
     Outputs must have the reference's shapes and dtypes; values must match within :data:`TOLERANCES` (outputs
-    in the input dtype) or :data:`SCORE_TOLERANCES` (fp32 outputs), keyed by the input dtype.
+    in the input dtype) or :data:`SCORE_TOLERANCES` (fp32 outputs), keyed by the input dtype. For the GEMMs of
+    ``layer_ops`` (``gate_up_silu``, ``linear``) the ``atol`` of :data:`TOLERANCES` is relative to the largest
+    output (``atol * max |reference|``): their ``K``-long sums round differently in another summation order.
 
     Args:
         reference: the backend defining the semantics (default: the ``torch`` reference from the registry).
@@ -624,8 +715,13 @@ def check_backend(
         _check_cache_primitives(backend, reference, case, set(primitives), tol, score_tol)
         if "contract_checks" in primitives:
             _check_contract_checks(backend, reference, case)
+    elif isinstance(case, LayerOpsCase):
+        if "layer_ops" in primitives:
+            _check_layer_ops(backend, reference, case, _tolerances(case.x.dtype, tolerances, score_tolerances)[0])
     else:
-        raise TypeError(f"case must be a CacheCase, CompactionCase or PrefillCase, got {type(case).__name__}")
+        raise TypeError(
+            f"case must be a CacheCase, CompactionCase, PrefillCase or LayerOpsCase, got {type(case).__name__}"
+        )
 
 
 def assert_backend_conforms(
@@ -641,11 +737,13 @@ def assert_backend_conforms(
     tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
     score_tolerances: Mapping[torch.dtype, tuple[float, float]] | None = None,
 ) -> None:
-    """Run :func:`check_backend` on hypothesis-drawn caches, compactions and prefills, for each dtype.
+    """Run :func:`check_backend` on hypothesis-drawn caches, compactions, prefills and layer-operator inputs,
+    for each dtype.
 
     Awkward sizes (head dims like 1 or 5, capacities that are no power of two), GQA groups of 1 to 4,
-    per-(row, KV head) ranges and left padding come from :mod:`kvsieve.testing.strategies`; pass ``sizes`` to
-    reach a kernel's tile sizes. Each dtype and each input kind gets ``max_examples`` examples.
+    per-(row, KV head) ranges and left padding come from :mod:`kvsieve.testing.strategies` (for ``layer_ops``: 1
+    to ``sizes.max_rows`` rows, widths that are mostly no multiple of 16); pass ``sizes`` to reach a kernel's tile
+    sizes. Each dtype and each input kind gets ``max_examples`` examples.
     """
     primitives = set(primitives)
     check = dict(
@@ -660,6 +758,8 @@ def assert_backend_conforms(
             kinds.append(compactions(sizes=sizes, dtype=dtype, device=device))
         if "prefill_attention" in primitives:
             kinds.append(prefills(sizes=sizes, dtype=dtype, device=device))
+        if "layer_ops" in primitives:
+            kinds.append(layer_op_inputs(sizes=sizes, dtype=dtype, device=device))
         for strategy in kinds:
 
             @given(case=strategy)

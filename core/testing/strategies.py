@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CacheCase",
     "CompactionCase",
+    "LayerOpsCase",
     "PrefillCase",
     "SelectionCase",
     "Sizes",
     "budgets",
     "caches",
     "compactions",
+    "layer_op_inputs",
     "prefills",
     "scores",
     "selections",
@@ -57,6 +59,11 @@ class Sizes:
         max_capacity: cache slots ``C``. Default 40.
         max_window: window / new queries ``W``. Default 5.
         max_candidates: candidates ``N`` for selection inputs. Default 24.
+        max_rows: rows (tokens) of the per-layer operators' inputs (:func:`layer_op_inputs`). Default 40: past
+            32, a second tile of a kernel that takes up to 32 rows.
+        max_model_dim: the model dimension ``D`` of those inputs (drawn from 8, or less if this is smaller).
+            Default 96.
+        max_ffn_dim: the gated MLP's width ``F`` of those inputs (drawn from 3). Default 70.
     """
 
     max_batch: int = 3
@@ -66,6 +73,9 @@ class Sizes:
     max_capacity: int = 40
     max_window: int = 5
     max_candidates: int = 24
+    max_rows: int = 40
+    max_model_dim: int = 96
+    max_ffn_dim: int = 70
 
 
 DEFAULT_SIZES = Sizes()
@@ -301,6 +311,84 @@ def prefills(
         attention_mask=None if mask is None else mask.to(device),
         pad=pad.to(device),
         scale=d**-0.5,
+    )
+
+
+# --------------------------------------------------------------------------------------------- layer operators
+@attrs.frozen
+class LayerOpsCase:
+    """Inputs of the per-layer operators the fast path's fused decoder layer calls on a backend
+    (:meth:`~kvsieve.backend.KVBackend.rms_norm`, ``silu_mul``, ``gate_up_silu`` and ``linear``), all in one dtype
+    and on one device, with the leading shape ``[M]``, ``[M, 1]`` (a decode step's ``[B, 1, ...]``) or ``[1, M]``.
+
+    Attributes:
+        x: ``[..., D]`` hidden states (the input of ``rms_norm`` and ``gate_up_silu``).
+        residual: ``[..., D]`` the residual stream (of ``rms_norm``, and of ``linear``, which may overwrite it:
+            pass a copy).
+        norm_weight: ``[D]``; eps: the norm's epsilon (1e-6, 1e-5, or 0.5, large enough to matter).
+        gate, up: ``[..., F]``, separate tensors or (``gate_up_views``) the two halves of one ``[..., 2F]``
+            tensor, as the fused layer splits its merged gate/up projection.
+        gate_up_weight: ``[2F, D]`` gate rows then up rows; gate_up_bias: ``[2F]``.
+        hidden: ``[..., F]`` the MLP's activations (the input of ``linear``, as down_proj's).
+        weight: ``[D, F]`` the projection of ``linear``; bias: ``[D]``.
+        gate_up_views: whether ``gate`` and ``up`` are views of one tensor (strided: rows ``2F`` apart).
+    """
+
+    x: torch.Tensor
+    residual: torch.Tensor
+    norm_weight: torch.Tensor
+    eps: float
+    gate: torch.Tensor
+    up: torch.Tensor
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    gate_up_views: bool
+
+
+@st.composite
+def layer_op_inputs(
+    draw,
+    *,
+    sizes: Sizes = DEFAULT_SIZES,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LayerOpsCase:
+    """Draw a :class:`LayerOpsCase`: 1 to ``sizes.max_rows`` rows, awkward widths (``D`` from 8 to
+    ``sizes.max_model_dim``, ``F`` from 3 to ``sizes.max_ffn_dim``, mostly no multiple of 16), activations of
+    three magnitudes (SiLU's curved part and its linear part), weights scaled by ``1/sqrt(fan_in)`` as a model's
+    are, and unit-sized biases."""
+    M = draw(st.integers(1, max(1, sizes.max_rows)))
+    D = draw(st.integers(min(8, sizes.max_model_dim), sizes.max_model_dim))
+    F = draw(st.integers(min(3, sizes.max_ffn_dim), sizes.max_ffn_dim))
+    lead = draw(st.sampled_from(((M,), (M, 1), (1, M))))
+    eps = draw(st.sampled_from((1e-6, 1e-5, 0.5)))
+    views = draw(st.booleans())
+    gen = _generator(draw(_SEEDS))
+    spread = draw(st.sampled_from((0.1, 1.0, 4.0)))
+
+    def randn(*shape, scale=1.0):
+        return _to(torch.randn(*shape, generator=gen) * scale, device, dtype)
+
+    if views:
+        gate, up = randn(*lead, 2 * F, scale=spread).split(F, dim=-1)
+    else:
+        gate, up = randn(*lead, F, scale=spread), randn(*lead, F, scale=spread)
+    return LayerOpsCase(
+        x=randn(*lead, D, scale=spread),
+        residual=randn(*lead, D, scale=spread),
+        norm_weight=randn(D),
+        eps=eps,
+        gate=gate,
+        up=up,
+        gate_up_weight=randn(2 * F, D, scale=D**-0.5),
+        gate_up_bias=randn(2 * F),
+        hidden=randn(*lead, F, scale=spread),
+        weight=randn(D, F, scale=F**-0.5),
+        bias=randn(D),
+        gate_up_views=views,
     )
 
 
