@@ -303,22 +303,37 @@ def test_fuse_layers_belongs_to_the_fast_path(llama):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_graph_replays_match_the_unfused_ones_in_bf16(tiny_models, family):
-    """Triton's fused kernels in bf16 CUDA-graph replays, teacher-forced with the unfused run's tokens: the logits
-    within bf16 rounding of the unfused ones, and the same top-1 wherever the unfused top two are not a near tie."""
+def test_fused_graph_replays_are_as_accurate_as_the_unfused_ones_in_bf16(tiny_models, family):
+    """Triton's fused layer in bf16 CUDA-graph replays (its own GEMMs for gate/up, o_proj and down_proj, which sum
+    in another order than cuBLAS) against the unfused bf16 replays, both teacher-forced with the unfused run's
+    tokens. Neither is exact, so both are measured against the same weights in fp32 (the bf16 values upcast, the
+    torch backend, unfused): the fused run's largest logit error may be at most twice the unfused run's plus one
+    bf16 ulp of the logits' scale (it must not be less accurate). With RPC, the fused run keeps the unfused top-1
+    wherever the unfused top two are not a near tie."""
     model, tok = tiny_models[family]
     model = model.to("cuda", torch.bfloat16)
     try:
         ids, mask, _ = left_padded(tok, LENGTHS, seed=11)
         ids, mask = ids.cuda(), mask.cuda()
-        plain = decode_logits(model, ids, mask, "rpc", RPC, False, 40, "triton", use_cuda_graph=True)
-        forced = plain[:-1].argmax(-1)
-        fused = decode_logits(model, ids, mask, "rpc", RPC, True, 40, "triton", forced=forced, use_cuda_graph=True)
-        plain = decode_logits(model, ids, mask, "rpc", RPC, False, 40, "triton", forced=forced, use_cuda_graph=True)
+        runs = {}
+        for compressor, params in (("none", {}), ("rpc", RPC)):
+            plain = decode_logits(model, ids, mask, compressor, params, False, 40, "triton", use_cuda_graph=True)
+            forced = plain[:-1].argmax(-1)
+            runs[compressor] = forced, [
+                decode_logits(model, ids, mask, compressor, params, fuse, 40, "triton", forced=forced,
+                              use_cuda_graph=True).float() for fuse in (False, True)]
+        forced, (plain, fused) = runs["rpc"]
         scale = plain.abs().amax().item()
-        assert (fused - plain).abs().amax().item() <= 0.05 * scale
         top2 = plain.topk(2, dim=-1).values
         decided = (top2[..., 0] - top2[..., 1]) > 0.02 * scale
         assert torch.equal(fused.argmax(-1)[decided], plain.argmax(-1)[decided])
+        forced, (plain, fused) = runs["none"]
+        model.to(torch.float32)
+        exact = decode_logits(model, ids, mask, "none", {}, False, 40, "torch", forced=forced)
+        scale = exact.abs().amax().item()
+        plain_err, fused_err = ((run - exact).abs().amax().item() for run in (plain, fused))
+        print(f"{family}: largest logit error against fp32, unfused {plain_err:.4f}, fused {fused_err:.4f}, "
+              f"logit scale {scale:.3f}")
+        assert fused_err <= 2 * plain_err + 2**-8 * scale, (fused_err, plain_err, scale)
     finally:
         model.to("cpu", torch.float32)
