@@ -22,11 +22,13 @@ forward it restates (Llama, Qwen2, Qwen3 with its per-head q/k norms, Mistral) w
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
 import torch
 
+from kvsieve.backend import KVBackend
 from kvsieve.engine import Engine, engine_of
 from kvsieve.propagation import decoder_layers
 
@@ -263,10 +265,10 @@ class _FusedForward:
         weight = mlp.down_proj.weight  # [D, F]
         if (self.residual_in_down and residual.dtype == weight.dtype and residual.is_contiguous()
                 and residual.data_ptr() != hidden_states.data_ptr()):
-            # residual is the post-attention norm's fresh sum: accumulate onto it (one GEMM, no add kernel)
-            if self.down_on_backend:
-                return backend.linear(hidden, weight, None, residual)
-            return residual.view(B, -1).addmm_(hidden.reshape(B, -1), weight.t()).view_as(residual)
+            # residual is the post-attention norm's fresh sum: accumulate onto it (one GEMM, no add kernel); off
+            # the backend, KVBackend's own linear (cuBLAS's residual.addmm_)
+            linear = backend.linear if self.down_on_backend else functools.partial(KVBackend.linear, backend)
+            return linear(hidden, weight, None, residual)
         if self.down_on_backend:
             return residual + backend.linear(hidden, weight, mlp.down_proj.bias)
         return residual + mlp.down_proj(hidden)
